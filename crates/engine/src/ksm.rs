@@ -1,0 +1,1302 @@
+//! The scanner: `mm/ksm.c`'s algorithm over a [`Memory`] backend.
+
+use crate::advisor::{AdvisorCtx, AdvisorKnobs, Clock};
+use crate::arena::Arena;
+use crate::counters::{KsmCounters, KsmStat};
+use crate::memory::{MergeError, MergeInto, Memory, PageRef, UnmergeError};
+use crate::page::{zero_page_hash, FrameId, MmId, PAGE_SIZE_U64};
+use crate::tunables::{parse_knob, AdvisorMode, KnobError, KnobValue, Run, Tunables};
+use rustc_hash::FxHashMap;
+
+/// Index key of both trees: the full XXH64 of the contents and the NUMA root
+/// (always 0 with `merge_across_nodes=1`).
+type Key = (u64, u32);
+
+/// Where an rmap item is (the kernel keeps this in the low bits of `rmap_item->address`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ItemState {
+    /// Not in a tree (volatile, or just visited).
+    Volatile,
+    /// In the unstable tree of the pass whose `seqnr & 0xff` is `seqnr`.
+    Unstable { key: Key, seqnr: u8 },
+    /// Mapped to the KSM page of stable node `node`.
+    Stable { node: u32 },
+}
+
+/// `struct ksm_rmap_item`: one per scanned virtual page.
+#[derive(Clone, Debug)]
+struct RmapItem {
+    mm: MmId,
+    address: u64,
+    oldchecksum: u32,
+    age: u8,
+    remaining_skips: u8,
+    state: ItemState,
+}
+
+/// Bytes of samepage's metadata per rmap item: the item itself plus its index in the per-mm
+/// list. This is the `sizeof(struct ksm_rmap_item)` of the profit formulas (64 in the kernel).
+pub const RMAP_ITEM_BYTES: usize = std::mem::size_of::<Option<RmapItem>>() + 4;
+
+#[derive(Clone, Debug)]
+enum NodeKind {
+    /// A KSM page in the index.
+    Regular,
+    /// Stands in the index for a content that reached `max_page_sharing`; holds dups.
+    Chain { dups: Vec<u32>, prune_time_ms: u64 },
+    /// A KSM page hanging in a chain.
+    Dup { chain: u32 },
+}
+
+/// `struct ksm_stable_node`.
+#[derive(Clone, Debug)]
+struct StableNode {
+    kind: NodeKind,
+    key: Key,
+    /// The KSM page (unused for chains).
+    kpfn: FrameId,
+    /// rmap items mapping the page (`hlist`, `rmap_hlist_len` = its length).
+    items: Vec<u32>,
+}
+
+/// Per-address-space state that the kernel keeps in `mm_struct`.
+#[derive(Clone, Debug, Default)]
+struct MmState {
+    /// `MMF_VM_MERGE_ANY` (prctl).
+    merge_any: bool,
+    /// `MMF_VM_MERGEABLE`: the mm has a slot on the scan list.
+    registered: bool,
+    ksm_rmap_items: u64,
+    ksm_merging_pages: u64,
+}
+
+/// `struct ksm_mm_slot`. The sorted `rmap_list` is split at the scan cursor: `done` holds
+/// the items visited in this pass, `rest[pos..]` the ones not reached yet.
+#[derive(Clone, Debug)]
+struct MmSlot {
+    mm: MmId,
+    done: Vec<u32>,
+    rest: Vec<u32>,
+    pos: usize,
+}
+
+/// What one call of [`Ksm::do_scan`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanBatch {
+    /// Pages passed to `cmp_and_merge_page`.
+    pub scanned: u64,
+    /// The batch ended because a full scan completed.
+    pub full_scan_done: bool,
+}
+
+/// The engine: every tunable, counter, tree and rmap item of KSM.
+#[derive(Debug)]
+pub struct Ksm {
+    tun: Tunables,
+    zero_checksum: u32,
+    pages_shared: u64,
+    pages_sharing: u64,
+    pages_unshared: u64,
+    pages_scanned: u64,
+    pages_skipped: u64,
+    stable_node_chains: u64,
+    stable_node_dups: u64,
+    /// `ksm_scan.seqnr`, i.e. `full_scans`.
+    seqnr: u64,
+    mms: FxHashMap<MmId, MmState>,
+    /// The scan list (`ksm_mm_head`).
+    slots: Vec<MmSlot>,
+    /// `ksm_scan.mm_slot`; `None` is the list head (between full scans).
+    cur: Option<usize>,
+    /// `ksm_scan.address`.
+    address: u64,
+    items: Arena<RmapItem>,
+    nodes: Arena<StableNode>,
+    unstable: FxHashMap<Key, u32>,
+    stable: FxHashMap<Key, u32>,
+    /// `page_stable_node()`: which stable node a KSM page belongs to.
+    frame_node: FxHashMap<FrameId, u32>,
+    advisor: AdvisorCtx,
+}
+
+impl Default for Ksm {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Ksm {
+    /// An engine with the kernel's default tunables and no address spaces.
+    pub fn new() -> Self {
+        Self {
+            tun: Tunables::default(),
+            zero_checksum: zero_page_hash() as u32,
+            pages_shared: 0,
+            pages_sharing: 0,
+            pages_unshared: 0,
+            pages_scanned: 0,
+            pages_skipped: 0,
+            stable_node_chains: 0,
+            stable_node_dups: 0,
+            seqnr: 0,
+            mms: FxHashMap::default(),
+            slots: Vec::new(),
+            cur: None,
+            address: 0,
+            items: Arena::default(),
+            nodes: Arena::default(),
+            unstable: FxHashMap::default(),
+            stable: FxHashMap::default(),
+            frame_node: FxHashMap::default(),
+            advisor: AdvisorCtx::default(),
+        }
+    }
+
+    /// The current tunables.
+    pub fn tunables(&self) -> &Tunables {
+        &self.tun
+    }
+
+    /// `full_scans`.
+    pub fn full_scans(&self) -> u64 {
+        self.seqnr
+    }
+
+    /// Number of rmap items (`ksm_rmap_items`, not a sysfs file).
+    pub fn rmap_items(&self) -> u64 {
+        self.items.len() as u64
+    }
+
+    /// Every counter of `/sys/kernel/mm/ksm`.
+    pub fn counters<M: Memory + ?Sized>(&self, mem: &M) -> KsmCounters {
+        let rmap_items = self.items.len() as i64;
+        let volatile =
+            rmap_items - (self.pages_shared + self.pages_sharing + self.pages_unshared) as i64;
+        let zero = mem.ksm_zero_pages(None);
+        KsmCounters {
+            pages_shared: self.pages_shared,
+            pages_sharing: self.pages_sharing,
+            pages_unshared: self.pages_unshared,
+            pages_volatile: volatile.max(0) as u64,
+            pages_scanned: self.pages_scanned,
+            pages_skipped: self.pages_skipped,
+            full_scans: self.seqnr,
+            stable_node_chains: self.stable_node_chains,
+            stable_node_dups: self.stable_node_dups,
+            ksm_zero_pages: zero,
+            general_profit: (self.pages_sharing as i64 + zero) * PAGE_SIZE_U64 as i64
+                - rmap_items * RMAP_ITEM_BYTES as i64,
+        }
+    }
+
+    /// `/proc/<pid>/ksm_stat` for `mm`.
+    pub fn ksm_stat<M: Memory + ?Sized>(&self, mem: &M, mm: MmId) -> KsmStat {
+        let st = self.mms.get(&mm).cloned().unwrap_or_default();
+        let zero = mem.ksm_zero_pages(Some(mm));
+        let mut mergeable = false;
+        let mut addr = 0;
+        while let Some(v) = mem.find_vma(mm, addr) {
+            if v.mergeable {
+                mergeable = true;
+                break;
+            }
+            addr = v.end;
+        }
+        KsmStat {
+            mm: mm.0,
+            ksm_rmap_items: st.ksm_rmap_items,
+            ksm_zero_pages: zero,
+            ksm_merging_pages: st.ksm_merging_pages,
+            ksm_process_profit: (st.ksm_merging_pages as i64 + zero) * PAGE_SIZE_U64 as i64
+                - st.ksm_rmap_items as i64 * RMAP_ITEM_BYTES as i64,
+            ksm_merge_any: st.merge_any,
+            ksm_mergeable: mergeable,
+        }
+    }
+
+    /// Read any file of `/sys/kernel/mm/ksm` (counter or tunable), without the newline.
+    pub fn show<M: Memory + ?Sized>(&self, mem: &M, name: &str) -> Option<String> {
+        self.tun
+            .show(name)
+            .or_else(|| self.counters(mem).get(name).map(|v| v.to_string()))
+    }
+
+    /// Write a tunable as `echo VALUE > /sys/kernel/mm/ksm/NAME` would, with the kernel's
+    /// validation, errors and side effects (`run=2` unmerges everything).
+    pub fn write_knob<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        name: &str,
+        value: &str,
+    ) -> Result<(), KnobError> {
+        match parse_knob(name, value)? {
+            KnobValue::Run(r) => {
+                if r != self.tun.run {
+                    self.tun.run = r;
+                    if r == Run::Unmerge {
+                        if let Err(e) = self.unmerge_and_remove_all_rmap_items(mem) {
+                            self.tun.run = Run::Stop;
+                            return Err(KnobError::Unmerge(e.to_string()));
+                        }
+                    }
+                }
+            }
+            KnobValue::PagesToScan(n) => {
+                if self.tun.advisor_mode != AdvisorMode::None {
+                    return Err(KnobError::Invalid {
+                        name: name.into(),
+                        value: value.into(),
+                        why: "pages_to_scan is set by the advisor while advisor_mode is scan-time",
+                    });
+                }
+                self.tun.pages_to_scan = n;
+            }
+            KnobValue::SleepMillisecs(n) => self.tun.sleep_millisecs = n,
+            KnobValue::MergeAcrossNodes(b) => {
+                if b != self.tun.merge_across_nodes {
+                    if self.pages_shared != 0 || self.remove_all_stable_nodes(mem) {
+                        return Err(KnobError::Busy(name.into()));
+                    }
+                    self.tun.merge_across_nodes = b;
+                }
+            }
+            KnobValue::UseZeroPages(b) => self.tun.use_zero_pages = b,
+            KnobValue::MaxPageSharing(n) => {
+                if n != self.tun.max_page_sharing {
+                    if self.pages_shared != 0 || self.remove_all_stable_nodes(mem) {
+                        return Err(KnobError::Busy(name.into()));
+                    }
+                    self.tun.max_page_sharing = n;
+                }
+            }
+            KnobValue::PruneMillisecs(n) => self.tun.stable_node_chains_prune_millisecs = n,
+            KnobValue::SmartScan(b) => self.tun.smart_scan = b,
+            KnobValue::AdvisorMode(m) => {
+                if m != self.tun.advisor_mode {
+                    self.tun.advisor_mode = m;
+                    // set_advisor_defaults()
+                    match m {
+                        AdvisorMode::None => self.tun.pages_to_scan = 100,
+                        AdvisorMode::ScanTime => {
+                            self.advisor = AdvisorCtx::default();
+                            self.tun.pages_to_scan =
+                                self.tun.advisor_min_pages_to_scan.min(u32::MAX as u64) as u32;
+                        }
+                    }
+                }
+            }
+            KnobValue::AdvisorMaxCpu(n) => self.tun.advisor_max_cpu = n,
+            KnobValue::AdvisorMinPages(n) => self.tun.advisor_min_pages_to_scan = n,
+            KnobValue::AdvisorMaxPages(n) => self.tun.advisor_max_pages_to_scan = n,
+            KnobValue::AdvisorTargetScanTime(n) => self.tun.advisor_target_scan_time = n,
+        }
+        Ok(())
+    }
+
+    // ----- entry points from the memory manager (madvise, prctl, fork, exit, mmap) -----
+
+    fn mm_state(&mut self, mm: MmId) -> &mut MmState {
+        self.mms.entry(mm).or_default()
+    }
+
+    /// `__ksm_enter`: put `mm` on the scan list, just behind the cursor so that a fresh area
+    /// has time to settle (at the tail while unmerging).
+    fn ksm_enter(&mut self, mm: MmId) {
+        if self.mm_state(mm).registered {
+            return;
+        }
+        self.mm_state(mm).registered = true;
+        let slot = MmSlot {
+            mm,
+            done: Vec::new(),
+            rest: Vec::new(),
+            pos: 0,
+        };
+        match (self.tun.run, self.cur) {
+            (Run::Unmerge, _) | (_, None) => self.slots.push(slot),
+            (_, Some(i)) => {
+                self.slots.insert(i, slot);
+                self.cur = Some(i + 1);
+            }
+        }
+    }
+
+    /// `MADV_MERGEABLE` on `[start, end)`.
+    pub fn madvise_mergeable<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        mm: MmId,
+        start: u64,
+        end: u64,
+    ) {
+        mem.set_mergeable(mm, start, end, true);
+        if self.any_mergeable(mem, mm, start, end) {
+            self.ksm_enter(mm);
+        }
+    }
+
+    fn any_mergeable<M: Memory + ?Sized>(&self, mem: &M, mm: MmId, start: u64, end: u64) -> bool {
+        let mut addr = start;
+        while let Some(v) = mem.find_vma(mm, addr) {
+            if v.start >= end {
+                break;
+            }
+            if v.mergeable {
+                return true;
+            }
+            addr = v.end;
+        }
+        false
+    }
+
+    /// `unmerge_ksm_pages` over the mergeable areas in `[start, end)`.
+    fn unmerge_range<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        mm: MmId,
+        start: u64,
+        end: u64,
+    ) -> Result<(), UnmergeError> {
+        let mut addr = start;
+        while let Some(v) = mem.find_vma(mm, addr) {
+            if v.start >= end {
+                break;
+            }
+            if v.mergeable && v.anon {
+                mem.break_ksm(mm, v.start.max(start), v.end.min(end))?;
+            }
+            addr = v.end;
+        }
+        Ok(())
+    }
+
+    /// `MADV_UNMERGEABLE` on `[start, end)`: unshare KSM pages and KSM-placed zero pages, then
+    /// clear `VM_MERGEABLE`. As in the kernel, the rmap items (and so `pages_sharing`) are
+    /// left for the next pass to clean up; zero pages are uncounted at once.
+    pub fn madvise_unmergeable<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        mm: MmId,
+        start: u64,
+        end: u64,
+    ) -> Result<(), UnmergeError> {
+        self.unmerge_range(mem, mm, start, end)?;
+        mem.set_mergeable(mm, start, end, false);
+        Ok(())
+    }
+
+    /// `prctl(PR_SET_MEMORY_MERGE, enable)`.
+    pub fn prctl_set_memory_merge<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        mm: MmId,
+        enable: bool,
+    ) -> Result<(), UnmergeError> {
+        let merge_any = self.mm_state(mm).merge_any;
+        if enable {
+            if merge_any {
+                return Ok(());
+            }
+            self.ksm_enter(mm);
+            self.mm_state(mm).merge_any = true;
+            mem.set_mergeable(mm, 0, u64::MAX, true);
+        } else {
+            if !merge_any {
+                return Ok(());
+            }
+            if let Err(e) = self.unmerge_range(mem, mm, 0, u64::MAX) {
+                mem.set_mergeable(mm, 0, u64::MAX, true);
+                return Err(e);
+            }
+            mem.set_mergeable(mm, 0, u64::MAX, false);
+            self.mm_state(mm).merge_any = false;
+        }
+        Ok(())
+    }
+
+    /// `prctl(PR_GET_MEMORY_MERGE)`.
+    pub fn prctl_get_memory_merge(&self, mm: MmId) -> bool {
+        self.mms.get(&mm).is_some_and(|s| s.merge_any)
+    }
+
+    /// A new area is being mapped in `mm` (`ksm_vma_flags`): returns whether it starts out
+    /// `VM_MERGEABLE` because the process asked to merge everything.
+    pub fn new_vma_mergeable(&mut self, mm: MmId) -> bool {
+        if self.prctl_get_memory_merge(mm) {
+            self.ksm_enter(mm);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// `ksm_fork`: the child inherits `MMF_VM_MERGE_ANY` and joins the scan list if the parent
+    /// is on it. It inherits no rmap items, so its `ksm_rmap_items` and `ksm_merging_pages`
+    /// start at 0 (the 2025 fix); its zero pages are counted by the backend's fork.
+    pub fn fork(&mut self, parent: MmId, child: MmId) {
+        let p = self.mms.get(&parent).cloned().unwrap_or_default();
+        self.mms.insert(
+            child,
+            MmState {
+                merge_any: p.merge_any,
+                ..MmState::default()
+            },
+        );
+        if p.registered {
+            self.ksm_enter(child);
+        }
+    }
+
+    /// `ksm_exit`: the backend has torn down `mm`. A slot with no rmap items that the cursor
+    /// is not on is freed at once; otherwise it is moved right behind the cursor so that the
+    /// scan frees it next.
+    pub fn exit(&mut self, mm: MmId) {
+        let Some(j) = self.slots.iter().position(|s| s.mm == mm) else {
+            self.mms.remove(&mm);
+            return;
+        };
+        if self.cur == Some(j) {
+            return;
+        }
+        let s = &self.slots[j];
+        if s.done.is_empty() && s.pos >= s.rest.len() {
+            self.remove_slot(j);
+            self.mms.remove(&mm);
+            return;
+        }
+        let slot = self.slots.remove(j);
+        match self.cur {
+            None => self.slots.insert(0, slot),
+            Some(c) => {
+                let c = if j < c { c - 1 } else { c };
+                self.slots.insert(c + 1, slot);
+                self.cur = Some(c);
+            }
+        }
+    }
+
+    fn remove_slot(&mut self, j: usize) {
+        let slot = self.slots.remove(j);
+        debug_assert!(slot.done.is_empty() && slot.pos >= slot.rest.len());
+        if let Some(c) = self.cur {
+            if j < c {
+                self.cur = Some(c - 1);
+            }
+        }
+        if let Some(st) = self.mms.get_mut(&slot.mm) {
+            st.registered = false;
+        }
+    }
+
+    // ----- ksmd -----
+
+    /// `ksmd_should_run`: `run=1` and something to scan.
+    pub fn ksmd_should_run(&self) -> bool {
+        self.tun.run == Run::Merge && !self.slots.is_empty()
+    }
+
+    /// One ksmd wake-up: `ksm_do_scan(pages_to_scan)` if ksmd should run.
+    pub fn ksmd_batch<M: Memory + ?Sized>(&mut self, mem: &mut M, clock: &dyn Clock) -> ScanBatch {
+        if !self.ksmd_should_run() {
+            return ScanBatch::default();
+        }
+        self.do_scan(mem, clock, self.tun.pages_to_scan as u64)
+    }
+
+    /// `ksm_do_scan(n)`: scan up to `n` pages; stops early at the end of a full scan.
+    pub fn do_scan<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        clock: &dyn Clock,
+        n: u64,
+    ) -> ScanBatch {
+        let mut batch = ScanBatch::default();
+        let seqnr = self.seqnr;
+        for _ in 0..n {
+            match self.scan_get_next_rmap_item(mem, clock) {
+                Some((item, page)) => {
+                    self.cmp_and_merge_page(mem, clock, item, page);
+                    self.pages_scanned += 1;
+                    batch.scanned += 1;
+                }
+                None => {
+                    batch.full_scan_done = self.seqnr != seqnr;
+                    break;
+                }
+            }
+        }
+        batch
+    }
+
+    fn nid_root(&self, nid: u32) -> u32 {
+        if self.tun.merge_across_nodes {
+            0
+        } else {
+            nid
+        }
+    }
+
+    /// `scan_get_next_rmap_item`.
+    fn scan_get_next_rmap_item<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        clock: &dyn Clock,
+    ) -> Option<(u32, PageRef)> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mut si = match self.cur {
+            Some(i) => i,
+            None => {
+                if self.tun.advisor_mode == AdvisorMode::ScanTime {
+                    self.advisor.start_scan(clock.now_ns());
+                }
+                // A new pass starts with an empty unstable tree; the old one is just dropped.
+                self.unstable.clear();
+                self.cur = Some(0);
+                self.address = 0;
+                0
+            }
+        };
+        loop {
+            let mm = self.slots[si].mm;
+            let exiting = mem.mm_exiting(mm);
+            if !exiting {
+                let mut vaddr = self.address;
+                while let Some(vma) = mem.find_vma(mm, vaddr) {
+                    vaddr = vma.end;
+                    if !vma.mergeable {
+                        continue;
+                    }
+                    if self.address < vma.start {
+                        self.address = vma.start;
+                    }
+                    if !vma.anon {
+                        self.address = vma.end;
+                    }
+                    while self.address < vma.end {
+                        let Some((a, page)) = mem.next_page(mm, self.address, vma.end) else {
+                            self.address = vma.end;
+                            break;
+                        };
+                        let item = self.get_next_rmap_item(mem, si, a);
+                        self.address = a + PAGE_SIZE_U64;
+                        if self.should_skip_rmap_item(mem, item, &page) {
+                            continue;
+                        }
+                        return Some((item, page));
+                    }
+                }
+            }
+            // End of this mm: nuke the items beyond the last mergeable page (all of them if
+            // the mm is exiting).
+            if exiting {
+                self.address = 0;
+                self.free_all_items(mem, si);
+            } else {
+                self.remove_trailing_rmap_items(mem, si);
+            }
+            let mut next = si + 1;
+            if self.address == 0 {
+                let gone = self.slots[si].mm;
+                self.remove_slot(si);
+                if exiting {
+                    self.mms.remove(&gone);
+                }
+                next = si;
+            }
+            self.address = 0;
+            if next >= self.slots.len() {
+                self.cur = None;
+                if self.tun.advisor_mode == AdvisorMode::ScanTime {
+                    let k = AdvisorKnobs {
+                        pages_to_scan: self.tun.pages_to_scan as u64,
+                        max_cpu: self.tun.advisor_max_cpu,
+                        max_pages_to_scan: self.tun.advisor_max_pages_to_scan,
+                        target_scan_time: self.tun.advisor_target_scan_time,
+                    };
+                    let pages = self.advisor.stop_scan(clock.now_ns(), clock.cpu_ns(), &k);
+                    self.tun.pages_to_scan = pages.min(u32::MAX as u64) as u32;
+                }
+                self.seqnr += 1;
+                return None;
+            }
+            si = next;
+            self.cur = Some(si);
+        }
+    }
+
+    /// `get_next_rmap_item`: the item for `addr`, freeing the items below it (their pages are
+    /// gone: unmapped, discarded, or replaced by a KSM zero page).
+    fn get_next_rmap_item<M: Memory + ?Sized>(&mut self, mem: &mut M, si: usize, addr: u64) -> u32 {
+        loop {
+            let slot = &self.slots[si];
+            if slot.pos >= slot.rest.len() {
+                break;
+            }
+            let it = slot.rest[slot.pos];
+            let a = self.items[it].address;
+            if a > addr {
+                break;
+            }
+            self.slots[si].pos += 1;
+            if a == addr {
+                self.slots[si].done.push(it);
+                return it;
+            }
+            self.remove_rmap_item_from_tree(mem, it);
+            self.free_rmap_item(it);
+        }
+        let mm = self.slots[si].mm;
+        let it = self.items.insert(RmapItem {
+            mm,
+            address: addr,
+            oldchecksum: 0,
+            age: 0,
+            remaining_skips: 0,
+            state: ItemState::Volatile,
+        });
+        self.mm_state(mm).ksm_rmap_items += 1;
+        self.slots[si].done.push(it);
+        it
+    }
+
+    fn free_rmap_item(&mut self, it: u32) {
+        let item = self.items.remove(it);
+        debug_assert_eq!(item.state, ItemState::Volatile);
+        if let Some(st) = self.mms.get_mut(&item.mm) {
+            st.ksm_rmap_items -= 1;
+        }
+    }
+
+    /// `remove_trailing_rmap_items` at the end of an mm: free what the pass did not reach.
+    fn remove_trailing_rmap_items<M: Memory + ?Sized>(&mut self, mem: &mut M, si: usize) {
+        let slot = &mut self.slots[si];
+        let rest = std::mem::take(&mut slot.rest);
+        let pos = slot.pos;
+        slot.rest = std::mem::take(&mut slot.done);
+        slot.pos = 0;
+        for &it in &rest[pos..] {
+            self.remove_rmap_item_from_tree(mem, it);
+            self.free_rmap_item(it);
+        }
+    }
+
+    fn free_all_items<M: Memory + ?Sized>(&mut self, mem: &mut M, si: usize) {
+        let slot = &mut self.slots[si];
+        let done = std::mem::take(&mut slot.done);
+        let rest = std::mem::take(&mut slot.rest);
+        let pos = std::mem::replace(&mut slot.pos, 0);
+        for &it in done.iter().chain(&rest[pos..]) {
+            self.remove_rmap_item_from_tree(mem, it);
+            self.free_rmap_item(it);
+        }
+    }
+
+    /// Smart scan (`should_skip_rmap_item`): pages that keep failing to merge are visited less
+    /// and less often, up to one visit in nine.
+    fn should_skip_rmap_item<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        it: u32,
+        page: &PageRef,
+    ) -> bool {
+        if !self.tun.smart_scan || page.ksm {
+            return false;
+        }
+        let item = &mut self.items[it];
+        let age = item.age;
+        item.age = item.age.saturating_add(1);
+        if age < 3 {
+            return false;
+        }
+        if item.remaining_skips == 0 {
+            item.remaining_skips = match age {
+                0..=3 => 1,
+                4..=5 => 2,
+                6..=8 => 4,
+                _ => 8,
+            };
+            return false;
+        }
+        item.remaining_skips -= 1;
+        self.pages_skipped += 1;
+        self.remove_rmap_item_from_tree(mem, it);
+        true
+    }
+
+    /// `remove_rmap_item_from_tree`.
+    fn remove_rmap_item_from_tree<M: Memory + ?Sized>(&mut self, mem: &mut M, it: u32) {
+        match self.items[it].state {
+            ItemState::Volatile => {}
+            ItemState::Stable { node } => {
+                if !mem.ksm_page_alive(self.nodes[node].kpfn) {
+                    // Stale node: this clears every item hanging on it, this one included.
+                    self.remove_node_from_stable_tree(node);
+                    return;
+                }
+                let n = &mut self.nodes[node];
+                let pos = n.items.iter().position(|&x| x == it).expect("item on its node");
+                n.items.swap_remove(pos);
+                if n.items.is_empty() {
+                    self.pages_shared -= 1;
+                } else {
+                    self.pages_sharing -= 1;
+                }
+                let mm = self.items[it].mm;
+                self.mm_state(mm).ksm_merging_pages -= 1;
+            }
+            ItemState::Unstable { key, seqnr } => {
+                let age = (self.seqnr as u8).wrapping_sub(seqnr);
+                debug_assert!(age <= 1, "unstable item from an older pass");
+                // Items of the previous pass were dropped with its tree.
+                if age == 0 && self.unstable.get(&key) == Some(&it) {
+                    self.unstable.remove(&key);
+                }
+                self.pages_unshared -= 1;
+            }
+        }
+        self.items[it].state = ItemState::Volatile;
+    }
+
+    /// `remove_node_from_stable_tree`: the KSM page is gone; uncount every item on the node.
+    fn remove_node_from_stable_tree(&mut self, node: u32) {
+        let n = self.nodes.remove(node);
+        if !n.items.is_empty() {
+            self.pages_shared -= 1;
+            self.pages_sharing -= n.items.len() as u64 - 1;
+        }
+        for &it in &n.items {
+            let mm = self.items[it].mm;
+            self.items[it].state = ItemState::Volatile;
+            self.mm_state(mm).ksm_merging_pages -= 1;
+        }
+        match n.kind {
+            NodeKind::Dup { chain } => {
+                if let NodeKind::Chain { dups, .. } = &mut self.nodes[chain].kind {
+                    dups.retain(|&d| d != node);
+                }
+                self.stable_node_dups -= 1;
+            }
+            NodeKind::Regular => {
+                if self.stable.get(&n.key) == Some(&node) {
+                    self.stable.remove(&n.key);
+                }
+            }
+            NodeKind::Chain { .. } => unreachable!("chains have no page"),
+        }
+        if self.frame_node.get(&n.kpfn) == Some(&node) {
+            self.frame_node.remove(&n.kpfn);
+        }
+    }
+
+    fn free_stable_node_chain(&mut self, chain: u32) {
+        let n = self.nodes.remove(chain);
+        if self.stable.get(&n.key) == Some(&chain) {
+            self.stable.remove(&n.key);
+        }
+        self.stable_node_chains -= 1;
+    }
+
+    /// `ksm_get_folio(NOLOCK)`: the node's page if it is still a KSM page, else prune the node.
+    fn get_ksm_page<M: Memory + ?Sized>(&mut self, mem: &M, node: u32) -> Option<FrameId> {
+        let kpfn = self.nodes[node].kpfn;
+        if mem.ksm_page_alive(kpfn) {
+            Some(kpfn)
+        } else {
+            self.remove_node_from_stable_tree(node);
+            None
+        }
+    }
+
+    fn rmap_hlist_len(&self, node: u32) -> usize {
+        self.nodes[node].items.len()
+    }
+
+    /// `__is_page_sharing_candidate(node, offset)`.
+    fn is_candidate_off(&self, node: u32, offset: usize) -> bool {
+        let len = self.rmap_hlist_len(node);
+        len != 0 && len + offset < self.tun.max_page_sharing as usize
+    }
+
+    fn is_page_sharing_candidate(&self, node: u32) -> bool {
+        self.is_candidate_off(node, 0)
+    }
+
+    /// `__stable_node_chain`: for the node in the index, the dup to merge with (if any has
+    /// room) and its page. Returns `(page, dup, node)`, where `node` is the index node after
+    /// a possible chain collapse.
+    fn stable_node_chain<M: Memory + ?Sized>(
+        &mut self,
+        mem: &M,
+        node: u32,
+        prune: bool,
+        now_ms: u64,
+    ) -> (Option<FrameId>, Option<u32>, u32) {
+        if !matches!(self.nodes[node].kind, NodeKind::Chain { .. }) {
+            if self.is_page_sharing_candidate(node) {
+                return (self.get_ksm_page(mem, node), Some(node), node);
+            }
+            return (None, None, node);
+        }
+        self.stable_node_dup(mem, node, prune, now_ms)
+    }
+
+    /// `stable_node_dup`: walk a chain's dups, pruning stale ones; pick the fullest dup that
+    /// still has room; collapse a chain that is down to one dup (when pruning).
+    fn stable_node_dup<M: Memory + ?Sized>(
+        &mut self,
+        mem: &M,
+        chain: u32,
+        prune: bool,
+        now_ms: u64,
+    ) -> (Option<FrameId>, Option<u32>, u32) {
+        let prune_ms = self.tun.stable_node_chains_prune_millisecs as u64;
+        let NodeKind::Chain {
+            dups,
+            prune_time_ms,
+        } = &mut self.nodes[chain].kind
+        else {
+            unreachable!()
+        };
+        let prune = prune && now_ms >= prune_time_ms.saturating_add(prune_ms);
+        if prune {
+            *prune_time_ms = now_ms;
+        }
+        let list = dups.clone();
+        let mut found: Option<(u32, usize)> = None;
+        let mut nr = 0;
+        for dup in list {
+            if self.get_ksm_page(mem, dup).is_none() {
+                continue;
+            }
+            nr += 1;
+            if self.is_page_sharing_candidate(dup) {
+                let len = self.rmap_hlist_len(dup);
+                if found.is_none_or(|(_, fl)| len > fl) {
+                    found = Some((dup, len));
+                    if !prune {
+                        break;
+                    }
+                }
+            }
+        }
+        let Some((f, _)) = found else {
+            return (None, None, chain);
+        };
+        if prune && nr == 1 {
+            // Only one dup left and it has room: the chain is not needed any more.
+            let key = self.nodes[chain].key;
+            self.nodes.remove(chain);
+            self.nodes[f].kind = NodeKind::Regular;
+            self.stable.insert(key, f);
+            self.stable_node_chains -= 1;
+            self.stable_node_dups -= 1;
+            return (Some(self.nodes[f].kpfn), Some(f), f);
+        }
+        let room = self.is_candidate_off(f, 1);
+        if let NodeKind::Chain { dups, .. } = &mut self.nodes[chain].kind {
+            if dups[0] != f && room {
+                dups.retain(|&d| d != f);
+                dups.insert(0, f);
+            }
+        }
+        (Some(self.nodes[f].kpfn), Some(f), chain)
+    }
+
+    /// `stable_node_dup_any`: any dup of a chain (to continue a walk), or the node itself.
+    /// Frees an empty chain and returns `None`.
+    fn stable_node_dup_any(&mut self, node: u32) -> Option<u32> {
+        match &self.nodes[node].kind {
+            NodeKind::Chain { dups, .. } => match dups.first() {
+                Some(&d) => Some(d),
+                None => {
+                    self.free_stable_node_chain(node);
+                    None
+                }
+            },
+            _ => Some(node),
+        }
+    }
+
+    /// `stable_tree_search` for an ordinary anonymous page: the KSM page to merge with and
+    /// its node, if the content is in the stable tree and some KSM page has room.
+    fn stable_tree_search<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        clock: &dyn Clock,
+        page: &PageRef,
+        hash: u64,
+    ) -> Option<(FrameId, u32)> {
+        let key = (hash, self.nid_root(page.nid));
+        let now_ms = clock.now_ns() / 1_000_000;
+        loop {
+            let &root = self.stable.get(&key)?;
+            let (mut tree_page, dup, root) = self.stable_node_chain(mem, root, true, now_ms);
+            if dup.is_none() {
+                let any = self.stable_node_dup_any(root)?;
+                tree_page = self.get_ksm_page(mem, any);
+            }
+            let Some(tp) = tree_page else {
+                continue; // walked over a stale node: search again
+            };
+            if !mem.pages_identical(page.frame, tp) {
+                return None; // a different content under the same 64-bit hash
+            }
+            // All KSM pages of this content are full: wait for the unstable tree to make a
+            // new one (a new dup).
+            let dup = dup?;
+            match self.get_ksm_page(mem, dup) {
+                Some(kpfn) => return Some((kpfn, dup)),
+                None => continue,
+            }
+        }
+    }
+
+    /// `stable_tree_insert`: a node for the new KSM page `kpfn`, as a regular node, or as a
+    /// dup of a chain when the content is already there (all its KSM pages being full).
+    fn stable_tree_insert<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        kpfn: FrameId,
+        hash: u64,
+        nid: u32,
+        now_ms: u64,
+    ) -> u32 {
+        let key = (hash, self.nid_root(nid));
+        let mut chain_with: Option<u32> = None;
+        let mut in_index = true;
+        loop {
+            let Some(&root) = self.stable.get(&key) else {
+                break;
+            };
+            let (mut tree_page, dup, root) = self.stable_node_chain(mem, root, false, now_ms);
+            if dup.is_none() {
+                let Some(any) = self.stable_node_dup_any(root) else {
+                    continue;
+                };
+                tree_page = self.get_ksm_page(mem, any);
+            }
+            let Some(tp) = tree_page else { continue };
+            if mem.pages_identical(kpfn, tp) {
+                chain_with = Some(root);
+            } else {
+                // 64-bit hash collision with other content: keep the node out of the index.
+                in_index = false;
+            }
+            break;
+        }
+        let node = self.nodes.insert(StableNode {
+            kind: NodeKind::Regular,
+            key,
+            kpfn,
+            items: Vec::new(),
+        });
+        self.frame_node.insert(kpfn, node);
+        match chain_with {
+            None if in_index => {
+                self.stable.insert(key, node);
+            }
+            None => {}
+            Some(root) => {
+                let chain = if matches!(self.nodes[root].kind, NodeKind::Chain { .. }) {
+                    root
+                } else {
+                    // alloc_stable_node_chain: the chain takes the old node's place.
+                    let chain = self.nodes.insert(StableNode {
+                        kind: NodeKind::Chain {
+                            dups: vec![root],
+                            prune_time_ms: now_ms,
+                        },
+                        key,
+                        kpfn: FrameId(u64::MAX),
+                        items: Vec::new(),
+                    });
+                    self.nodes[root].kind = NodeKind::Dup { chain };
+                    self.stable.insert(key, chain);
+                    self.stable_node_chains += 1;
+                    self.stable_node_dups += 1;
+                    chain
+                };
+                if let NodeKind::Chain { dups, .. } = &mut self.nodes[chain].kind {
+                    dups.insert(0, node);
+                }
+                self.nodes[node].kind = NodeKind::Dup { chain };
+                self.stable_node_dups += 1;
+            }
+        }
+        node
+    }
+
+    /// `stable_tree_append`.
+    fn stable_tree_append(&mut self, it: u32, node: u32, _max_page_sharing_bypass: bool) {
+        let n = &mut self.nodes[node];
+        if n.items.is_empty() {
+            self.pages_shared += 1;
+        } else {
+            self.pages_sharing += 1;
+        }
+        n.items.push(it);
+        self.items[it].state = ItemState::Stable { node };
+        let mm = self.items[it].mm;
+        self.mm_state(mm).ksm_merging_pages += 1;
+    }
+
+    /// `unstable_tree_search_insert`: an identical page met earlier in this pass, or insert
+    /// this one.
+    fn unstable_tree_search_insert<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        it: u32,
+        page: &PageRef,
+        hash: u64,
+    ) -> Option<(u32, PageRef)> {
+        let key = (hash, self.nid_root(page.nid));
+        if let Some(&t) = self.unstable.get(&key) {
+            let (tmm, taddr) = (self.items[t].mm, self.items[t].address);
+            let tree_page = mem.get_page(tmm, taddr)?;
+            if tree_page.frame == page.frame {
+                return None; // don't substitute a KSM page for a forked page
+            }
+            if mem.pages_identical(page.frame, tree_page.frame) {
+                if !self.tun.merge_across_nodes && tree_page.nid != page.nid {
+                    return None;
+                }
+                return Some((t, tree_page));
+            }
+            // The tree item changed since it was inserted: this page takes its slot.
+        }
+        self.unstable.insert(key, it);
+        self.items[it].state = ItemState::Unstable {
+            key,
+            seqnr: self.seqnr as u8,
+        };
+        self.pages_unshared += 1;
+        None
+    }
+
+    /// `break_cow`: unshare one page that was left alone on a KSM page.
+    fn break_cow<M: Memory + ?Sized>(&mut self, mem: &mut M, it: u32) {
+        let (mm, a) = (self.items[it].mm, self.items[it].address);
+        // A failure leaves a KSM page with a single mapping: harmless, and it is what the
+        // kernel does when break_ksm fails here.
+        let _ = mem.break_ksm(mm, a, a + PAGE_SIZE_U64);
+    }
+
+    /// `cmp_and_merge_page` in the v6.11+ order: KSM pages skip the checksum; an ordinary page
+    /// must keep its checksum for one pass (volatility rule), then tries the zero page, the
+    /// stable tree, and the unstable tree.
+    fn cmp_and_merge_page<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        clock: &dyn Clock,
+        it: u32,
+        page: PageRef,
+    ) {
+        let (mm, addr) = (self.items[it].mm, self.items[it].address);
+        let mut bypass = false;
+        let page_node = if page.ksm {
+            self.frame_node.get(&page.frame).copied()
+        } else {
+            None
+        };
+        let mut hash = 0;
+        let found = if let Some(node) = page_node {
+            if self.items[it].state == (ItemState::Stable { node }) {
+                return;
+            }
+            // A KSM page forked: this mapping may go over the sharing limit.
+            if !self.is_page_sharing_candidate(node) {
+                bypass = true;
+            }
+            Some((page.frame, node))
+        } else {
+            self.remove_rmap_item_from_tree(mem, it);
+            hash = mem.page_hash(page.frame);
+            let checksum = hash as u32;
+            if self.items[it].oldchecksum != checksum {
+                self.items[it].oldchecksum = checksum;
+                return;
+            }
+            if self.tun.use_zero_pages && checksum == self.zero_checksum {
+                match mem.merge(mm, addr, page.frame, MergeInto::ZeroPage) {
+                    Ok(_) | Err(MergeError::Gone) => return,
+                    Err(_) => {}
+                }
+            }
+            self.stable_tree_search(mem, clock, &page, hash)
+        };
+        if let Some((kpfn, node)) = found {
+            if kpfn == page.frame && self.items[it].state == (ItemState::Stable { node }) {
+                return;
+            }
+        }
+        self.remove_rmap_item_from_tree(mem, it);
+        if let Some((kpfn, _)) = found {
+            let merged = kpfn == page.frame
+                || mem.merge(mm, addr, page.frame, MergeInto::KsmPage(kpfn)).is_ok();
+            if merged {
+                if let Some(&node) = self.frame_node.get(&kpfn) {
+                    self.stable_tree_append(it, node, bypass);
+                }
+            }
+            return;
+        }
+        let Some((tree_it, tree_page)) = self.unstable_tree_search_insert(mem, it, &page, hash)
+        else {
+            return;
+        };
+        // try_to_merge_two_pages: make this page a KSM page, then merge the tree's page into it.
+        let Ok(kpfn) = mem.merge(mm, addr, page.frame, MergeInto::Promote) else {
+            return;
+        };
+        let (tmm, taddr) = (self.items[tree_it].mm, self.items[tree_it].address);
+        if mem
+            .merge(tmm, taddr, tree_page.frame, MergeInto::KsmPage(kpfn))
+            .is_err()
+        {
+            self.break_cow(mem, it);
+            return;
+        }
+        self.remove_rmap_item_from_tree(mem, tree_it);
+        let now_ms = clock.now_ns() / 1_000_000;
+        let node = self.stable_tree_insert(mem, kpfn, hash, page.nid, now_ms);
+        self.stable_tree_append(tree_it, node, false);
+        self.stable_tree_append(it, node, false);
+    }
+
+    // ----- run=2 -----
+
+    /// `unmerge_and_remove_all_rmap_items`: unshare every KSM page and KSM-placed zero page in
+    /// the registered address spaces, free all rmap items and stable nodes, reset `full_scans`.
+    /// The address spaces stay registered for the next `run=1`.
+    fn unmerge_and_remove_all_rmap_items<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+    ) -> Result<(), UnmergeError> {
+        let mut si = 0;
+        while si < self.slots.len() {
+            let mm = self.slots[si].mm;
+            let exiting = mem.mm_exiting(mm);
+            if !exiting {
+                if let Err(e) = self.unmerge_range(mem, mm, 0, u64::MAX) {
+                    self.cur = None;
+                    self.address = 0;
+                    return Err(e);
+                }
+            }
+            self.free_all_items(mem, si);
+            if exiting {
+                self.remove_slot(si);
+                self.mms.remove(&mm);
+            } else {
+                si += 1;
+            }
+        }
+        self.cur = None;
+        self.address = 0;
+        self.remove_all_stable_nodes(mem);
+        self.seqnr = 0;
+        Ok(())
+    }
+
+    /// `remove_all_stable_nodes`: drop the nodes whose KSM page is gone. Returns true (EBUSY)
+    /// if some KSM page is still mapped.
+    fn remove_all_stable_nodes<M: Memory + ?Sized>(&mut self, mem: &M) -> bool {
+        let mut busy = false;
+        let ids: Vec<u32> = self.nodes.iter().map(|(i, _)| i).collect();
+        for id in &ids {
+            let Some(NodeKind::Regular | NodeKind::Dup { .. }) =
+                self.nodes_get(*id).map(|n| n.kind.clone())
+            else {
+                continue;
+            };
+            if mem.ksm_page_alive(self.nodes[*id].kpfn) {
+                busy = true;
+            } else {
+                self.remove_node_from_stable_tree(*id);
+            }
+        }
+        for id in ids {
+            if let Some(NodeKind::Chain { dups, .. }) = self.nodes_get(id).map(|n| &n.kind) {
+                if dups.is_empty() {
+                    self.free_stable_node_chain(id);
+                }
+            }
+        }
+        busy
+    }
+
+    fn nodes_get(&self, id: u32) -> Option<&StableNode> {
+        self.nodes.get(id)
+    }
+
+    /// Check the engine's internal identities (used by tests): the counters agree with the
+    /// trees and the per-mm records.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let (mut shared, mut sharing, mut unshared) = (0u64, 0u64, 0u64);
+        let mut merging: FxHashMap<MmId, u64> = FxHashMap::default();
+        let mut rmap: FxHashMap<MmId, u64> = FxHashMap::default();
+        for (_, item) in self.items.iter() {
+            *rmap.entry(item.mm).or_default() += 1;
+            match item.state {
+                ItemState::Unstable { .. } => unshared += 1,
+                ItemState::Stable { .. } => *merging.entry(item.mm).or_default() += 1,
+                ItemState::Volatile => {}
+            }
+        }
+        let (mut chains, mut dups) = (0u64, 0u64);
+        for (id, n) in self.nodes.iter() {
+            match &n.kind {
+                NodeKind::Chain { .. } => chains += 1,
+                NodeKind::Dup { .. } => dups += 1,
+                NodeKind::Regular => {}
+            }
+            if !n.items.is_empty() {
+                shared += 1;
+                sharing += n.items.len() as u64 - 1;
+            }
+            for &it in &n.items {
+                if self.items[it].state != (ItemState::Stable { node: id }) {
+                    return Err(format!("item {it} on node {id} is not marked stable there"));
+                }
+            }
+        }
+        let want = (
+            self.pages_shared,
+            self.pages_sharing,
+            self.pages_unshared,
+            self.stable_node_chains,
+            self.stable_node_dups,
+        );
+        let got = (shared, sharing, unshared, chains, dups);
+        if want != got {
+            return Err(format!(
+                "counters (shared, sharing, unshared, chains, dups) = {want:?}, trees say {got:?}"
+            ));
+        }
+        for (mm, st) in &self.mms {
+            let m = merging.get(mm).copied().unwrap_or(0);
+            let r = rmap.get(mm).copied().unwrap_or(0);
+            if st.ksm_merging_pages != m || st.ksm_rmap_items != r {
+                return Err(format!(
+                    "{mm:?}: ksm_merging_pages {} / ksm_rmap_items {} but items say {m} / {r}",
+                    st.ksm_merging_pages, st.ksm_rmap_items
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The stable items of every address space, as `(mm, address, KSM page)`; used by tests
+    /// to compare the engine's view with the page tables.
+    pub fn stable_mappings(&self) -> Vec<(MmId, u64, FrameId)> {
+        self.items
+            .iter()
+            .filter_map(|(_, it)| match it.state {
+                ItemState::Stable { node } => Some((it.mm, it.address, self.nodes[node].kpfn)),
+                _ => None,
+            })
+            .collect()
+    }
+}

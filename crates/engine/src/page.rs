@@ -1,0 +1,76 @@
+//! Pages, their identities and the kernel's page checksum.
+
+use serde::{Deserialize, Serialize};
+
+/// The page size samepage works with (x86_64 base pages).
+pub const PAGE_SIZE: usize = 4096;
+/// `PAGE_SIZE` as a `u64`, for address arithmetic.
+pub const PAGE_SIZE_U64: u64 = PAGE_SIZE as u64;
+/// Mask that clears the offset within a page.
+pub const PAGE_MASK: u64 = !(PAGE_SIZE_U64 - 1);
+
+/// One address space (the kernel's `mm_struct`): a simulated process, or a live region group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MmId(pub u32);
+
+/// The identity of a physical page (the kernel's PFN), as the backend names it.
+///
+/// Two mappings share memory exactly when they map the same `FrameId`. Backends never reuse an
+/// id while the engine may still hold it, so a stale id can be recognised (the kernel's
+/// "keyhole reference" check in `ksm_get_folio`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FrameId(pub u64);
+
+/// The kernel's `calc_checksum` on 64-bit: `xxhash(addr, PAGE_SIZE, 0)` stored in a `u32`,
+/// i.e. the low 32 bits of XXH64 with seed 0. samepage keeps the full 64 bits ([`page_hash`])
+/// as its index key and uses the low half where the kernel's checksum is observable.
+pub fn calc_checksum(page: &[u8]) -> u32 {
+    page_hash(page) as u32
+}
+
+/// XXH64, seed 0, over the page: the full hash the checksum is cut from.
+pub fn page_hash(page: &[u8]) -> u64 {
+    xxhash_rust::xxh64::xxh64(page, 0)
+}
+
+/// XXH64 of a zero-filled page; its low 32 bits are the kernel's `zero_checksum`.
+pub fn zero_page_hash() -> u64 {
+    static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    page_hash(&ZERO)
+}
+
+/// True if every byte of the page is zero. Exits at the first non-zero 64-byte chunk.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    page.chunks_exact(64).all(|c| {
+        let mut acc = 0u64;
+        for w in c.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().expect("8-byte chunk"));
+        }
+        acc == 0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_is_low_half_of_xxh64_seed_0() {
+        let mut p = [0u8; PAGE_SIZE];
+        p[17] = 0xcf;
+        let full = xxhash_rust::xxh64::xxh64(&p, 0);
+        assert_eq!(calc_checksum(&p), (full & 0xffff_ffff) as u32);
+        assert_ne!(calc_checksum(&p), zero_page_hash() as u32);
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut p = [0u8; PAGE_SIZE];
+        assert!(is_zero_page(&p));
+        p[PAGE_SIZE - 1] = 1;
+        assert!(!is_zero_page(&p));
+        p[PAGE_SIZE - 1] = 0;
+        p[0] = 1;
+        assert!(!is_zero_page(&p));
+    }
+}

@@ -1,0 +1,735 @@
+//! The simulated memory manager: address spaces, areas, page-table entries and frames.
+//!
+//! It models what KSM's behaviour depends on: private anonymous pages that a write fault
+//! allocates or copies (copy-on-write after fork and on KSM pages), the shared zero page mapped
+//! by read faults, the zero page placed by KSM (marked, like the kernel's dirty bit), discards,
+//! unmaps, protection changes, fork and exit, pinned pages, and the NUMA node of each frame.
+
+use samepage_engine::memory::{MergeError, MergeInto, Memory, PageRef, UnmergeError, VmaInfo};
+use samepage_engine::page::{is_zero_page, page_hash, FrameId, MmId, PAGE_SIZE, PAGE_SIZE_U64};
+use samepage_engine::KsmZeroPages;
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+/// Access rights of an area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prot {
+    pub read: bool,
+    pub write: bool,
+}
+
+impl Prot {
+    pub const NONE: Prot = Prot {
+        read: false,
+        write: false,
+    };
+    pub const READ: Prot = Prot {
+        read: true,
+        write: false,
+    };
+    pub const RW: Prot = Prot {
+        read: true,
+        write: true,
+    };
+}
+
+/// A page-table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pte {
+    /// Nothing mapped (`pte_none`).
+    None,
+    /// The shared zero page. `ksm` is the mark KSM sets when it places it (the kernel's
+    /// `pte_dirty` on a zero-pfn PTE); a read fault maps it unmarked.
+    Zero { ksm: bool },
+    /// A frame: private anonymous (possibly shared copy-on-write after fork), a KSM page, or
+    /// a shared-memory page.
+    Page(FrameId),
+}
+
+/// Errors of the simulated system calls and accesses.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum SimError {
+    #[error("no such address space {0:?}")]
+    NoMm(MmId),
+    #[error("address {0:#x} is not mapped (SIGSEGV)")]
+    NotMapped(u64),
+    #[error("access to {0:#x} violates the area's protection (SIGSEGV)")]
+    Protection(u64),
+    #[error("address {0:#x} or length {1:#x} is not page aligned (EINVAL)")]
+    Unaligned(u64, u64),
+    #[error("zero-length or overflowing range (EINVAL)")]
+    BadRange,
+}
+
+/// One area.
+#[derive(Clone, Debug)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    pub prot: Prot,
+    /// MAP_SHARED memory: not anonymous, never merged.
+    pub shared: bool,
+    /// `VM_MERGEABLE`.
+    pub mergeable: bool,
+    /// NUMA node new frames of this area are allocated on.
+    pub node: u32,
+    ptes: Vec<Pte>,
+}
+
+impl Vma {
+    fn idx(&self, addr: u64) -> usize {
+        ((addr - self.start) / PAGE_SIZE_U64) as usize
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct AddressSpace {
+    /// Sorted, non-overlapping.
+    vmas: Vec<Vma>,
+    next_addr: u64,
+}
+
+impl AddressSpace {
+    fn vma_index(&self, addr: u64) -> Option<usize> {
+        let i = self.vmas.partition_point(|v| v.end <= addr);
+        (i < self.vmas.len() && self.vmas[i].start <= addr).then_some(i)
+    }
+
+    /// Split so that no area straddles `addr`.
+    fn split_at(&mut self, addr: u64) {
+        if let Some(i) = self.vma_index(addr) {
+            let v = &mut self.vmas[i];
+            if v.start < addr {
+                let at = v.idx(addr);
+                let tail = Vma {
+                    start: addr,
+                    end: v.end,
+                    prot: v.prot,
+                    shared: v.shared,
+                    mergeable: v.mergeable,
+                    node: v.node,
+                    ptes: v.ptes.split_off(at),
+                };
+                v.end = addr;
+                self.vmas.insert(i + 1, tail);
+            }
+        }
+    }
+
+    /// Indices of the areas inside `[start, end)` after splitting at both ends.
+    fn isolate(&mut self, start: u64, end: u64) -> std::ops::Range<usize> {
+        self.split_at(start);
+        self.split_at(end);
+        let a = self.vmas.partition_point(|v| v.end <= start);
+        let b = self.vmas.partition_point(|v| v.start < end);
+        a..b
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Frame {
+    gen: u32,
+    refcount: u32,
+    nid: u32,
+    ksm: bool,
+    anon: bool,
+    pins: u32,
+    hash: Option<u64>,
+    data: Box<[u8; PAGE_SIZE]>,
+}
+
+/// Frames with reference counts. Ids carry a generation, so a freed id is never confused
+/// with a new frame in the same slot.
+#[derive(Clone, Debug, Default)]
+struct Frames {
+    slots: Vec<Frame>,
+    free: Vec<u32>,
+    live: usize,
+}
+
+fn fid(slot: u32, gen: u32) -> FrameId {
+    FrameId((gen as u64) << 32 | slot as u64)
+}
+
+impl Frames {
+    fn alloc(&mut self, nid: u32, anon: bool, src: Option<&[u8; PAGE_SIZE]>) -> FrameId {
+        self.live += 1;
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(Frame {
+                    gen: 0,
+                    refcount: 0,
+                    nid: 0,
+                    ksm: false,
+                    anon: true,
+                    pins: 0,
+                    hash: None,
+                    data: Box::new([0; PAGE_SIZE]),
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let f = &mut self.slots[slot as usize];
+        f.refcount = 1;
+        f.nid = nid;
+        f.ksm = false;
+        f.anon = anon;
+        f.pins = 0;
+        match src {
+            Some(s) => {
+                f.data.copy_from_slice(s);
+            }
+            None => f.data.fill(0),
+        }
+        f.hash = None;
+        fid(slot, f.gen)
+    }
+
+    fn get(&self, id: FrameId) -> Option<&Frame> {
+        let f = self.slots.get((id.0 & 0xffff_ffff) as usize)?;
+        (f.gen == (id.0 >> 32) as u32 && f.refcount > 0).then_some(f)
+    }
+
+    fn get_mut(&mut self, id: FrameId) -> &mut Frame {
+        let f = &mut self.slots[(id.0 & 0xffff_ffff) as usize];
+        assert!(f.gen == (id.0 >> 32) as u32 && f.refcount > 0, "dangling {id:?}");
+        f
+    }
+
+    fn put(&mut self, id: FrameId) {
+        let f = self.get_mut(id);
+        f.refcount -= 1;
+        if f.refcount == 0 {
+            f.gen = f.gen.wrapping_add(1);
+            f.ksm = false;
+            self.free.push((id.0 & 0xffff_ffff) as u32);
+            self.live -= 1;
+        }
+    }
+
+    fn hash(&mut self, id: FrameId) -> u64 {
+        let f = self.get_mut(id);
+        *f.hash.get_or_insert_with(|| page_hash(&f.data[..]))
+    }
+}
+
+/// Start of the address range new areas are placed in (above `mmap_min_addr`).
+const MMAP_BASE: u64 = 0x1000_0000;
+
+/// The simulated memory manager.
+#[derive(Clone, Debug, Default)]
+pub struct SimMemory {
+    mms: BTreeMap<MmId, AddressSpace>,
+    frames: Frames,
+    zero: KsmZeroPages,
+    next_mm: u32,
+    /// Writes that copied a KSM page (`/proc/vmstat` `cow_ksm`).
+    pub cow_ksm: u64,
+}
+
+impl SimMemory {
+    /// An empty machine.
+    pub fn new() -> Self {
+        Self {
+            next_mm: 1,
+            ..Self::default()
+        }
+    }
+
+    /// A new, empty address space (a process).
+    pub fn create_mm(&mut self) -> MmId {
+        let mm = MmId(self.next_mm);
+        self.next_mm += 1;
+        self.mms.insert(
+            mm,
+            AddressSpace {
+                vmas: Vec::new(),
+                next_addr: MMAP_BASE,
+            },
+        );
+        mm
+    }
+
+    /// Live address spaces.
+    pub fn mm_ids(&self) -> Vec<MmId> {
+        self.mms.keys().copied().collect()
+    }
+
+    fn space(&mut self, mm: MmId) -> Result<&mut AddressSpace, SimError> {
+        self.mms.get_mut(&mm).ok_or(SimError::NoMm(mm))
+    }
+
+    fn check_range(start: u64, len: u64) -> Result<u64, SimError> {
+        if start % PAGE_SIZE_U64 != 0 || len % PAGE_SIZE_U64 != 0 {
+            return Err(SimError::Unaligned(start, len));
+        }
+        if len == 0 {
+            return Err(SimError::BadRange);
+        }
+        start.checked_add(len).ok_or(SimError::BadRange)
+    }
+
+    /// `mmap(NULL, len, prot, MAP_PRIVATE|MAP_ANONYMOUS)` (or `MAP_SHARED` with `shared`),
+    /// with new frames allocated on NUMA node `node`. Areas are placed one guard page apart.
+    pub fn mmap(&mut self, mm: MmId, len: u64, prot: Prot, shared: bool, node: u32) -> Result<u64, SimError> {
+        let sp = self.space(mm)?;
+        let start = sp.next_addr;
+        let end = Self::check_range(start, len)?;
+        sp.next_addr = end + PAGE_SIZE_U64;
+        let i = sp.vmas.partition_point(|v| v.end <= start);
+        sp.vmas.insert(
+            i,
+            Vma {
+                start,
+                end,
+                prot,
+                shared,
+                mergeable: false,
+                node,
+                ptes: vec![Pte::None; (len / PAGE_SIZE_U64) as usize],
+            },
+        );
+        Ok(start)
+    }
+
+    /// Remove a mapping: drop the frame reference, uncount a KSM-placed zero page.
+    fn zap_pte(frames: &mut Frames, zero: &mut KsmZeroPages, mm: MmId, pte: &mut Pte) {
+        match std::mem::replace(pte, Pte::None) {
+            Pte::None => {}
+            Pte::Zero { ksm } => {
+                zero.might_unmap_zero_page(mm, ksm);
+            }
+            Pte::Page(f) => frames.put(f),
+        }
+    }
+
+    /// `munmap`.
+    pub fn munmap(&mut self, mm: MmId, start: u64, len: u64) -> Result<(), SimError> {
+        let end = Self::check_range(start, len)?;
+        let sp = self.mms.get_mut(&mm).ok_or(SimError::NoMm(mm))?;
+        let r = sp.isolate(start, end);
+        let removed: Vec<Vma> = sp.vmas.drain(r).collect();
+        for mut v in removed {
+            for pte in &mut v.ptes {
+                Self::zap_pte(&mut self.frames, &mut self.zero, mm, pte);
+            }
+        }
+        Ok(())
+    }
+
+    /// `MADV_DONTNEED`: private pages read back as zeros afterwards; shared memory keeps its
+    /// contents (they live in the page cache, not in the page table).
+    pub fn madv_dontneed(&mut self, mm: MmId, start: u64, len: u64) -> Result<(), SimError> {
+        let end = Self::check_range(start, len)?;
+        let sp = self.mms.get_mut(&mm).ok_or(SimError::NoMm(mm))?;
+        let r = sp.isolate(start, end);
+        if r.is_empty() {
+            return Err(SimError::NotMapped(start));
+        }
+        for v in &mut sp.vmas[r] {
+            if v.shared {
+                continue;
+            }
+            for pte in &mut v.ptes {
+                Self::zap_pte(&mut self.frames, &mut self.zero, mm, pte);
+            }
+        }
+        Ok(())
+    }
+
+    /// `mprotect`.
+    pub fn mprotect(&mut self, mm: MmId, start: u64, len: u64, prot: Prot) -> Result<(), SimError> {
+        let end = Self::check_range(start, len)?;
+        let sp = self.space(mm)?;
+        let r = sp.isolate(start, end);
+        if r.is_empty() {
+            return Err(SimError::NotMapped(start));
+        }
+        for v in &mut sp.vmas[r] {
+            v.prot = prot;
+        }
+        Ok(())
+    }
+
+    /// Resolve a fault at `addr` for an access (`write`), returning the frame to access.
+    /// `force` is FOLL_FORCE (`/proc/self/mem`): it ignores the protection.
+    fn fault(&mut self, mm: MmId, addr: u64, write: bool, force: bool) -> Result<Option<FrameId>, SimError> {
+        let sp = self.mms.get_mut(&mm).ok_or(SimError::NoMm(mm))?;
+        let i = sp.vma_index(addr).ok_or(SimError::NotMapped(addr))?;
+        let v = &mut sp.vmas[i];
+        if !force && ((write && !v.prot.write) || (!write && !v.prot.read)) {
+            return Err(SimError::Protection(addr));
+        }
+        let (node, shared) = (v.node, v.shared);
+        let idx = v.idx(addr);
+        let pte = &mut v.ptes[idx];
+        match *pte {
+            Pte::None if shared => {
+                let f = self.frames.alloc(node, false, None);
+                *pte = Pte::Page(f);
+                Ok(Some(f))
+            }
+            Pte::None if !write => {
+                *pte = Pte::Zero { ksm: false };
+                Ok(None)
+            }
+            Pte::None => {
+                let f = self.frames.alloc(node, true, None);
+                *pte = Pte::Page(f);
+                Ok(Some(f))
+            }
+            Pte::Zero { .. } if !write => Ok(None),
+            Pte::Zero { ksm } => {
+                // Copy-on-write of the zero page (`wp_page_copy`): a marked one is uncounted.
+                self.zero.might_unmap_zero_page(mm, ksm);
+                let f = self.frames.alloc(node, true, None);
+                *pte = Pte::Page(f);
+                Ok(Some(f))
+            }
+            Pte::Page(f) if !write => Ok(Some(f)),
+            Pte::Page(f) => {
+                let fr = self.frames.get_mut(f);
+                if fr.anon && (fr.ksm || fr.refcount > 1) {
+                    // KSM pages are never reused on write; shared COW pages are copied.
+                    if fr.ksm {
+                        self.cow_ksm += 1;
+                    }
+                    let data = fr.data.clone();
+                    let new = self.frames.alloc(node, true, Some(&data));
+                    self.frames.put(f);
+                    *pte = Pte::Page(new);
+                    Ok(Some(new))
+                } else {
+                    Ok(Some(f))
+                }
+            }
+        }
+    }
+
+    fn access(&mut self, mm: MmId, addr: u64, data: &[u8], force: bool) -> Result<(), SimError> {
+        let mut off = 0usize;
+        while off < data.len() {
+            let a = addr + off as u64;
+            let page = a & !(PAGE_SIZE_U64 - 1);
+            let in_page = (a - page) as usize;
+            let n = (PAGE_SIZE - in_page).min(data.len() - off);
+            let f = self.fault(mm, page, true, force)?.expect("write fault maps a frame");
+            let fr = self.frames.get_mut(f);
+            fr.data[in_page..in_page + n].copy_from_slice(&data[off..off + n]);
+            fr.hash = None;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Store `data` at `addr` (write faults as needed).
+    pub fn write(&mut self, mm: MmId, addr: u64, data: &[u8]) -> Result<(), SimError> {
+        self.access(mm, addr, data, false)
+    }
+
+    /// Write through `/proc/self/mem` (FOLL_FORCE): works on PROT_NONE and read-only areas,
+    /// with copy-on-write as usual.
+    pub fn force_write(&mut self, mm: MmId, addr: u64, data: &[u8]) -> Result<(), SimError> {
+        self.access(mm, addr, data, true)
+    }
+
+    /// Load `buf.len()` bytes from `addr` (read faults map the zero page on holes).
+    pub fn read(&mut self, mm: MmId, addr: u64, buf: &mut [u8]) -> Result<(), SimError> {
+        let mut off = 0usize;
+        while off < buf.len() {
+            let a = addr + off as u64;
+            let page = a & !(PAGE_SIZE_U64 - 1);
+            let in_page = (a - page) as usize;
+            let n = (PAGE_SIZE - in_page).min(buf.len() - off);
+            match self.fault(mm, page, false, false)? {
+                Some(f) => buf[off..off + n]
+                    .copy_from_slice(&self.frames.get_mut(f).data[in_page..in_page + n]),
+                None => buf[off..off + n].fill(0),
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// The contents of one page as the process would read it, without faulting anything in
+    /// and ignoring protection (for checking).
+    pub fn peek_page(&self, mm: MmId, addr: u64) -> Option<[u8; PAGE_SIZE]> {
+        match self.pte(mm, addr)? {
+            Pte::Page(f) => Some(*self.frames.get(f).expect("mapped frame").data),
+            _ => Some([0; PAGE_SIZE]),
+        }
+    }
+
+    /// The entry mapping `addr`, if `addr` is in an area.
+    pub fn pte(&self, mm: MmId, addr: u64) -> Option<Pte> {
+        let sp = self.mms.get(&mm)?;
+        let v = &sp.vmas[sp.vma_index(addr)?];
+        Some(v.ptes[v.idx(addr)])
+    }
+
+    /// Areas of `mm`.
+    pub fn vmas(&self, mm: MmId) -> &[Vma] {
+        self.mms.get(&mm).map(|s| &s.vmas[..]).unwrap_or(&[])
+    }
+
+    /// Every `(address, entry)` of `mm`.
+    pub fn ptes(&self, mm: MmId) -> impl Iterator<Item = (u64, &Vma, Pte)> + '_ {
+        self.vmas(mm).iter().flat_map(|v| {
+            v.ptes
+                .iter()
+                .enumerate()
+                .map(move |(i, p)| (v.start + i as u64 * PAGE_SIZE_U64, v, *p))
+        })
+    }
+
+    /// The frame is a KSM page.
+    pub fn frame_is_ksm(&self, f: FrameId) -> bool {
+        self.frames.get(f).is_some_and(|fr| fr.ksm)
+    }
+
+    /// Frames in use.
+    pub fn frames_in_use(&self) -> usize {
+        self.frames.live
+    }
+
+    /// `fork`: the child gets a copy of every area; private pages become shared
+    /// copy-on-write, KSM pages and zero pages (with their mark) are mapped in both, and the
+    /// child's marked zero pages are added to the counts.
+    pub fn fork(&mut self, parent: MmId) -> Result<MmId, SimError> {
+        let sp = self.mms.get(&parent).ok_or(SimError::NoMm(parent))?.clone();
+        for v in &sp.vmas {
+            for p in &v.ptes {
+                if let Pte::Page(f) = p {
+                    self.frames.get_mut(*f).refcount += 1;
+                }
+            }
+        }
+        let child = MmId(self.next_mm);
+        self.next_mm += 1;
+        self.mms.insert(child, sp);
+        self.zero.fork(parent, child);
+        Ok(child)
+    }
+
+    /// The process exits: every mapping is zapped, then the address space is gone.
+    pub fn exit(&mut self, mm: MmId) -> Result<(), SimError> {
+        let sp = self.mms.remove(&mm).ok_or(SimError::NoMm(mm))?;
+        for mut v in sp.vmas {
+            for pte in &mut v.ptes {
+                Self::zap_pte(&mut self.frames, &mut self.zero, mm, pte);
+            }
+        }
+        self.zero.exit(mm);
+        Ok(())
+    }
+
+    /// Pin the page at `addr` for I/O (as `pin_user_pages`), faulting it in for write first.
+    pub fn pin(&mut self, mm: MmId, addr: u64) -> Result<FrameId, SimError> {
+        let f = self.fault(mm, addr, true, true)?.expect("write fault maps a frame");
+        self.frames.get_mut(f).pins += 1;
+        Ok(f)
+    }
+
+    /// Release a pin taken by [`SimMemory::pin`].
+    pub fn unpin(&mut self, f: FrameId) {
+        let fr = self.frames.get_mut(f);
+        fr.pins -= 1;
+    }
+
+    fn set_pte(&mut self, mm: MmId, addr: u64, pte: Pte) {
+        let sp = self.mms.get_mut(&mm).expect("mm");
+        let i = sp.vma_index(addr).expect("vma");
+        let v = &mut sp.vmas[i];
+        let idx = v.idx(addr);
+        v.ptes[idx] = pte;
+    }
+
+    fn mergeable_pte(&self, mm: MmId, addr: u64) -> Option<Pte> {
+        let sp = self.mms.get(&mm)?;
+        let v = &sp.vmas[sp.vma_index(addr)?];
+        (v.mergeable && !v.shared).then(|| v.ptes[v.idx(addr)])
+    }
+}
+
+impl Memory for SimMemory {
+    fn mm_exiting(&self, mm: MmId) -> bool {
+        !self.mms.contains_key(&mm)
+    }
+
+    fn find_vma(&self, mm: MmId, addr: u64) -> Option<VmaInfo> {
+        let sp = self.mms.get(&mm)?;
+        let i = sp.vmas.partition_point(|v| v.end <= addr);
+        sp.vmas.get(i).map(|v| VmaInfo {
+            start: v.start,
+            end: v.end,
+            mergeable: v.mergeable,
+            anon: !v.shared,
+        })
+    }
+
+    fn next_page(&mut self, mm: MmId, from: u64, end: u64) -> Option<(u64, PageRef)> {
+        let sp = self.mms.get(&mm)?;
+        let v = &sp.vmas[sp.vma_index(from)?];
+        let (a, b) = (v.idx(from), v.idx(end.min(v.end)));
+        for (i, p) in v.ptes[a..b].iter().enumerate() {
+            if let Pte::Page(f) = p {
+                let fr = self.frames.get(*f).expect("mapped frame");
+                if fr.anon {
+                    let addr = from + i as u64 * PAGE_SIZE_U64;
+                    return Some((
+                        addr,
+                        PageRef {
+                            frame: *f,
+                            ksm: fr.ksm,
+                            nid: fr.nid,
+                        },
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    fn get_page(&mut self, mm: MmId, addr: u64) -> Option<PageRef> {
+        match self.mergeable_pte(mm, addr)? {
+            Pte::Page(f) => {
+                let fr = self.frames.get(f)?;
+                fr.anon.then_some(PageRef {
+                    frame: f,
+                    ksm: fr.ksm,
+                    nid: fr.nid,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn page_hash(&mut self, frame: FrameId) -> u64 {
+        self.frames.hash(frame)
+    }
+
+    fn pages_identical(&mut self, a: FrameId, b: FrameId) -> bool {
+        if a == b {
+            return true;
+        }
+        let (fa, fb) = (self.frames.get(a), self.frames.get(b));
+        match (fa, fb) {
+            (Some(x), Some(y)) => {
+                if let (Some(h1), Some(h2)) = (x.hash, y.hash) {
+                    if h1 != h2 {
+                        return false;
+                    }
+                }
+                x.data == y.data
+            }
+            _ => false,
+        }
+    }
+
+    fn ksm_page_alive(&self, frame: FrameId) -> bool {
+        self.frame_is_ksm(frame)
+    }
+
+    fn merge(&mut self, mm: MmId, addr: u64, page: FrameId, into: MergeInto) -> Result<FrameId, MergeError> {
+        if self.mergeable_pte(mm, addr) != Some(Pte::Page(page)) {
+            return Err(MergeError::Gone);
+        }
+        let fr = self.frames.get(page).ok_or(MergeError::Gone)?;
+        if !fr.anon {
+            return Err(MergeError::Gone);
+        }
+        // write_protect_page: an extra reference (a pin) means I/O may write the page.
+        if fr.pins > 0 {
+            return Err(MergeError::Pinned);
+        }
+        match into {
+            MergeInto::ZeroPage => {
+                if !is_zero_page(&fr.data[..]) {
+                    return Err(MergeError::Changed);
+                }
+                self.set_pte(mm, addr, Pte::Zero { ksm: true });
+                self.frames.put(page);
+                self.zero.map_zero_page(mm);
+                Ok(page)
+            }
+            MergeInto::Promote => {
+                self.frames.get_mut(page).ksm = true;
+                Ok(page)
+            }
+            MergeInto::KsmPage(k) => {
+                if k == page {
+                    return Ok(k);
+                }
+                if !self.frame_is_ksm(k) {
+                    return Err(MergeError::Gone);
+                }
+                if !self.pages_identical(page, k) {
+                    return Err(MergeError::Changed);
+                }
+                self.frames.get_mut(k).refcount += 1;
+                self.set_pte(mm, addr, Pte::Page(k));
+                self.frames.put(page);
+                Ok(k)
+            }
+        }
+    }
+
+    fn break_ksm(&mut self, mm: MmId, start: u64, end: u64) -> Result<(), UnmergeError> {
+        let Some(sp) = self.mms.get_mut(&mm) else {
+            return Ok(());
+        };
+        let a = sp.vmas.partition_point(|v| v.end <= start);
+        for v in &mut sp.vmas[a..] {
+            if v.start >= end {
+                break;
+            }
+            let (lo, hi) = (v.idx(start.max(v.start)), v.idx(end.min(v.end)));
+            for pte in &mut v.ptes[lo..hi] {
+                match *pte {
+                    Pte::Zero { ksm: true } => {
+                        // FAULT_FLAG_UNSHARE on a KSM zero page: a private zeroed page.
+                        self.zero.might_unmap_zero_page(mm, true);
+                        *pte = Pte::Page(self.frames.alloc(v.node, true, None));
+                    }
+                    Pte::Page(f) if self.frames.get(f).is_some_and(|fr| fr.ksm) => {
+                        let data = self.frames.get(f).expect("frame").data.clone();
+                        let nid = self.frames.get(f).expect("frame").nid;
+                        let new = self.frames.alloc(nid, true, Some(&data));
+                        self.frames.put(f);
+                        *pte = Pte::Page(new);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_mergeable(&mut self, mm: MmId, start: u64, end: u64, on: bool) {
+        let Some(sp) = self.mms.get_mut(&mm) else {
+            return;
+        };
+        let end = end.min(u64::MAX & !(PAGE_SIZE_U64 - 1));
+        // Split only areas whose flag actually changes, as madvise does.
+        let needs = |v: &Vma| !v.shared && v.mergeable != on;
+        if sp.vma_index(start).is_some_and(|i| needs(&sp.vmas[i])) {
+            sp.split_at(start);
+        }
+        if sp.vma_index(end).is_some_and(|i| needs(&sp.vmas[i])) {
+            sp.split_at(end);
+        }
+        for v in &mut sp.vmas {
+            if v.start >= start && v.end <= end && !v.shared {
+                v.mergeable = on;
+            }
+        }
+    }
+
+    fn ksm_zero_pages(&self, mm: Option<MmId>) -> i64 {
+        match mm {
+            None => self.zero.global(),
+            Some(m) => self.zero.mm(m),
+        }
+    }
+}

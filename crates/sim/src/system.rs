@@ -1,0 +1,179 @@
+//! A simulated machine: the memory manager, KSM wired into it where the kernel calls its
+//! hooks (madvise, prctl, mmap, fork, exit), ksmd, and a deterministic virtual clock.
+
+use crate::mm::{Prot, SimError, SimMemory};
+use samepage_engine::{Clock, KnobError, Ksm, KsmCounters, KsmStat, MmId, ScanBatch, UnmergeError};
+
+/// Virtual nanoseconds ksmd spends per scanned page in the simulation's time model.
+pub const SIM_NS_PER_PAGE: u64 = 250;
+
+/// The deterministic clock of a simulation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtualClock {
+    /// Wall time, ns.
+    pub now_ns: u64,
+    /// ksmd's CPU time, ns.
+    pub cpu_ns: u64,
+}
+
+impl Clock for VirtualClock {
+    fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
+    fn cpu_ns(&self) -> u64 {
+        self.cpu_ns
+    }
+}
+
+/// `madvise` advice the simulator understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    Mergeable,
+    Unmergeable,
+    DontNeed,
+}
+
+/// Errors of simulated system calls that reach KSM.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SysError {
+    #[error(transparent)]
+    Mm(#[from] SimError),
+    #[error(transparent)]
+    Unmerge(#[from] UnmergeError),
+}
+
+/// The whole simulated machine.
+#[derive(Debug)]
+pub struct SimSystem {
+    pub mem: SimMemory,
+    pub ksm: Ksm,
+    pub clock: VirtualClock,
+}
+
+impl Default for SimSystem {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SimSystem {
+    /// A machine with KSM at its defaults (`run=0`).
+    pub fn new() -> Self {
+        Self {
+            mem: SimMemory::new(),
+            ksm: Ksm::new(),
+            clock: VirtualClock::default(),
+        }
+    }
+
+    /// A new process.
+    pub fn spawn(&mut self) -> MmId {
+        self.mem.create_mm()
+    }
+
+    /// `mmap` of private anonymous memory on node 0 (see [`SimSystem::mmap_on`]).
+    pub fn mmap(&mut self, mm: MmId, len: u64, prot: Prot) -> Result<u64, SysError> {
+        self.mmap_on(mm, len, prot, false, 0)
+    }
+
+    /// `mmap` with the area's sharing and NUMA node; a process that set
+    /// `PR_SET_MEMORY_MERGE` gets the area mergeable at once.
+    pub fn mmap_on(&mut self, mm: MmId, len: u64, prot: Prot, shared: bool, node: u32) -> Result<u64, SysError> {
+        let a = self.mem.mmap(mm, len, prot, shared, node)?;
+        if self.ksm.new_vma_mergeable(mm) {
+            samepage_engine::Memory::set_mergeable(&mut self.mem, mm, a, a + len, true);
+        }
+        Ok(a)
+    }
+
+    /// `madvise`.
+    pub fn madvise(&mut self, mm: MmId, start: u64, len: u64, advice: Advice) -> Result<(), SysError> {
+        match advice {
+            Advice::Mergeable => self.ksm.madvise_mergeable(&mut self.mem, mm, start, start + len),
+            Advice::Unmergeable => {
+                self.ksm
+                    .madvise_unmergeable(&mut self.mem, mm, start, start + len)?
+            }
+            Advice::DontNeed => self.mem.madv_dontneed(mm, start, len)?,
+        }
+        Ok(())
+    }
+
+    /// `prctl(PR_SET_MEMORY_MERGE, on)`.
+    pub fn prctl_set_memory_merge(&mut self, mm: MmId, on: bool) -> Result<(), SysError> {
+        Ok(self.ksm.prctl_set_memory_merge(&mut self.mem, mm, on)?)
+    }
+
+    /// `prctl(PR_GET_MEMORY_MERGE)`.
+    pub fn prctl_get_memory_merge(&self, mm: MmId) -> bool {
+        self.ksm.prctl_get_memory_merge(mm)
+    }
+
+    /// `fork`.
+    pub fn fork(&mut self, mm: MmId) -> Result<MmId, SysError> {
+        let child = self.mem.fork(mm)?;
+        self.ksm.fork(mm, child);
+        Ok(child)
+    }
+
+    /// `exit`.
+    pub fn exit(&mut self, mm: MmId) -> Result<(), SysError> {
+        self.mem.exit(mm)?;
+        self.ksm.exit(mm);
+        Ok(())
+    }
+
+    /// `echo value > /sys/kernel/mm/ksm/name`.
+    pub fn write_knob(&mut self, name: &str, value: &str) -> Result<(), KnobError> {
+        self.ksm.write_knob(&mut self.mem, name, value)
+    }
+
+    /// `cat /sys/kernel/mm/ksm/name`.
+    pub fn read_knob(&self, name: &str) -> Option<String> {
+        self.ksm.show(&self.mem, name)
+    }
+
+    /// The global counters.
+    pub fn counters(&self) -> KsmCounters {
+        self.ksm.counters(&self.mem)
+    }
+
+    /// `/proc/<pid>/ksm_stat`.
+    pub fn ksm_stat(&self, mm: MmId) -> KsmStat {
+        self.ksm.ksm_stat(&self.mem, mm)
+    }
+
+    /// One ksmd wake-up, then its sleep, in virtual time.
+    pub fn ksmd_step(&mut self) -> ScanBatch {
+        let b = self.ksm.ksmd_batch(&mut self.mem, &self.clock);
+        let cost = b.scanned * SIM_NS_PER_PAGE;
+        self.clock.cpu_ns += cost;
+        self.clock.now_ns +=
+            cost + self.ksm.tunables().sleep_millisecs as u64 * 1_000_000;
+        b
+    }
+
+    /// Run ksmd until `full_scans` has grown by `n` (what the kernel selftests wait for).
+    /// Returns false if ksmd is not running or stopped making progress.
+    pub fn run_full_scans(&mut self, n: u64) -> bool {
+        let target = self.ksm.full_scans() + n;
+        while self.ksm.full_scans() < target {
+            if !self.ksm.ksmd_should_run() {
+                return false;
+            }
+            self.ksmd_step();
+        }
+        true
+    }
+
+    /// The kernel selftests' `ksm_start`: `run=1`, then wait for two more full scans.
+    pub fn ksm_start(&mut self) -> bool {
+        self.write_knob("run", "1").expect("run=1 is valid");
+        self.run_full_scans(2)
+    }
+
+    /// The kernel selftests' `ksm_stop`: `run=2` (unmerge everything).
+    pub fn ksm_stop(&mut self) -> Result<(), KnobError> {
+        self.write_knob("run", "2")
+    }
+}
