@@ -447,6 +447,22 @@ impl Ksm {
         }
     }
 
+    /// `ksm_execve`: a process that asked to merge everything keeps asking after exec; its
+    /// new address space `new` (replacing `old`) joins the scan list.
+    pub fn execve(&mut self, old: MmId, new: MmId) {
+        let merge_any = self.prctl_get_memory_merge(old);
+        self.mms.insert(
+            new,
+            MmState {
+                merge_any,
+                ..MmState::default()
+            },
+        );
+        if merge_any {
+            self.ksm_enter(new);
+        }
+    }
+
     /// `ksm_exit`: the backend has torn down `mm`. A slot with no rmap items that the cursor
     /// is not on is freed at once; otherwise it is moved right behind the cursor so that the
     /// scan frees it next.

@@ -251,6 +251,11 @@ impl SimMemory {
         mm
     }
 
+    /// The address space does not exist (any more).
+    pub fn mm_exiting_pub(&self, mm: MmId) -> bool {
+        !self.mms.contains_key(&mm)
+    }
+
     /// Live address spaces.
     pub fn mm_ids(&self) -> Vec<MmId> {
         self.mms.keys().copied().collect()

@@ -116,6 +116,18 @@ impl SimSystem {
         Ok(child)
     }
 
+    /// `execve`: the process gets a new, empty address space (returned); the old one is torn
+    /// down. `PR_SET_MEMORY_MERGE` survives exec.
+    pub fn exec(&mut self, mm: MmId) -> Result<MmId, SysError> {
+        if self.mem.mm_exiting_pub(mm) {
+            return Err(SimError::NoMm(mm).into());
+        }
+        let new = self.mem.create_mm();
+        self.ksm.execve(mm, new);
+        self.exit(mm)?;
+        Ok(new)
+    }
+
     /// `exit`.
     pub fn exit(&mut self, mm: MmId) -> Result<(), SysError> {
         self.mem.exit(mm)?;
