@@ -23,4 +23,4 @@ pub mod mm;
 pub mod system;
 
 pub use mm::{Prot, Pte, SimError, SimMemory, Vma};
-pub use system::{Advice, SimSystem, SysError, VirtualClock, SIM_NS_PER_PAGE};
+pub use system::{merge_state, Advice, SimSystem, SysError, VirtualClock, SIM_NS_PER_PAGE};

@@ -42,6 +42,20 @@ pub enum SysError {
     Unmerge(#[from] UnmergeError),
 }
 
+/// The counters that settle when merging has converged: `pages_shared`, `pages_sharing`,
+/// `ksm_zero_pages`, `stable_node_chains`, `stable_node_dups`. (`pages_unshared` and
+/// `pages_volatile` keep moving under smart scan, which takes unmergeable pages in and out of
+/// the unstable tree by design.)
+pub fn merge_state(c: &KsmCounters) -> [i64; 5] {
+    [
+        c.pages_shared as i64,
+        c.pages_sharing as i64,
+        c.ksm_zero_pages,
+        c.stable_node_chains as i64,
+        c.stable_node_dups as i64,
+    ]
+}
+
 /// The whole simulated machine.
 #[derive(Debug)]
 pub struct SimSystem {
@@ -176,6 +190,24 @@ impl SimSystem {
             self.ksmd_step();
         }
         true
+    }
+
+    /// Run ksmd until merging has converged: at least `min_passes` full scans, then one full
+    /// scan that changes none of the merge counters ([`merge_state`]). Returns the number of
+    /// full scans run, or `None` if ksmd is not running or `max_passes` were not enough.
+    pub fn run_until_stable(&mut self, min_passes: u64, max_passes: u64) -> Option<u64> {
+        let mut prev = merge_state(&self.counters());
+        for pass in 1..=max_passes {
+            if !self.run_full_scans(1) {
+                return None;
+            }
+            let now = merge_state(&self.counters());
+            if pass > min_passes && now == prev {
+                return Some(pass);
+            }
+            prev = now;
+        }
+        None
     }
 
     /// The kernel selftests' `ksm_start`: `run=1`, then wait for two more full scans.
