@@ -84,8 +84,9 @@ impl fmt::Display for KsmCounters {
 /// `/proc/<pid>/ksm_stat` of one address space.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct KsmStat {
-    /// Which address space (a pid in the simulator, a region group live).
-    pub mm: u32,
+    /// Which address space: the process id in the simulator, the engine's address-space id
+    /// live.
+    pub pid: u32,
     pub ksm_rmap_items: u64,
     pub ksm_zero_pages: i64,
     pub ksm_merging_pages: u64,
@@ -121,7 +122,7 @@ mod tests {
     #[test]
     fn ksm_stat_layout_matches_procfs() {
         let s = KsmStat {
-            mm: 1,
+            pid: 1,
             ksm_rmap_items: 3,
             ksm_zero_pages: 2,
             ksm_merging_pages: 1,

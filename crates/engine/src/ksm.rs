@@ -3,7 +3,7 @@
 use crate::advisor::{AdvisorCtx, AdvisorKnobs, Clock};
 use crate::arena::Arena;
 use crate::counters::{KsmCounters, KsmStat};
-use crate::memory::{MergeError, MergeInto, Memory, PageRef, UnmergeError};
+use crate::memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError};
 use crate::page::{zero_page_hash, FrameId, MmId, PAGE_SIZE_U64};
 use crate::tunables::{parse_knob, AdvisorMode, KnobError, KnobValue, Run, Tunables};
 use rustc_hash::FxHashMap;
@@ -203,7 +203,7 @@ impl Ksm {
             addr = v.end;
         }
         KsmStat {
-            mm: mm.0,
+            pid: mm.0,
             ksm_rmap_items: st.ksm_rmap_items,
             ksm_zero_pages: zero,
             ksm_merging_pages: st.ksm_merging_pages,
@@ -752,7 +752,11 @@ impl Ksm {
                     return;
                 }
                 let n = &mut self.nodes[node];
-                let pos = n.items.iter().position(|&x| x == it).expect("item on its node");
+                let pos = n
+                    .items
+                    .iter()
+                    .position(|&x| x == it)
+                    .expect("item on its node");
                 n.items.swap_remove(pos);
                 if n.items.is_empty() {
                     self.pages_shared -= 1;
@@ -982,10 +986,7 @@ impl Ksm {
         let key = (hash, self.nid_root(nid));
         let mut chain_with: Option<u32> = None;
         let mut in_index = true;
-        loop {
-            let Some(&root) = self.stable.get(&key) else {
-                break;
-            };
+        while let Some(&root) = self.stable.get(&key) {
             let (mut tree_page, dup, root) = self.stable_node_chain(mem, root, false, now_ms);
             if dup.is_none() {
                 let Some(any) = self.stable_node_dup_any(root) else {
@@ -1150,7 +1151,9 @@ impl Ksm {
         self.remove_rmap_item_from_tree(mem, it);
         if let Some((kpfn, _)) = found {
             let merged = kpfn == page.frame
-                || mem.merge(mm, addr, page.frame, MergeInto::KsmPage(kpfn)).is_ok();
+                || mem
+                    .merge(mm, addr, page.frame, MergeInto::KsmPage(kpfn))
+                    .is_ok();
             if merged {
                 if let Some(&node) = self.frame_node.get(&kpfn) {
                     self.stable_tree_append(it, node, bypass);

@@ -106,7 +106,9 @@ pub enum KnobError {
         why: &'static str,
     },
     /// EBUSY: `max_page_sharing` or `merge_across_nodes` cannot change while KSM pages exist.
-    #[error("cannot change {0} while KSM pages exist (EBUSY); write 2 to run first to unmerge them")]
+    #[error(
+        "cannot change {0} while KSM pages exist (EBUSY); write 2 to run first to unmerge them"
+    )]
     Busy(String),
     /// Unmerging (`run=2`) failed; `run` is left at 0 as the kernel does.
     #[error("unmerging failed: {0}")]
@@ -177,7 +179,11 @@ fn parse_bool(name: &str, value: &str) -> Result<bool, KnobError> {
         [b'0' | b'n' | b'N' | b'f' | b'F', ..] => Ok(false),
         [b'o' | b'O', b'n' | b'N', ..] => Ok(true),
         [b'o' | b'O', b'f' | b'F', ..] => Ok(false),
-        _ => Err(invalid(name, value, "expected a boolean (0/1, y/n, on/off)")),
+        _ => Err(invalid(
+            name,
+            value,
+            "expected a boolean (0/1, y/n, on/off)",
+        )),
     }
 }
 
@@ -213,7 +219,13 @@ pub(crate) fn parse_knob(name: &str, value: &str) -> Result<KnobValue, KnobError
         "advisor_mode" => match value.strip_suffix('\n').unwrap_or(value) {
             "none" => KnobValue::AdvisorMode(AdvisorMode::None),
             "scan-time" => KnobValue::AdvisorMode(AdvisorMode::ScanTime),
-            _ => return Err(invalid(name, value, "advisor_mode takes 'none' or 'scan-time'")),
+            _ => {
+                return Err(invalid(
+                    name,
+                    value,
+                    "advisor_mode takes 'none' or 'scan-time'",
+                ))
+            }
         },
         "advisor_max_cpu" => KnobValue::AdvisorMaxCpu(parse_unsigned(name, value, u64::MAX)?),
         "advisor_min_pages_to_scan" => {
@@ -225,7 +237,11 @@ pub(crate) fn parse_knob(name: &str, value: &str) -> Result<KnobValue, KnobError
         "advisor_target_scan_time" => {
             let v = parse_unsigned(name, value, u64::MAX)?;
             if v < 1 {
-                return Err(invalid(name, value, "advisor_target_scan_time must be at least 1"));
+                return Err(invalid(
+                    name,
+                    value,
+                    "advisor_target_scan_time must be at least 1",
+                ));
             }
             KnobValue::AdvisorTargetScanTime(v)
         }
@@ -270,23 +286,62 @@ mod tests {
     #[test]
     fn parsing_follows_kstrto() {
         assert_eq!(parse_knob("run", "1\n"), Ok(KnobValue::Run(Run::Merge)));
-        assert!(matches!(parse_knob("run", "3"), Err(KnobError::Invalid { .. })));
-        assert!(matches!(parse_knob("run", "-1"), Err(KnobError::Invalid { .. })));
-        assert!(matches!(parse_knob("pages_to_scan", "4294967296"), Err(KnobError::Invalid { .. })));
-        assert_eq!(parse_knob("pages_to_scan", "+7"), Ok(KnobValue::PagesToScan(7)));
-        assert!(matches!(parse_knob("max_page_sharing", "1"), Err(KnobError::Invalid { .. })));
-        assert_eq!(parse_knob("max_page_sharing", "2"), Ok(KnobValue::MaxPageSharing(2)));
-        assert_eq!(parse_knob("use_zero_pages", "on"), Ok(KnobValue::UseZeroPages(true)));
-        assert_eq!(parse_knob("smart_scan", "N"), Ok(KnobValue::SmartScan(false)));
-        assert!(matches!(parse_knob("use_zero_pages", "2"), Err(KnobError::Invalid { .. })));
-        assert!(matches!(parse_knob("merge_across_nodes", "2"), Err(KnobError::Invalid { .. })));
-        assert!(matches!(parse_knob("advisor_target_scan_time", "0"), Err(KnobError::Invalid { .. })));
+        assert!(matches!(
+            parse_knob("run", "3"),
+            Err(KnobError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse_knob("run", "-1"),
+            Err(KnobError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse_knob("pages_to_scan", "4294967296"),
+            Err(KnobError::Invalid { .. })
+        ));
+        assert_eq!(
+            parse_knob("pages_to_scan", "+7"),
+            Ok(KnobValue::PagesToScan(7))
+        );
+        assert!(matches!(
+            parse_knob("max_page_sharing", "1"),
+            Err(KnobError::Invalid { .. })
+        ));
+        assert_eq!(
+            parse_knob("max_page_sharing", "2"),
+            Ok(KnobValue::MaxPageSharing(2))
+        );
+        assert_eq!(
+            parse_knob("use_zero_pages", "on"),
+            Ok(KnobValue::UseZeroPages(true))
+        );
+        assert_eq!(
+            parse_knob("smart_scan", "N"),
+            Ok(KnobValue::SmartScan(false))
+        );
+        assert!(matches!(
+            parse_knob("use_zero_pages", "2"),
+            Err(KnobError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse_knob("merge_across_nodes", "2"),
+            Err(KnobError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse_knob("advisor_target_scan_time", "0"),
+            Err(KnobError::Invalid { .. })
+        ));
         assert_eq!(
             parse_knob("advisor_mode", "scan-time\n"),
             Ok(KnobValue::AdvisorMode(AdvisorMode::ScanTime))
         );
-        assert!(matches!(parse_knob("pages_shared", "1"), Err(KnobError::ReadOnly(_))));
-        assert!(matches!(parse_knob("bogus", "1"), Err(KnobError::Unknown(_))));
+        assert!(matches!(
+            parse_knob("pages_shared", "1"),
+            Err(KnobError::ReadOnly(_))
+        ));
+        assert!(matches!(
+            parse_knob("bogus", "1"),
+            Err(KnobError::Unknown(_))
+        ));
     }
 
     #[test]

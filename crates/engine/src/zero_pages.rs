@@ -68,7 +68,10 @@ impl KsmZeroPages {
     /// `mm` is gone; all its mappings were zapped before (which brought its count to 0).
     pub fn exit(&mut self, mm: MmId) {
         if let Some(left) = self.per_mm.remove(&mm) {
-            debug_assert_eq!(left, 0, "exit of {mm:?} with marked zero pages still counted");
+            debug_assert_eq!(
+                left, 0,
+                "exit of {mm:?} with marked zero pages still counted"
+            );
             self.global -= left;
         }
     }

@@ -5,7 +5,7 @@
 //! by read faults, the zero page placed by KSM (marked, like the kernel's dirty bit), discards,
 //! unmaps, protection changes, fork and exit, pinned pages, and the NUMA node of each frame.
 
-use samepage_engine::memory::{MergeError, MergeInto, Memory, PageRef, UnmergeError, VmaInfo};
+use samepage_engine::memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
 use samepage_engine::page::{is_zero_page, page_hash, FrameId, MmId, PAGE_SIZE, PAGE_SIZE_U64};
 use samepage_engine::KsmZeroPages;
 use std::collections::BTreeMap;
@@ -193,7 +193,10 @@ impl Frames {
 
     fn get_mut(&mut self, id: FrameId) -> &mut Frame {
         let f = &mut self.slots[(id.0 & 0xffff_ffff) as usize];
-        assert!(f.gen == (id.0 >> 32) as u32 && f.refcount > 0, "dangling {id:?}");
+        assert!(
+            f.gen == (id.0 >> 32) as u32 && f.refcount > 0,
+            "dangling {id:?}"
+        );
         f
     }
 
@@ -266,7 +269,7 @@ impl SimMemory {
     }
 
     fn check_range(start: u64, len: u64) -> Result<u64, SimError> {
-        if start % PAGE_SIZE_U64 != 0 || len % PAGE_SIZE_U64 != 0 {
+        if !start.is_multiple_of(PAGE_SIZE_U64) || !len.is_multiple_of(PAGE_SIZE_U64) {
             return Err(SimError::Unaligned(start, len));
         }
         if len == 0 {
@@ -277,7 +280,14 @@ impl SimMemory {
 
     /// `mmap(NULL, len, prot, MAP_PRIVATE|MAP_ANONYMOUS)` (or `MAP_SHARED` with `shared`),
     /// with new frames allocated on NUMA node `node`. Areas are placed one guard page apart.
-    pub fn mmap(&mut self, mm: MmId, len: u64, prot: Prot, shared: bool, node: u32) -> Result<u64, SimError> {
+    pub fn mmap(
+        &mut self,
+        mm: MmId,
+        len: u64,
+        prot: Prot,
+        shared: bool,
+        node: u32,
+    ) -> Result<u64, SimError> {
         let sp = self.space(mm)?;
         let start = sp.next_addr;
         let end = Self::check_range(start, len)?;
@@ -359,7 +369,13 @@ impl SimMemory {
 
     /// Resolve a fault at `addr` for an access (`write`), returning the frame to access.
     /// `force` is FOLL_FORCE (`/proc/self/mem`): it ignores the protection.
-    fn fault(&mut self, mm: MmId, addr: u64, write: bool, force: bool) -> Result<Option<FrameId>, SimError> {
+    fn fault(
+        &mut self,
+        mm: MmId,
+        addr: u64,
+        write: bool,
+        force: bool,
+    ) -> Result<Option<FrameId>, SimError> {
         let sp = self.mms.get_mut(&mm).ok_or(SimError::NoMm(mm))?;
         let i = sp.vma_index(addr).ok_or(SimError::NotMapped(addr))?;
         let v = &mut sp.vmas[i];
@@ -419,7 +435,9 @@ impl SimMemory {
             let page = a & !(PAGE_SIZE_U64 - 1);
             let in_page = (a - page) as usize;
             let n = (PAGE_SIZE - in_page).min(data.len() - off);
-            let f = self.fault(mm, page, true, force)?.expect("write fault maps a frame");
+            let f = self
+                .fault(mm, page, true, force)?
+                .expect("write fault maps a frame");
             let fr = self.frames.get_mut(f);
             fr.data[in_page..in_page + n].copy_from_slice(&data[off..off + n]);
             fr.hash = None;
@@ -531,7 +549,9 @@ impl SimMemory {
 
     /// Pin the page at `addr` for I/O (as `pin_user_pages`), faulting it in for write first.
     pub fn pin(&mut self, mm: MmId, addr: u64) -> Result<FrameId, SimError> {
-        let f = self.fault(mm, addr, true, true)?.expect("write fault maps a frame");
+        let f = self
+            .fault(mm, addr, true, true)?
+            .expect("write fault maps a frame");
         self.frames.get_mut(f).pins += 1;
         Ok(f)
     }
@@ -636,7 +656,13 @@ impl Memory for SimMemory {
         self.frame_is_ksm(frame)
     }
 
-    fn merge(&mut self, mm: MmId, addr: u64, page: FrameId, into: MergeInto) -> Result<FrameId, MergeError> {
+    fn merge(
+        &mut self,
+        mm: MmId,
+        addr: u64,
+        page: FrameId,
+        into: MergeInto,
+    ) -> Result<FrameId, MergeError> {
         if self.mergeable_pte(mm, addr) != Some(Pte::Page(page)) {
             return Err(MergeError::Gone);
         }
@@ -715,7 +741,7 @@ impl Memory for SimMemory {
         let Some(sp) = self.mms.get_mut(&mm) else {
             return;
         };
-        let end = end.min(u64::MAX & !(PAGE_SIZE_U64 - 1));
+        let end = end.min(!(PAGE_SIZE_U64 - 1));
         // Split only areas whose flag actually changes, as madvise does.
         let needs = |v: &Vma| !v.shared && v.mergeable != on;
         if sp.vma_index(start).is_some_and(|i| needs(&sp.vmas[i])) {

@@ -92,7 +92,14 @@ impl SimSystem {
 
     /// `mmap` with the area's sharing and NUMA node; a process that set
     /// `PR_SET_MEMORY_MERGE` gets the area mergeable at once.
-    pub fn mmap_on(&mut self, mm: MmId, len: u64, prot: Prot, shared: bool, node: u32) -> Result<u64, SysError> {
+    pub fn mmap_on(
+        &mut self,
+        mm: MmId,
+        len: u64,
+        prot: Prot,
+        shared: bool,
+        node: u32,
+    ) -> Result<u64, SysError> {
         let a = self.mem.mmap(mm, len, prot, shared, node)?;
         if self.ksm.new_vma_mergeable(mm) {
             samepage_engine::Memory::set_mergeable(&mut self.mem, mm, a, a + len, true);
@@ -101,9 +108,17 @@ impl SimSystem {
     }
 
     /// `madvise`.
-    pub fn madvise(&mut self, mm: MmId, start: u64, len: u64, advice: Advice) -> Result<(), SysError> {
+    pub fn madvise(
+        &mut self,
+        mm: MmId,
+        start: u64,
+        len: u64,
+        advice: Advice,
+    ) -> Result<(), SysError> {
         match advice {
-            Advice::Mergeable => self.ksm.madvise_mergeable(&mut self.mem, mm, start, start + len),
+            Advice::Mergeable => self
+                .ksm
+                .madvise_mergeable(&mut self.mem, mm, start, start + len),
             Advice::Unmergeable => {
                 self.ksm
                     .madvise_unmergeable(&mut self.mem, mm, start, start + len)?
@@ -174,8 +189,7 @@ impl SimSystem {
         let b = self.ksm.ksmd_batch(&mut self.mem, &self.clock);
         let cost = b.scanned * SIM_NS_PER_PAGE;
         self.clock.cpu_ns += cost;
-        self.clock.now_ns +=
-            cost + self.ksm.tunables().sleep_millisecs as u64 * 1_000_000;
+        self.clock.now_ns += cost + self.ksm.tunables().sleep_millisecs as u64 * 1_000_000;
         b
     }
 

@@ -21,9 +21,20 @@ enum Mode {
 }
 
 /// `__mmap_and_merge_range`: stop KSM, map, fill, protect, enable merging, run two full scans.
-fn mmap_and_merge_range(sys: &mut SimSystem, mm: MmId, val: u8, size: u64, prot: Prot, mode: Mode) -> u64 {
+fn mmap_and_merge_range(
+    sys: &mut SimSystem,
+    mm: MmId,
+    val: u8,
+    size: u64,
+    prot: Prot,
+    mode: Mode,
+) -> u64 {
     sys.ksm_stop().unwrap();
-    assert_eq!(sys.ksm_stat(mm).ksm_merging_pages, 0, "still merging pages after run=2");
+    assert_eq!(
+        sys.ksm_stat(mm).ksm_merging_pages,
+        0,
+        "still merging pages after run=2"
+    );
     let a = sys.mmap(mm, size, Prot::RW).unwrap();
     fill(sys, mm, a, size, val);
     sys.mem.mprotect(mm, a, size, prot).unwrap();
@@ -32,10 +43,14 @@ fn mmap_and_merge_range(sys: &mut SimSystem, mm: MmId, val: u8, size: u64, prot:
         Mode::Prctl => sys.prctl_set_memory_merge(mm, true).unwrap(),
         Mode::None => {}
     }
-    sys.write_knob("pages_to_scan", &(size / PS).to_string()).unwrap();
+    sys.write_knob("pages_to_scan", &(size / PS).to_string())
+        .unwrap();
     assert!(sys.ksm_start());
     if val != 0 {
-        assert!(sys.ksm_stat(mm).ksm_merging_pages > 0, "No pages got merged");
+        assert!(
+            sys.ksm_stat(mm).ksm_merging_pages > 0,
+            "No pages got merged"
+        );
     }
     a
 }
@@ -46,11 +61,7 @@ fn range_maps_duplicates(sys: &SimSystem, mm: MmId, addr: u64, size: u64) -> boo
     let mut zero = 0;
     for off in (0..size).step_by(PS as usize) {
         match sys.mem.pte(mm, addr + off) {
-            Some(Pte::Page(f)) => {
-                if !seen.insert(f) {
-                    return true;
-                }
-            }
+            Some(Pte::Page(f)) if !seen.insert(f) => return true,
             Some(Pte::Zero { .. }) => zero += 1,
             _ => {}
         }
@@ -105,9 +116,12 @@ fn test_prot_none() {
     let a = mmap_and_merge_range(&mut sys, mm, 0x11, MIB2, Prot::NONE, Mode::Madvise);
     // Write a unique value into each page of the first half through /proc/self/mem.
     for (i, off) in (0..MIB2 / 2).step_by(PS as usize).enumerate() {
-        sys.mem.force_write(mm, a + off, &(i as u32).to_ne_bytes()).unwrap();
+        sys.mem
+            .force_write(mm, a + off, &(i as u32).to_ne_bytes())
+            .unwrap();
     }
-    sys.madvise(mm, a + MIB2 / 2, MIB2 / 2, Advice::Unmergeable).unwrap();
+    sys.madvise(mm, a + MIB2 / 2, MIB2 / 2, Advice::Unmergeable)
+        .unwrap();
     assert!(!range_maps_duplicates(&sys, mm, a, MIB2));
 }
 
@@ -212,7 +226,8 @@ fn ksm_tests_setup(page_count: u64) -> (SimSystem, MmId) {
     sys.write_knob("run", "2").unwrap();
     sys.write_knob("sleep_millisecs", "0").unwrap();
     sys.write_knob("merge_across_nodes", "1").unwrap();
-    sys.write_knob("pages_to_scan", &page_count.to_string()).unwrap();
+    sys.write_knob("pages_to_scan", &page_count.to_string())
+        .unwrap();
     (sys, mm)
 }
 
@@ -226,12 +241,16 @@ fn ksm_merge_pages(sys: &mut SimSystem, mm: MmId, a: u64, size: u64) {
 fn assert_ksm_pages_count(sys: &SimSystem, n: u64) {
     let c = sys.counters();
     let m: u64 = sys.read_knob("max_page_sharing").unwrap().parse().unwrap();
-    let (shared, sharing) = if n % m == 0 || n % m == 1 {
+    let (shared, sharing) = if n.is_multiple_of(m) || n % m == 1 {
         (n / m, n / m * (m - 1))
     } else {
         (n / m + 1, n - (n / m + 1))
     };
-    assert_eq!((c.pages_shared, c.pages_sharing), (shared, sharing), "n={n} M={m}");
+    assert_eq!(
+        (c.pages_shared, c.pages_sharing),
+        (shared, sharing),
+        "n={n} M={m}"
+    );
 }
 
 #[test]
@@ -265,12 +284,16 @@ fn check_ksm_unmerge() {
 fn check_ksm_zero_page_merge() {
     for (use_zero, shared, sharing, zero) in [(false, 1, 9, 0), (true, 0, 0, 10)] {
         let (mut sys, mm) = ksm_tests_setup(10);
-        sys.write_knob("use_zero_pages", if use_zero { "1" } else { "0" }).unwrap();
+        sys.write_knob("use_zero_pages", if use_zero { "1" } else { "0" })
+            .unwrap();
         let a = sys.mmap(mm, 10 * PS, Prot::RW).unwrap();
         fill(&mut sys, mm, a, 10 * PS, 0);
         ksm_merge_pages(&mut sys, mm, a, 10 * PS);
         let c = sys.counters();
-        assert_eq!((c.pages_shared, c.pages_sharing, c.ksm_zero_pages), (shared, sharing, zero));
+        assert_eq!(
+            (c.pages_shared, c.pages_sharing, c.ksm_zero_pages),
+            (shared, sharing, zero)
+        );
     }
 }
 
@@ -278,7 +301,8 @@ fn check_ksm_zero_page_merge() {
 fn check_ksm_numa_merge() {
     for (across, shared, sharing) in [(true, 1, 1), (false, 0, 0)] {
         let (mut sys, mm) = ksm_tests_setup(1);
-        sys.write_knob("merge_across_nodes", if across { "1" } else { "0" }).unwrap();
+        sys.write_knob("merge_across_nodes", if across { "1" } else { "0" })
+            .unwrap();
         let a = sys.mmap_on(mm, PS, Prot::RW, false, 0).unwrap();
         let b = sys.mmap_on(mm, PS, Prot::RW, false, 1).unwrap();
         fill(&mut sys, mm, a, PS, b'*');
@@ -288,7 +312,11 @@ fn check_ksm_numa_merge() {
         sys.write_knob("pages_to_scan", "2").unwrap();
         assert!(sys.ksm_start());
         let c = sys.counters();
-        assert_eq!((c.pages_shared, c.pages_sharing), (shared, sharing), "across={across}");
+        assert_eq!(
+            (c.pages_shared, c.pages_sharing),
+            (shared, sharing),
+            "across={across}"
+        );
     }
 }
 
@@ -318,12 +346,21 @@ fn max_page_sharing_follows_the_selftest_formula_and_makes_chains() {
 fn chain_collapses_when_one_dup_is_left() {
     let (mut sys, mm) = ksm_tests_setup(4);
     sys.write_knob("max_page_sharing", "2").unwrap();
-    sys.write_knob("stable_node_chains_prune_millisecs", "0").unwrap();
+    sys.write_knob("stable_node_chains_prune_millisecs", "0")
+        .unwrap();
     let a = sys.mmap(mm, 5 * PS, Prot::RW).unwrap();
     fill(&mut sys, mm, a, 4 * PS, b'*');
     ksm_merge_pages(&mut sys, mm, a, 5 * PS);
     let c = sys.counters();
-    assert_eq!((c.pages_shared, c.pages_sharing, c.stable_node_chains, c.stable_node_dups), (2, 2, 1, 2));
+    assert_eq!(
+        (
+            c.pages_shared,
+            c.pages_sharing,
+            c.stable_node_chains,
+            c.stable_node_dups
+        ),
+        (2, 2, 1, 2)
+    );
     // One mapping of the first KSM page diverges (it gets room again); both mappings of the
     // second diverge (its node goes stale).
     for i in 1..4u8 {
@@ -347,8 +384,14 @@ fn knob_errors_match_the_kernel() {
     let a = sys.mmap(mm, 4 * PS, Prot::RW).unwrap();
     fill(&mut sys, mm, a, 4 * PS, b'*');
     ksm_merge_pages(&mut sys, mm, a, 4 * PS);
-    assert!(matches!(sys.write_knob("max_page_sharing", "10"), Err(KnobError::Busy(_))));
-    assert!(matches!(sys.write_knob("merge_across_nodes", "0"), Err(KnobError::Busy(_))));
+    assert!(matches!(
+        sys.write_knob("max_page_sharing", "10"),
+        Err(KnobError::Busy(_))
+    ));
+    assert!(matches!(
+        sys.write_knob("merge_across_nodes", "0"),
+        Err(KnobError::Busy(_))
+    ));
     // Same value: no change, no error.
     sys.write_knob("max_page_sharing", "256").unwrap();
     sys.write_knob("run", "2").unwrap();
@@ -356,11 +399,20 @@ fn knob_errors_match_the_kernel() {
     sys.write_knob("max_page_sharing", "10").unwrap();
     sys.write_knob("advisor_mode", "scan-time").unwrap();
     assert_eq!(sys.read_knob("pages_to_scan").unwrap(), "500");
-    assert!(matches!(sys.write_knob("pages_to_scan", "5"), Err(KnobError::Invalid { .. })));
+    assert!(matches!(
+        sys.write_knob("pages_to_scan", "5"),
+        Err(KnobError::Invalid { .. })
+    ));
     sys.write_knob("advisor_mode", "none").unwrap();
     assert_eq!(sys.read_knob("pages_to_scan").unwrap(), "100");
-    assert!(matches!(sys.write_knob("run", "3"), Err(KnobError::Invalid { .. })));
-    assert!(matches!(sys.write_knob("pages_volatile", "3"), Err(KnobError::ReadOnly(_))));
+    assert!(matches!(
+        sys.write_knob("run", "3"),
+        Err(KnobError::Invalid { .. })
+    ));
+    assert!(matches!(
+        sys.write_knob("pages_volatile", "3"),
+        Err(KnobError::ReadOnly(_))
+    ));
 }
 
 #[test]
@@ -424,7 +476,10 @@ fn forked_ksm_pages_join_the_stable_tree_past_the_limit() {
     let a = sys.mmap(mm, 4 * PS, Prot::RW).unwrap();
     fill(&mut sys, mm, a, 4 * PS, 9);
     ksm_merge_pages(&mut sys, mm, a, 4 * PS);
-    assert_eq!((sys.counters().pages_shared, sys.counters().pages_sharing), (1, 3));
+    assert_eq!(
+        (sys.counters().pages_shared, sys.counters().pages_sharing),
+        (1, 3)
+    );
     let child = sys.fork(mm).unwrap();
     assert!(sys.run_full_scans(1));
     let c = sys.counters();
@@ -442,7 +497,10 @@ fn pinned_pages_are_not_merged() {
     let f = sys.mem.pin(mm, a + 3 * PS).unwrap();
     ksm_merge_pages(&mut sys, mm, a, 4 * PS);
     assert_eq!(sys.mem.pte(mm, a + 3 * PS), Some(Pte::Page(f)));
-    assert_eq!((sys.counters().pages_shared, sys.counters().pages_sharing), (1, 2));
+    assert_eq!(
+        (sys.counters().pages_shared, sys.counters().pages_sharing),
+        (1, 2)
+    );
     sys.mem.unpin(f);
     assert!(sys.run_full_scans(1));
     assert_eq!(sys.counters().pages_sharing, 3);

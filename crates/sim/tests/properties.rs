@@ -12,17 +12,48 @@ const MAX_PROCS: usize = 4;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { p: usize, page: usize, val: u8, partial: bool },
-    Read { p: usize, page: usize },
-    DontNeed { p: usize, page: usize, n: usize },
-    Munmap { p: usize, page: usize, n: usize },
-    Unmergeable { p: usize, page: usize, n: usize },
-    Mergeable { p: usize },
-    Fork { p: usize },
-    Exit { p: usize },
-    Knob { name: &'static str, value: &'static str },
+    Write {
+        p: usize,
+        page: usize,
+        val: u8,
+        partial: bool,
+    },
+    Read {
+        p: usize,
+        page: usize,
+    },
+    DontNeed {
+        p: usize,
+        page: usize,
+        n: usize,
+    },
+    Munmap {
+        p: usize,
+        page: usize,
+        n: usize,
+    },
+    Unmergeable {
+        p: usize,
+        page: usize,
+        n: usize,
+    },
+    Mergeable {
+        p: usize,
+    },
+    Fork {
+        p: usize,
+    },
+    Exit {
+        p: usize,
+    },
+    Knob {
+        name: &'static str,
+        value: &'static str,
+    },
     Run2,
-    Scan { n: u64 },
+    Scan {
+        n: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -57,9 +88,12 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// What each process should read: `None` = unmapped page.
+/// The pages of one region as the process should read them: `None` = unmapped.
+type ShadowPages = Vec<Option<Box<[u8; PAGE_SIZE]>>>;
+
+/// What each process should read: (process, region base, pages).
 struct Shadow {
-    procs: Vec<(MmId, u64, Vec<Option<Box<[u8; PAGE_SIZE]>>>)>,
+    procs: Vec<(MmId, u64, ShadowPages)>,
 }
 
 fn page_of(val: u8, partial: bool, old: &[u8; PAGE_SIZE]) -> Box<[u8; PAGE_SIZE]> {
@@ -75,14 +109,23 @@ fn page_of(val: u8, partial: bool, old: &[u8; PAGE_SIZE]) -> Box<[u8; PAGE_SIZE]
 fn apply(sys: &mut SimSystem, sh: &mut Shadow, op: &Op) {
     let n = sh.procs.len();
     match *op {
-        Op::Write { p, page, val, partial } => {
+        Op::Write {
+            p,
+            page,
+            val,
+            partial,
+        } => {
             let (mm, base, pages) = &mut sh.procs[p % n];
             if let Some(old) = &mut pages[page] {
                 let new = page_of(val, partial, old);
                 if partial {
-                    sys.mem.write(*mm, *base + page as u64 * PS + 100, &[val]).unwrap();
+                    sys.mem
+                        .write(*mm, *base + page as u64 * PS + 100, &[val])
+                        .unwrap();
                 } else {
-                    sys.mem.write(*mm, *base + page as u64 * PS, &new[..]).unwrap();
+                    sys.mem
+                        .write(*mm, *base + page as u64 * PS, &new[..])
+                        .unwrap();
                 }
                 *old = new;
             }
@@ -98,8 +141,13 @@ fn apply(sys: &mut SimSystem, sh: &mut Shadow, op: &Op) {
             let (mm, base, pages) = &mut sh.procs[p % n];
             let end = (page + len).min(PAGES);
             if pages[page..end].iter().all(Option::is_some) {
-                sys.madvise(*mm, *base + page as u64 * PS, (end - page) as u64 * PS, Advice::DontNeed)
-                    .unwrap();
+                sys.madvise(
+                    *mm,
+                    *base + page as u64 * PS,
+                    (end - page) as u64 * PS,
+                    Advice::DontNeed,
+                )
+                .unwrap();
                 for pg in &mut pages[page..end] {
                     *pg = Some(Box::new([0; PAGE_SIZE]));
                 }
@@ -108,7 +156,9 @@ fn apply(sys: &mut SimSystem, sh: &mut Shadow, op: &Op) {
         Op::Munmap { p, page, n: len } => {
             let (mm, base, pages) = &mut sh.procs[p % n];
             let end = (page + len).min(PAGES);
-            sys.mem.munmap(*mm, *base + page as u64 * PS, (end - page) as u64 * PS).unwrap();
+            sys.mem
+                .munmap(*mm, *base + page as u64 * PS, (end - page) as u64 * PS)
+                .unwrap();
             for pg in &mut pages[page..end] {
                 *pg = None;
             }
@@ -116,12 +166,18 @@ fn apply(sys: &mut SimSystem, sh: &mut Shadow, op: &Op) {
         Op::Unmergeable { p, page, n: len } => {
             let (mm, base, _) = &sh.procs[p % n];
             let end = (page + len).min(PAGES);
-            sys.madvise(*mm, base + page as u64 * PS, (end - page) as u64 * PS, Advice::Unmergeable)
-                .unwrap();
+            sys.madvise(
+                *mm,
+                base + page as u64 * PS,
+                (end - page) as u64 * PS,
+                Advice::Unmergeable,
+            )
+            .unwrap();
         }
         Op::Mergeable { p } => {
             let (mm, base, _) = &sh.procs[p % n];
-            sys.madvise(*mm, *base, PAGES as u64 * PS, Advice::Mergeable).unwrap();
+            sys.madvise(*mm, *base, PAGES as u64 * PS, Advice::Mergeable)
+                .unwrap();
         }
         Op::Fork { p } => {
             if n < MAX_PROCS {
@@ -161,14 +217,23 @@ fn check_step(sys: &SimSystem, sh: &Shadow) -> Result<(), TestCaseError> {
             match (want, got) {
                 (Some(w), Some(g)) => prop_assert!(w[..] == g[..], "{mm:?} page {i} differs"),
                 (None, None) => {}
-                (w, g) => prop_assert!(false, "{mm:?} page {i}: mapped {} vs {}", w.is_some(), g.is_some()),
+                (w, g) => prop_assert!(
+                    false,
+                    "{mm:?} page {i}: mapped {} vs {}",
+                    w.is_some(),
+                    g.is_some()
+                ),
             }
         }
     }
     // ksm_zero_pages equals the marked zero-page mappings, globally and per process.
     let mut total = 0;
     for mm in sys.mem.mm_ids() {
-        let marked = sys.mem.ptes(mm).filter(|(_, _, p)| *p == Pte::Zero { ksm: true }).count() as i64;
+        let marked = sys
+            .mem
+            .ptes(mm)
+            .filter(|(_, _, p)| *p == Pte::Zero { ksm: true })
+            .count() as i64;
         prop_assert_eq!(sys.ksm_stat(mm).ksm_zero_pages, marked, "{:?}", mm);
         total += marked;
     }
@@ -176,7 +241,8 @@ fn check_step(sys: &SimSystem, sh: &Shadow) -> Result<(), TestCaseError> {
     // Tree counters agree with the trees; pages_volatile follows the kernel's formula.
     sys.ksm.check_invariants().map_err(TestCaseError::fail)?;
     let c = sys.counters();
-    let vol = sys.ksm.rmap_items() as i64 - (c.pages_shared + c.pages_sharing + c.pages_unshared) as i64;
+    let vol =
+        sys.ksm.rmap_items() as i64 - (c.pages_shared + c.pages_sharing + c.pages_unshared) as i64;
     prop_assert_eq!(c.pages_volatile, vol.max(0) as u64);
     // A stable item never points at a KSM page other than the one mapped at its address.
     for (mm, addr, kpfn) in sys.ksm.stable_mappings() {
@@ -206,8 +272,12 @@ fn check_settled(sys: &SimSystem) -> Result<(), TestCaseError> {
         }
     }
     let c = sys.counters();
-    let tracked: HashSet<(MmId, u64)> =
-        sys.ksm.stable_mappings().iter().map(|(m, a, _)| (*m, *a)).collect();
+    let tracked: HashSet<(MmId, u64)> = sys
+        .ksm
+        .stable_mappings()
+        .iter()
+        .map(|(m, a, _)| (*m, *a))
+        .collect();
     let mut untracked = vec![];
     for mm in sys.mem.mm_ids() {
         for (addr, vma, pte) in sys.mem.ptes(mm) {
@@ -218,17 +288,27 @@ fn check_settled(sys: &SimSystem) -> Result<(), TestCaseError> {
             }
         }
     }
-    prop_assert!(untracked.is_empty(), "KSM mappings without a stable rmap item: {:?}", untracked);
+    prop_assert!(
+        untracked.is_empty(),
+        "KSM mappings without a stable rmap item: {:?}",
+        untracked
+    );
     prop_assert_eq!(c.pages_shared, frames.len() as u64);
     prop_assert_eq!(c.pages_shared + c.pages_sharing, mappings);
     for mm in sys.mem.mm_ids() {
-        prop_assert_eq!(sys.ksm_stat(mm).ksm_merging_pages, per_mm.get(&mm).copied().unwrap_or(0));
+        prop_assert_eq!(
+            sys.ksm_stat(mm).ksm_merging_pages,
+            per_mm.get(&mm).copied().unwrap_or(0)
+        );
     }
     Ok(())
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(3000)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000)
 }
 
 proptest! {

@@ -1,1 +1,377 @@
+//! # samepage-workload: what samepage merges
+//!
+//! A [`Workload`] is a list of address spaces, each a sequence of 4096-byte pages loaded in
+//! order into one mergeable region: either a raw memory image read from a file, or a generated
+//! mix of zero-filled, duplicated and unique pages ([`GenSpec`]) whose converged KSM counters
+//! are known in advance ([`GenSpec::expected`]).
 
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_pcg::Pcg64Mcg;
+use samepage_engine::PAGE_SIZE;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Why a workload could not be built.
+#[derive(Debug, Error)]
+pub enum WorkloadError {
+    #[error("cannot read image {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "image {path} is {len} bytes, not a multiple of the 4096-byte page size; pad or trim it"
+    )]
+    NotPageMultiple { path: PathBuf, len: u64 },
+    #[error("image {0} is empty; give a file of at least one 4096-byte page")]
+    Empty(PathBuf),
+    #[error("invalid workload: {0}")]
+    Invalid(String),
+}
+
+/// Where the pages of an address space come from.
+#[derive(Clone, Debug)]
+enum Source {
+    Image(Vec<u8>),
+    Generated { layout: Vec<u32>, seed: u64 },
+}
+
+/// One address space: `pages` pages, loaded in order into one region.
+#[derive(Clone, Debug)]
+pub struct Space {
+    /// A label for reports: the image path, or "generated".
+    pub name: String,
+    source: Source,
+}
+
+/// Content class 0 is the zero page; other classes are distinct contents.
+const ZERO_CLASS: u32 = 0;
+
+impl Space {
+    /// Number of pages.
+    pub fn pages(&self) -> u64 {
+        match &self.source {
+            Source::Image(d) => (d.len() / PAGE_SIZE) as u64,
+            Source::Generated { layout, .. } => layout.len() as u64,
+        }
+    }
+
+    /// Write page `i` into `buf`.
+    pub fn fill_page(&self, i: u64, buf: &mut [u8; PAGE_SIZE]) {
+        match &self.source {
+            Source::Image(d) => {
+                let o = i as usize * PAGE_SIZE;
+                buf.copy_from_slice(&d[o..o + PAGE_SIZE]);
+            }
+            Source::Generated { layout, seed } => fill_class(layout[i as usize], *seed, buf),
+        }
+    }
+}
+
+/// SplitMix64: a cheap, well-mixed stream for page contents.
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The contents of class `class`: zeros for class 0, otherwise a pseudo-random page whose
+/// first word is the class number (so two classes never collide).
+fn fill_class(class: u32, seed: u64, buf: &mut [u8; PAGE_SIZE]) {
+    if class == ZERO_CLASS {
+        buf.fill(0);
+        return;
+    }
+    let base = splitmix64(seed ^ ((class as u64) << 20));
+    for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+        let v = if i == 0 {
+            class as u64
+        } else {
+            splitmix64(base.wrapping_add(i as u64))
+        };
+        w.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// A generated workload: `size` bytes of one address space, `zero_pct` percent zero-filled
+/// pages, `dup_pct` percent pages in groups of `group` identical pages, the rest unique,
+/// shuffled with `seed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenSpec {
+    pub size: u64,
+    pub zero_pct: u32,
+    pub dup_pct: u32,
+    pub group: u32,
+    pub seed: u64,
+}
+
+/// The page counts of a generated workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenCounts {
+    pub pages: u64,
+    pub zero: u64,
+    pub groups: u64,
+    pub dup: u64,
+    pub unique: u64,
+}
+
+/// Converged counters a generated workload must reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expected {
+    pub pages_shared: u64,
+    pub pages_sharing: u64,
+    pub ksm_zero_pages: u64,
+}
+
+/// KSM pages and extra mappings that `n` identical pages end up as with `max_page_sharing`
+/// `m` (the formula of the kernel's `ksm_tests.c`, `assert_ksm_pages_count`).
+pub fn group_outcome(n: u64, m: u64) -> (u64, u64) {
+    if n < 2 {
+        return (0, 0);
+    }
+    if n.is_multiple_of(m) || n % m == 1 {
+        (n / m, n / m * (m - 1))
+    } else {
+        (n / m + 1, n - (n / m + 1))
+    }
+}
+
+impl GenSpec {
+    /// Validate and count.
+    pub fn counts(&self) -> Result<GenCounts, WorkloadError> {
+        if self.size == 0 || !self.size.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(WorkloadError::Invalid(format!(
+                "--size {} is not a positive multiple of 4096 bytes",
+                self.size
+            )));
+        }
+        if self.zero_pct > 100 || self.dup_pct > 100 || self.zero_pct + self.dup_pct > 100 {
+            return Err(WorkloadError::Invalid(format!(
+                "--zero {} and --dup {} must be percentages adding up to at most 100",
+                self.zero_pct, self.dup_pct
+            )));
+        }
+        if self.group < 2 {
+            return Err(WorkloadError::Invalid(format!(
+                "--group {} must be at least 2 (identical pages per duplicate group)",
+                self.group
+            )));
+        }
+        let pages = self.size / PAGE_SIZE as u64;
+        let zero = pages * self.zero_pct as u64 / 100;
+        let groups = pages * self.dup_pct as u64 / 100 / self.group as u64;
+        let dup = groups * self.group as u64;
+        if pages - zero - dup + groups >= u32::MAX as u64 {
+            return Err(WorkloadError::Invalid("--size is too large".into()));
+        }
+        Ok(GenCounts {
+            pages,
+            zero,
+            groups,
+            dup,
+            unique: pages - zero - dup,
+        })
+    }
+
+    /// Converged counters with the given `max_page_sharing` and `use_zero_pages`.
+    pub fn expected(
+        &self,
+        max_page_sharing: u64,
+        use_zero_pages: bool,
+    ) -> Result<Expected, WorkloadError> {
+        let c = self.counts()?;
+        let (gs, gsh) = group_outcome(self.group as u64, max_page_sharing);
+        let (mut shared, mut sharing) = (c.groups * gs, c.groups * gsh);
+        let mut zero = 0;
+        if use_zero_pages {
+            zero = c.zero;
+        } else {
+            let (zs, zsh) = group_outcome(c.zero, max_page_sharing);
+            shared += zs;
+            sharing += zsh;
+        }
+        Ok(Expected {
+            pages_shared: shared,
+            pages_sharing: sharing,
+            ksm_zero_pages: zero,
+        })
+    }
+
+    fn space(&self) -> Result<Space, WorkloadError> {
+        let c = self.counts()?;
+        let mut layout = Vec::with_capacity(c.pages as usize);
+        layout.extend(std::iter::repeat_n(ZERO_CLASS, c.zero as usize));
+        for g in 0..c.groups {
+            layout.extend(std::iter::repeat_n(1 + g as u32, self.group as usize));
+        }
+        let first_unique = 1 + c.groups as u32;
+        layout.extend((0..c.unique as u32).map(|u| first_unique + u));
+        layout.shuffle(&mut Pcg64Mcg::seed_from_u64(self.seed));
+        Ok(Space {
+            name: format!(
+                "generated: {} bytes, {}% zero, {}% in groups of {}, seed {}",
+                self.size, self.zero_pct, self.dup_pct, self.group, self.seed
+            ),
+            source: Source::Generated {
+                layout,
+                seed: self.seed,
+            },
+        })
+    }
+}
+
+/// Address spaces to load.
+#[derive(Clone, Debug, Default)]
+pub struct Workload {
+    pub spaces: Vec<Space>,
+}
+
+impl Workload {
+    /// One address space per image file.
+    pub fn from_images<P: AsRef<Path>>(paths: &[P]) -> Result<Self, WorkloadError> {
+        let mut spaces = Vec::new();
+        for p in paths {
+            let path = p.as_ref().to_path_buf();
+            let data = std::fs::read(&path).map_err(|source| WorkloadError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            if data.is_empty() {
+                return Err(WorkloadError::Empty(path));
+            }
+            if data.len() % PAGE_SIZE != 0 {
+                return Err(WorkloadError::NotPageMultiple {
+                    len: data.len() as u64,
+                    path,
+                });
+            }
+            spaces.push(Space {
+                name: path.display().to_string(),
+                source: Source::Image(data),
+            });
+        }
+        Ok(Self { spaces })
+    }
+
+    /// One generated address space.
+    pub fn generated(spec: &GenSpec) -> Result<Self, WorkloadError> {
+        Ok(Self {
+            spaces: vec![spec.space()?],
+        })
+    }
+
+    /// Pages in all address spaces.
+    pub fn total_pages(&self) -> u64 {
+        self.spaces.iter().map(Space::pages).sum()
+    }
+}
+
+/// Parse a size such as `4096`, `64K`, `256M`, `1G`, `1GiB`, `512MB` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 4096, 64K, 256M, 1G)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("'{s}' has an unknown unit (use K, M, G or T)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn generated_workload_has_the_requested_mix() {
+        let spec = GenSpec {
+            size: 1000 * 4096,
+            zero_pct: 30,
+            dup_pct: 40,
+            group: 16,
+            seed: 7,
+        };
+        let c = spec.counts().unwrap();
+        assert_eq!(
+            (c.pages, c.zero, c.groups, c.dup, c.unique),
+            (1000, 300, 25, 400, 300)
+        );
+        let w = Workload::generated(&spec).unwrap();
+        let mut seen: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut buf = [0u8; PAGE_SIZE];
+        for i in 0..w.total_pages() {
+            w.spaces[0].fill_page(i, &mut buf);
+            *seen.entry(buf.to_vec()).or_default() += 1;
+        }
+        assert_eq!(seen[&vec![0u8; PAGE_SIZE]], 300);
+        assert_eq!(seen.values().filter(|&&n| n == 16).count(), 25);
+        assert_eq!(seen.values().filter(|&&n| n == 1).count(), 300);
+    }
+
+    #[test]
+    fn expected_counters() {
+        let spec = GenSpec {
+            size: 1000 * 4096,
+            zero_pct: 30,
+            dup_pct: 40,
+            group: 16,
+            seed: 7,
+        };
+        let e = spec.expected(256, true).unwrap();
+        assert_eq!(
+            (e.pages_shared, e.pages_sharing, e.ksm_zero_pages),
+            (25, 375, 300)
+        );
+        let e = spec.expected(256, false).unwrap();
+        assert_eq!(
+            (e.pages_shared, e.pages_sharing, e.ksm_zero_pages),
+            (27, 375 + 298, 0)
+        );
+        let e = spec.expected(5, true).unwrap();
+        // 16 pages with max 5 mappings per KSM page: 16 % 5 == 1, so 3 KSM pages and 12 more
+        // mappings; one page stays alone.
+        assert_eq!((e.pages_shared, e.pages_sharing), (75, 300));
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        let ok = GenSpec {
+            size: 4096,
+            zero_pct: 0,
+            dup_pct: 0,
+            group: 2,
+            seed: 0,
+        };
+        assert!(ok.counts().is_ok());
+        assert!(GenSpec { size: 4095, ..ok }.counts().is_err());
+        assert!(GenSpec {
+            zero_pct: 60,
+            dup_pct: 50,
+            ..ok
+        }
+        .counts()
+        .is_err());
+        assert!(GenSpec { group: 1, ..ok }.counts().is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("256m"), Ok(256 << 20));
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("12Q").is_err());
+    }
+}

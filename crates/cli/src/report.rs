@@ -1,0 +1,95 @@
+//! The report printed by `simulate` (and the live commands): the kernel's sysfs and procfs
+//! layouts as text, or one JSON object.
+
+use samepage_engine::{KsmCounters, KsmStat, TUNABLE_NAMES};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Everything a run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// "sim" or "live".
+    pub engine: &'static str,
+    pub workload: Vec<SpaceInfo>,
+    /// Every file of /sys/kernel/mm/ksm: counters, then tunables.
+    #[serde(serialize_with = "ser_ksm")]
+    pub ksm: (KsmCounters, Vec<(String, String)>),
+    pub ksm_stat: Vec<KsmStat>,
+    /// Full scans this run made.
+    pub full_scans_run: u64,
+    /// Time from engine start to the last change of the merge counters, in seconds
+    /// (virtual seconds for the simulator).
+    pub converged_seconds: f64,
+}
+
+/// One address space of the workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpaceInfo {
+    pub pid: u32,
+    pub name: String,
+    pub pages: u64,
+}
+
+fn ser_ksm<S: serde::Serializer>(
+    v: &(KsmCounters, Vec<(String, String)>),
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let mut m = match serde_json::to_value(&v.0).map_err(serde::ser::Error::custom)? {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    for (k, val) in &v.1 {
+        let j = match val.parse::<i64>() {
+            Ok(n) => Value::from(n),
+            Err(_) => Value::from(val.clone()),
+        };
+        m.insert(k.clone(), j);
+    }
+    Value::Object(m).serialize(s)
+}
+
+/// Tunables as (name, shown value), in `ls` order.
+pub fn tunables_of(show: impl Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+    TUNABLE_NAMES
+        .iter()
+        .map(|n| (n.to_string(), show(n).unwrap_or_default()))
+        .collect()
+}
+
+fn mib(pages: i64) -> f64 {
+    pages as f64 * 4096.0 / (1 << 20) as f64
+}
+
+impl Report {
+    /// The human-readable form.
+    pub fn text(&self) -> String {
+        let pages: u64 = self.workload.iter().map(|w| w.pages).sum();
+        let c = &self.ksm.0;
+        let mut out = format!(
+            "samepage ({} engine): {} address space(s), {} pages ({:.1} MiB); {} full scans, converged after {:.3} s{}\n\n",
+            self.engine,
+            self.workload.len(),
+            pages,
+            mib(pages as i64),
+            self.full_scans_run,
+            self.converged_seconds,
+            if self.engine == "sim" { " (virtual time)" } else { "" },
+        );
+        out += "/sys/kernel/mm/ksm\n";
+        out += &c.to_string();
+        for (k, v) in &self.ksm.1 {
+            out += &format!("{k} {v}\n");
+        }
+        for (st, w) in self.ksm_stat.iter().zip(&self.workload) {
+            out += &format!("\n/proc/{}/ksm_stat  ({})\n{}", st.pid, w.name, st);
+        }
+        out += &format!(
+            "\nsaved: {} pages ({:.1} MiB) = pages_sharing {} + ksm_zero_pages {}\n",
+            c.saved_pages(),
+            mib(c.saved_pages()),
+            c.pages_sharing,
+            c.ksm_zero_pages
+        );
+        out
+    }
+}

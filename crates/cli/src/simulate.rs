@@ -1,0 +1,112 @@
+//! `samepage simulate`: load the workload into the simulator and run ksmd to convergence.
+
+use crate::args::RunArgs;
+use crate::report::{tunables_of, Report, SpaceInfo};
+use samepage_engine::{PAGE_SIZE, PAGE_SIZE_U64};
+use samepage_sim::{merge_state, Advice, Prot, SimSystem, SIM_NS_PER_PAGE};
+
+/// Give up on convergence after this many full scans.
+const MAX_FULL_SCANS: u64 = 1000;
+
+/// Build the simulated machine: one process per address space, each with one mergeable
+/// region holding its pages in order; then apply the `--set` knobs.
+pub fn load(args: &RunArgs) -> Result<(SimSystem, Vec<SpaceInfo>), String> {
+    let knobs = args.knobs()?;
+    let workload = args.workload()?;
+    let mut sys = SimSystem::new();
+    let mut info = Vec::new();
+    let mut buf = [0u8; PAGE_SIZE];
+    for space in &workload.spaces {
+        let mm = sys.spawn();
+        let len = space.pages() * PAGE_SIZE_U64;
+        let base = sys.mmap(mm, len, Prot::RW).map_err(|e| e.to_string())?;
+        for i in 0..space.pages() {
+            space.fill_page(i, &mut buf);
+            sys.mem
+                .write(mm, base + i * PAGE_SIZE_U64, &buf)
+                .map_err(|e| e.to_string())?;
+        }
+        sys.madvise(mm, base, len, Advice::Mergeable)
+            .map_err(|e| e.to_string())?;
+        info.push(SpaceInfo {
+            pid: mm.0,
+            name: space.name.clone(),
+            pages: space.pages(),
+        });
+    }
+    for (k, v) in &knobs {
+        sys.write_knob(k, v)
+            .map_err(|e| format!("--set {k}={v}: {e}"))?;
+    }
+    Ok((sys, info))
+}
+
+/// Scan until stable (at least two full scans, then one that changes no merge counter), or
+/// exactly `--full-scans N`. Returns the full scans run and the virtual time (ns) at the end
+/// of the batch that last changed a merge counter.
+pub fn converge(sys: &mut SimSystem, full_scans: Option<u64>) -> Result<(u64, u64), String> {
+    sys.write_knob("run", "1").map_err(|e| e.to_string())?;
+    let mut prev = merge_state(&sys.counters());
+    let mut last_change_ns = 0;
+    let mut passes = 0;
+    loop {
+        match full_scans {
+            Some(n) if passes == n => break,
+            None if passes >= MAX_FULL_SCANS => {
+                return Err(format!(
+                    "the counters did not settle within {MAX_FULL_SCANS} full scans; \
+                     use --full-scans N to stop after N"
+                ))
+            }
+            _ => {}
+        }
+        if !sys.ksm.ksmd_should_run() {
+            return Err("nothing to scan: no address space has a mergeable area".into());
+        }
+        let target = sys.ksm.full_scans() + 1;
+        let mut changed = false;
+        while sys.ksm.full_scans() < target {
+            let before = sys.clock.now_ns;
+            let batch = sys.ksmd_step();
+            let now = merge_state(&sys.counters());
+            if now != prev {
+                changed = true;
+                last_change_ns = before + batch.scanned * SIM_NS_PER_PAGE;
+                prev = now;
+            }
+        }
+        passes += 1;
+        if full_scans.is_none() && passes >= 3 && !changed {
+            break;
+        }
+    }
+    sys.write_knob("run", "0").map_err(|e| e.to_string())?;
+    Ok((passes, last_change_ns))
+}
+
+/// `samepage simulate`.
+pub fn run(args: &RunArgs) -> Result<(), String> {
+    let (mut sys, workload) = load(args)?;
+    let (passes, last_change_ns) = converge(&mut sys, args.full_scans)?;
+    let counters = sys.counters();
+    let report = Report {
+        engine: "sim",
+        ksm_stat: workload
+            .iter()
+            .map(|w| sys.ksm_stat(samepage_engine::MmId(w.pid)))
+            .collect(),
+        workload,
+        ksm: (counters, tunables_of(|n| sys.read_knob(n))),
+        full_scans_run: passes,
+        converged_seconds: last_change_ns as f64 / 1e9,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
+}

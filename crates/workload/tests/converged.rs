@@ -1,0 +1,60 @@
+//! Generated workloads on the simulator converge to the counters the generator predicts:
+//! pages_shared = duplicate groups (more where a group exceeds max_page_sharing),
+//! pages_sharing = duplicates - pages_shared, ksm_zero_pages = zero pages with use_zero_pages.
+
+use proptest::prelude::*;
+use samepage_engine::{PAGE_SIZE, PAGE_SIZE_U64};
+use samepage_sim::{Advice, Prot, SimSystem};
+use samepage_workload::{GenSpec, Workload};
+
+fn converge(
+    spec: &GenSpec,
+    max_page_sharing: u64,
+    use_zero_pages: bool,
+) -> samepage_engine::KsmCounters {
+    let w = Workload::generated(spec).unwrap();
+    let mut sys = SimSystem::new();
+    sys.write_knob("max_page_sharing", &max_page_sharing.to_string())
+        .unwrap();
+    sys.write_knob("use_zero_pages", if use_zero_pages { "1" } else { "0" })
+        .unwrap();
+    sys.write_knob("pages_to_scan", "37").unwrap();
+    let mut buf = [0u8; PAGE_SIZE];
+    for s in &w.spaces {
+        let mm = sys.spawn();
+        let len = s.pages() * PAGE_SIZE_U64;
+        let a = sys.mmap(mm, len, Prot::RW).unwrap();
+        for i in 0..s.pages() {
+            s.fill_page(i, &mut buf);
+            sys.mem.write(mm, a + i * PAGE_SIZE_U64, &buf).unwrap();
+        }
+        sys.madvise(mm, a, len, Advice::Mergeable).unwrap();
+    }
+    sys.write_knob("run", "1").unwrap();
+    sys.run_until_stable(2, 100).expect("converges");
+    sys.ksm.check_invariants().unwrap();
+    sys.counters()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn converged_counters_match_the_generator(
+        pages in 1u64..700,
+        zero_pct in 0u32..=60,
+        dup_pct in 0u32..=40,
+        group in 2u32..40,
+        seed in any::<u64>(),
+        max_page_sharing in prop_oneof![Just(2u64), Just(3), Just(5), Just(16), Just(256)],
+        use_zero_pages in any::<bool>(),
+    ) {
+        let spec = GenSpec { size: pages * 4096, zero_pct, dup_pct, group, seed };
+        let want = spec.expected(max_page_sharing, use_zero_pages).unwrap();
+        let c = converge(&spec, max_page_sharing, use_zero_pages);
+        prop_assert_eq!(
+            (c.pages_shared, c.pages_sharing, c.ksm_zero_pages as u64),
+            (want.pages_shared, want.pages_sharing, want.ksm_zero_pages)
+        );
+    }
+}
