@@ -135,14 +135,15 @@ struct Frame {
     anon: bool,
     pins: u32,
     hash: Option<u64>,
-    data: Box<[u8; PAGE_SIZE]>,
 }
 
 /// Frames with reference counts. Ids carry a generation, so a freed id is never confused
-/// with a new frame in the same slot.
+/// with a new frame in the same slot. Contents live in one array, in allocation order, so a
+/// scan over pages loaded in order reads memory sequentially.
 #[derive(Clone, Debug, Default)]
 struct Frames {
     slots: Vec<Frame>,
+    data: Vec<[u8; PAGE_SIZE]>,
     free: Vec<u32>,
     live: usize,
 }
@@ -165,8 +166,8 @@ impl Frames {
                     anon: true,
                     pins: 0,
                     hash: None,
-                    data: Box::new([0; PAGE_SIZE]),
                 });
+                self.data.push([0; PAGE_SIZE]);
                 (self.slots.len() - 1) as u32
             }
         };
@@ -176,14 +177,25 @@ impl Frames {
         f.ksm = false;
         f.anon = anon;
         f.pins = 0;
-        match src {
-            Some(s) => {
-                f.data.copy_from_slice(s);
-            }
-            None => f.data.fill(0),
-        }
         f.hash = None;
-        fid(slot, f.gen)
+        let gen = f.gen;
+        let d = &mut self.data[slot as usize];
+        match src {
+            Some(s) => d.copy_from_slice(s),
+            None => d.fill(0),
+        }
+        fid(slot, gen)
+    }
+
+    fn data(&self, id: FrameId) -> &[u8; PAGE_SIZE] {
+        self.get(id).expect("live frame");
+        &self.data[(id.0 & 0xffff_ffff) as usize]
+    }
+
+    /// Contents for writing; drops the cached hash.
+    fn data_mut(&mut self, id: FrameId) -> &mut [u8; PAGE_SIZE] {
+        self.get_mut(id).hash = None;
+        &mut self.data[(id.0 & 0xffff_ffff) as usize]
     }
 
     fn get(&self, id: FrameId) -> Option<&Frame> {
@@ -212,8 +224,14 @@ impl Frames {
     }
 
     fn hash(&mut self, id: FrameId) -> u64 {
+        let slot = (id.0 & 0xffff_ffff) as usize;
         let f = self.get_mut(id);
-        *f.hash.get_or_insert_with(|| page_hash(&f.data[..]))
+        if let Some(h) = f.hash {
+            return h;
+        }
+        let h = page_hash(&self.data[slot]);
+        self.slots[slot].hash = Some(h);
+        h
     }
 }
 
@@ -416,7 +434,7 @@ impl SimMemory {
                     if fr.ksm {
                         self.cow_ksm += 1;
                     }
-                    let data = fr.data.clone();
+                    let data = *self.frames.data(f);
                     let new = self.frames.alloc(node, true, Some(&data));
                     self.frames.put(f);
                     *pte = Pte::Page(new);
@@ -438,9 +456,7 @@ impl SimMemory {
             let f = self
                 .fault(mm, page, true, force)?
                 .expect("write fault maps a frame");
-            let fr = self.frames.get_mut(f);
-            fr.data[in_page..in_page + n].copy_from_slice(&data[off..off + n]);
-            fr.hash = None;
+            self.frames.data_mut(f)[in_page..in_page + n].copy_from_slice(&data[off..off + n]);
             off += n;
         }
         Ok(())
@@ -466,8 +482,9 @@ impl SimMemory {
             let in_page = (a - page) as usize;
             let n = (PAGE_SIZE - in_page).min(buf.len() - off);
             match self.fault(mm, page, false, false)? {
-                Some(f) => buf[off..off + n]
-                    .copy_from_slice(&self.frames.get_mut(f).data[in_page..in_page + n]),
+                Some(f) => {
+                    buf[off..off + n].copy_from_slice(&self.frames.data(f)[in_page..in_page + n])
+                }
                 None => buf[off..off + n].fill(0),
             }
             off += n;
@@ -479,7 +496,7 @@ impl SimMemory {
     /// and ignoring protection (for checking).
     pub fn peek_page(&self, mm: MmId, addr: u64) -> Option<[u8; PAGE_SIZE]> {
         match self.pte(mm, addr)? {
-            Pte::Page(f) => Some(*self.frames.get(f).expect("mapped frame").data),
+            Pte::Page(f) => Some(*self.frames.data(f)),
             _ => Some([0; PAGE_SIZE]),
         }
     }
@@ -646,7 +663,7 @@ impl Memory for SimMemory {
                         return false;
                     }
                 }
-                x.data == y.data
+                self.frames.data(a) == self.frames.data(b)
             }
             _ => false,
         }
@@ -676,7 +693,7 @@ impl Memory for SimMemory {
         }
         match into {
             MergeInto::ZeroPage => {
-                if !is_zero_page(&fr.data[..]) {
+                if !is_zero_page(self.frames.data(page)) {
                     return Err(MergeError::Changed);
                 }
                 self.set_pte(mm, addr, Pte::Zero { ksm: true });
@@ -724,7 +741,7 @@ impl Memory for SimMemory {
                         *pte = Pte::Page(self.frames.alloc(v.node, true, None));
                     }
                     Pte::Page(f) if self.frames.get(f).is_some_and(|fr| fr.ksm) => {
-                        let data = self.frames.get(f).expect("frame").data.clone();
+                        let data = *self.frames.data(f);
                         let nid = self.frames.get(f).expect("frame").nid;
                         let new = self.frames.alloc(nid, true, Some(&data));
                         self.frames.put(f);
