@@ -564,6 +564,41 @@ impl SimMemory {
         Ok(())
     }
 
+    /// khugepaged collapses the 2 MiB-aligned range at `addr` into a huge page: every entry
+    /// becomes a private copy (zero pages, KSM-placed ones included, become zeroed pages and
+    /// are uncounted). Like khugepaged, it refuses a range that maps KSM pages or is not inside
+    /// one private area. The simulator has no huge pages, so the result is 512 base pages.
+    pub fn collapse_huge(&mut self, mm: MmId, addr: u64) -> Result<bool, SimError> {
+        const HPAGE: u64 = 2 << 20;
+        let start = addr & !(HPAGE - 1);
+        let sp = self.mms.get_mut(&mm).ok_or(SimError::NoMm(mm))?;
+        let Some(i) = sp.vma_index(start) else {
+            return Ok(false);
+        };
+        let v = &mut sp.vmas[i];
+        if v.shared || v.end < start + HPAGE {
+            return Ok(false);
+        }
+        let (lo, hi) = (v.idx(start), v.idx(start + HPAGE));
+        let frames = &mut self.frames;
+        if v.ptes[lo..hi]
+            .iter()
+            .any(|p| matches!(p, Pte::Page(f) if frames.get(*f).is_some_and(|fr| fr.ksm)))
+        {
+            return Ok(false);
+        }
+        let node = v.node;
+        for pte in &mut v.ptes[lo..hi] {
+            let data = match *pte {
+                Pte::Page(f) => *frames.data(f),
+                _ => [0; PAGE_SIZE],
+            };
+            Self::zap_pte(frames, &mut self.zero, mm, pte);
+            *pte = Pte::Page(frames.alloc(node, true, Some(&data)));
+        }
+        Ok(true)
+    }
+
     /// Pin the page at `addr` for I/O (as `pin_user_pages`), faulting it in for write first.
     pub fn pin(&mut self, mm: MmId, addr: u64) -> Result<FrameId, SimError> {
         let f = self

@@ -505,3 +505,20 @@ fn pinned_pages_are_not_merged() {
     assert!(sys.run_full_scans(1));
     assert_eq!(sys.counters().pages_sharing, 3);
 }
+
+#[test]
+fn khugepaged_collapse_uncounts_ksm_zero_pages() {
+    let (mut sys, mm) = new_sys();
+    sys.write_knob("use_zero_pages", "1").unwrap();
+    let a = mmap_and_merge_range(&mut sys, mm, 0, MIB2, Prot::RW, Mode::Madvise);
+    assert_eq!(sys.ksm_stat(mm).ksm_zero_pages, 512);
+    assert!(sys.mem.collapse_huge(mm, a).unwrap());
+    assert_eq!(sys.ksm_stat(mm).ksm_zero_pages, 0);
+    assert_eq!(sys.counters().ksm_zero_pages, 0);
+    assert_eq!(sys.mem.peek_page(mm, a + 5 * PS), Some([0; 4096]));
+    // A range with KSM pages is not collapsed.
+    let b = mmap_and_merge_range(&mut sys, mm, 0xcf, 2 * MIB2, Prot::RW, Mode::Madvise);
+    let huge = (b + MIB2 - 1) & !(MIB2 - 1);
+    assert!(matches!(sys.mem.pte(mm, huge), Some(Pte::Page(f)) if sys.mem.frame_is_ksm(f)));
+    assert!(!sys.mem.collapse_huge(mm, huge).unwrap());
+}
