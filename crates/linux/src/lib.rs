@@ -1,0 +1,27 @@
+//! # samepage-linux: KSM for real memory of this process
+//!
+//! [`LiveKsm`] runs the samepage engine over regions of the calling process: duplicate pages
+//! end up on one physical page (a canonical page in a memfd, mapped copy-on-write), zero-filled
+//! pages on the kernel's shared zero page, and `ksm_zero_pages` counts the latter exactly. It
+//! needs a userfaultfd that handles faults of system calls too (root, CAP_SYS_PTRACE or access
+//! to `/dev/userfaultfd`) and Linux 6.8+ (write-protect, `WP_UNPOPULATED`, `UFFDIO_MOVE`,
+//! `PAGEMAP_SCAN`).
+//!
+//! The mark of a KSM-placed zero page is the userfaultfd write-protect bit on its zero-page
+//! entry: a write to it arrives as a fault before the copy-on-write, and the count falls then.
+//! Ordinary zero pages (the application reading untouched memory) carry no mark.
+//!
+//! Layout: [`sys`] holds every system call and every `unsafe` block; `state` what is known of
+//! each page; `backend` the `Memory` implementation and the fault handler; [`LiveKsm`] the
+//! threads and the API; [`verify`] checks the page tables against the counters.
+
+mod backend;
+mod eligibility;
+mod live;
+mod state;
+pub mod sys;
+pub mod verify;
+
+pub use backend::LiveMemory;
+pub use live::{LiveError, LiveKsm};
+pub use state::LiveStats;

@@ -1,0 +1,139 @@
+//! What samepage knows about every page of the regions it manages, shared by the scanning
+//! thread and the userfaultfd handler thread under one mutex.
+//!
+//! Lock rule: the mutex is held only for state changes and for userfaultfd ioctls that
+//! generate no events (write-protect, wake, zeropage). It is never held across `mmap`,
+//! `munmap` or `madvise`, because those block until the handler thread has read the events
+//! they generate, and the handler needs the mutex.
+
+use rustc_hash::FxHashMap;
+use samepage_engine::{KsmZeroPages, MmId};
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use crate::sys::PAGE;
+
+/// One page of a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PageState {
+    /// An ordinary private page of the application (or a hole).
+    Anon,
+    /// A zero page samepage placed: the zero PFN with the userfaultfd write-protect bit, which
+    /// is samepage's "placed by KSM" mark (the kernel's dirty bit). Counted in `ksm_zero_pages`.
+    Zero,
+    /// Mapped copy-on-write from canonical page `k` of the store; write-protected.
+    Merged(u32),
+    /// A transaction of the scanning thread owns the page; faults on it wait for its wake.
+    InFlight,
+    /// The application unmapped it.
+    Gone,
+}
+
+/// A range of this process that samepage manages.
+#[derive(Debug)]
+pub(crate) struct Region {
+    pub mm: MmId,
+    pub start: u64,
+    pub pages: Vec<PageState>,
+    /// `VM_MERGEABLE`: the scanner visits it.
+    pub mergeable: bool,
+    /// samepage mapped it (and unmaps it when it is dropped).
+    pub owned: bool,
+}
+
+impl Region {
+    pub fn end(&self) -> u64 {
+        self.start + self.pages.len() as u64 * PAGE
+    }
+    pub fn idx(&self, addr: u64) -> usize {
+        ((addr - self.start) / PAGE) as usize
+    }
+}
+
+/// Counters of what happened to merged and zero pages, for reports.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct LiveStats {
+    /// Writes that broke a KSM-placed zero page (copy-on-write).
+    pub cow_zero: u64,
+    /// Writes that broke a merged page.
+    pub cow_merged: u64,
+    /// Missing faults resolved (first touches of holes in registered regions).
+    pub missing_faults: u64,
+    /// Pages skipped because they are pinned (UFFDIO_MOVE answered EBUSY).
+    pub pinned_skipped: u64,
+    /// Merges refused because the mapping budget was used up.
+    pub budget_refused: u64,
+    /// The mapping budget is used up (vm.max_map_count minus the application's reserve).
+    pub budget_exhausted: bool,
+    /// Canonical pages whose memory was released.
+    pub store_pages_freed: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// Sorted by start, non-overlapping.
+    pub regions: Vec<Region>,
+    pub mms: BTreeSet<MmId>,
+    pub zero: KsmZeroPages,
+    /// Canonical page offset → pages in state `Merged(offset)`.
+    pub store_refs: FxHashMap<u32, u32>,
+    /// Canonical pages some page stopped mapping, with the addresses that did, to check
+    /// before the page's memory is released.
+    pub departed: FxHashMap<u32, Vec<u64>>,
+    /// Canonical pages that stay mapped outside samepage's regions (moved away by mremap):
+    /// their memory is never released.
+    pub escaped: BTreeSet<u32>,
+    pub next_offset: u32,
+    /// Pages the scanner is about to replace with `MAP_FIXED`: the UNMAP event that causes is
+    /// samepage's own and may be handled after the transaction finished.
+    pub own_unmaps: rustc_hash::FxHashSet<u64>,
+    /// Ranges the application discarded (REMOVE events): zero pages in them are re-checked
+    /// before the count is read, since the discard happens after the event is read.
+    pub dirty: Vec<(u64, u64, Instant)>,
+    pub stats: LiveStats,
+}
+
+impl State {
+    /// Index of the region containing `addr`.
+    pub fn region_at(&self, addr: u64) -> Option<usize> {
+        let i = self.regions.partition_point(|r| r.end() <= addr);
+        (i < self.regions.len() && self.regions[i].start <= addr).then_some(i)
+    }
+
+    /// The state of the page at `addr` in a region of `mm`.
+    pub fn page(&self, mm: MmId, addr: u64) -> Option<(usize, usize, PageState)> {
+        let ri = self.region_at(addr)?;
+        let r = &self.regions[ri];
+        (r.mm == mm).then(|| {
+            let i = r.idx(addr);
+            (ri, i, r.pages[i])
+        })
+    }
+
+    /// A page leaves `Merged(k)` (written, unmerged, unmapped): drop the reference and
+    /// remember the address for the release check.
+    pub fn drop_store_ref(&mut self, k: u32, addr: u64) {
+        let r = self
+            .store_refs
+            .get_mut(&k)
+            .expect("referenced canonical page");
+        *r -= 1;
+        if *r == 0 {
+            self.store_refs.remove(&k);
+        }
+        self.departed.entry(k).or_default().push(addr);
+    }
+
+    /// What happens when the page at `addr` stops being what samepage placed there.
+    pub fn forget_page(&mut self, ri: usize, i: usize, new: PageState) {
+        let addr = self.regions[ri].start + i as u64 * PAGE;
+        let mm = self.regions[ri].mm;
+        match std::mem::replace(&mut self.regions[ri].pages[i], new) {
+            PageState::Zero => {
+                self.zero.might_unmap_zero_page(mm, true);
+            }
+            PageState::Merged(k) => self.drop_store_ref(k, addr),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The raw layer: every system call and every `unsafe` block of the live backend, each a thin
+//! wrapper that returns `io::Result`. The uapi constants that the machine's 6.1 headers lack
+//! (PAGEMAP_SCAN, UFFDIO_MOVE, newer userfaultfd features) are defined here.
+
+use samepage_engine::PAGE_SIZE;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+pub const PAGE: u64 = PAGE_SIZE as u64;
+
+// ---- userfaultfd features and ioctls newer than the 6.1 headers (upstream uapi values) ----
+pub const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
+
+/// `struct uffdio_move`.
+#[repr(C)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    moved: i64,
+}
+const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1 << 0;
+/// `_IOWR(0xAA, 0x05, struct uffdio_move)`.
+const UFFDIO_MOVE: libc::c_ulong = ioc(3, 0xAA, 0x05, std::mem::size_of::<UffdioMove>());
+
+// ---- PAGEMAP_SCAN (Linux 6.7) ----
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_FILE: u64 = 1 << 2;
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
+
+/// `struct page_region`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PageRegion {
+    pub start: u64,
+    pub end: u64,
+    pub categories: u64,
+}
+
+/// `struct pm_scan_arg`.
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = ioc(3, b'f' as u32, 16, std::mem::size_of::<PmScanArg>());
+
+const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> libc::c_ulong {
+    ((dir << 30) | ((size as u32) << 16) | (ty << 8) | nr) as libc::c_ulong
+}
+
+/// pagemap entry bits.
+pub const PM_PFN_MASK: u64 = (1 << 55) - 1;
+pub const PM_UFFD_WP: u64 = 1 << 57;
+pub const PM_FILE: u64 = 1 << 61;
+pub const PM_PRESENT: u64 = 1 << 63;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `mmap(NULL, len, RW, MAP_PRIVATE|MAP_ANONYMOUS)`.
+pub fn mmap_anon(len: u64) -> io::Result<u64> {
+    // SAFETY: a fresh anonymous mapping at an address the kernel chooses; nothing existing is
+    // replaced.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p as u64)
+}
+
+/// `mmap(addr, len, RW, MAP_PRIVATE|MAP_FIXED, fd, off)`: replaces what is mapped there.
+///
+/// The caller owns `[addr, addr+len)` (a page of a region it manages, currently a hole that
+/// faults block on) and replaces it with a private mapping of identical contents.
+pub fn mmap_fixed_file(addr: u64, len: u64, fd: RawFd, off: u64) -> io::Result<()> {
+    // SAFETY: the range belongs to a region samepage manages and holds the same bytes before
+    // and after; no Rust reference points into it.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            fd,
+            off as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `munmap`.
+pub fn munmap(addr: u64, len: u64) -> io::Result<()> {
+    // SAFETY: only called on mappings samepage created and no longer references.
+    cvt(unsafe { libc::munmap(addr as *mut libc::c_void, len as usize) }).map(drop)
+}
+
+/// `madvise`.
+pub fn madvise(addr: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: madvise on a range of this process; the advices used (DONTNEED on samepage's own
+    // scratch area, POPULATE_WRITE, NOHUGEPAGE) never make memory the program reads invalid.
+    cvt(unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, advice) }).map(drop)
+}
+
+/// `memfd_create(name, MFD_CLOEXEC)`.
+pub fn memfd_create(name: &str) -> io::Result<OwnedFd> {
+    let c = std::ffi::CString::new(name).expect("no NUL in name");
+    // SAFETY: a valid C string; the returned descriptor is owned by the OwnedFd.
+    let fd = cvt(unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: fd was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `pwrite` of one page.
+pub fn pwrite_page(fd: &OwnedFd, buf: &[u8; PAGE_SIZE], off: u64) -> io::Result<()> {
+    // SAFETY: buf is a valid readable buffer of PAGE_SIZE bytes.
+    let n = unsafe {
+        libc::pwrite(
+            fd.as_raw_fd(),
+            buf.as_ptr() as *const libc::c_void,
+            PAGE_SIZE,
+            off as libc::off_t,
+        )
+    };
+    if n != PAGE_SIZE as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `pread` of one page.
+pub fn pread_page(fd: &OwnedFd, buf: &mut [u8; PAGE_SIZE], off: u64) -> io::Result<()> {
+    // SAFETY: buf is a valid writable buffer of PAGE_SIZE bytes.
+    let n = unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            PAGE_SIZE,
+            off as libc::off_t,
+        )
+    };
+    if n != PAGE_SIZE as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Release the memory of a range of a memfd (`FALLOC_FL_PUNCH_HOLE`).
+pub fn punch_hole(fd: &OwnedFd, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain system call on an owned descriptor.
+    cvt(unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    })
+    .map(drop)
+}
+
+/// `ftruncate`.
+pub fn ftruncate(fd: &OwnedFd, len: u64) -> io::Result<()> {
+    // SAFETY: plain system call on an owned descriptor.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) }).map(drop)
+}
+
+/// Read one page of this process's memory at `addr` with `process_vm_readv`: a page the
+/// application unmapped meanwhile gives an error instead of a crash, and a page other threads
+/// are writing is copied by the kernel, not raced on by Rust code.
+pub fn read_self(addr: u64, buf: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: PAGE_SIZE,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: PAGE_SIZE,
+    };
+    // SAFETY: local describes a writable buffer we own; remote is only read by the kernel,
+    // which checks it.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n != PAGE_SIZE as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Write `data` into this process's memory at `addr` with `process_vm_writev`: like a store
+/// by the application, including its faults (a write-protected page faults to samepage's
+/// handler first), but an unmapped address gives an error instead of a crash.
+pub fn write_self(addr: u64, data: &[u8]) -> io::Result<()> {
+    let local = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: local describes a readable buffer; the kernel checks and writes remote.
+    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n != data.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `UFFDIO_MOVE` one page from `src` to `dst` without waking faulting threads.
+pub fn uffd_move(uffd: RawFd, src: u64, dst: u64) -> io::Result<()> {
+    let mut m = UffdioMove {
+        dst,
+        src,
+        len: PAGE,
+        mode: UFFDIO_MOVE_MODE_DONTWAKE,
+        moved: 0,
+    };
+    // SAFETY: the ioctl reads and writes the struct we pass; src and dst are pages of ranges
+    // registered with this userfaultfd.
+    cvt(unsafe { libc::ioctl(uffd, UFFDIO_MOVE, &mut m as *mut UffdioMove) })?;
+    if m.moved != PAGE as i64 {
+        return Err(io::Error::from_raw_os_error(if m.moved < 0 {
+            (-m.moved) as i32
+        } else {
+            libc::EAGAIN
+        }));
+    }
+    Ok(())
+}
+
+/// `PAGEMAP_SCAN` over `[start, end)`: regions whose categories match `required` (all set)
+/// and `excluded` (none set), with `return_mask` categories reported.
+pub fn pagemap_scan(
+    pagemap: &std::fs::File,
+    start: u64,
+    end: u64,
+    required: u64,
+    excluded: u64,
+    return_mask: u64,
+) -> io::Result<Vec<PageRegion>> {
+    let mut out = Vec::new();
+    let mut vec = vec![PageRegion::default(); 512];
+    let mut from = start;
+    while from < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start: from,
+            end,
+            walk_end: 0,
+            vec: vec.as_mut_ptr() as u64,
+            vec_len: vec.len() as u64,
+            max_pages: 0,
+            category_inverted: excluded,
+            category_mask: required | excluded,
+            category_anyof_mask: 0,
+            return_mask,
+        };
+        // SAFETY: arg describes `vec`, a writable buffer of vec_len page_region structs that
+        // outlives the call.
+        let n = cvt(unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) })? as usize;
+        out.extend_from_slice(&vec[..n]);
+        // walk_end is unreliable once the buffer fills (a kernel quirk seen on this machine):
+        // continue after the last region returned instead.
+        if n < vec.len() {
+            break;
+        }
+        from = vec[n - 1].end;
+    }
+    Ok(out)
+}
+
+/// One `/proc/self/pagemap` entry.
+pub fn pagemap_entry(pagemap: &std::fs::File, addr: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    pagemap.read_exact_at(&mut b, addr / PAGE * 8)?;
+    Ok(u64::from_ne_bytes(b))
+}
+
+/// `prctl(PR_SET_MEMORY_MERGE, v)` on this process (the host kernel's KSM).
+pub fn prctl_set_memory_merge(on: bool) -> io::Result<()> {
+    const PR_SET_MEMORY_MERGE: libc::c_int = 67;
+    // SAFETY: plain prctl with integer arguments.
+    cvt(unsafe { libc::prctl(PR_SET_MEMORY_MERGE, on as libc::c_ulong, 0, 0, 0) }).map(drop)
+}
+
+/// The thread id of the calling thread.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// CPU time of one thread, in nanoseconds (`/proc/self/task/TID/schedstat`, first field).
+pub fn thread_cpu_ns(tid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Wait until `fd` is readable or `timeout_ms` passes. Returns true if readable.
+pub fn poll_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(n > 0)
+}
