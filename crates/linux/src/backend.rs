@@ -482,10 +482,13 @@ impl LiveMemory {
             self.abort(addr);
             return Err(MergeError::NoBudget);
         }
+        // Map the page in before the mapping is registered, so that reads never fault; minor
+        // faults then only come after the application discarded the page (see handle_event).
+        let _ = sys::madvise(addr, PAGE, libc::MADV_POPULATE_READ);
         let registered = self.sh.uffd.register_with_mode(
             addr as *mut libc::c_void,
             PAGE as usize,
-            RegisterMode::WRITE_PROTECT,
+            RegisterMode::WRITE_PROTECT | RegisterMode::MINOR,
         );
         let mut st = self.sh.lock();
         let (ri, i, _) = st.page(mm, addr).expect("claimed page stays in its region");
@@ -820,6 +823,19 @@ fn handle_event(sh: &Shared, ev: Event) {
                 return;
             }
             match kind {
+                FaultKind::Minor => {
+                    // A page of a merged mapping that is not mapped in: after the application
+                    // discarded it (MADV_DONTNEED), it must read zeros as anonymous memory
+                    // does, not the canonical page.
+                    match s {
+                        Some(PageState::Merged(_)) => {
+                            if sys::uffd_continue_wp(sh.uffd.as_raw_fd(), a).is_err() {
+                                sh.wake(a);
+                            }
+                        }
+                        _ => fill_zero(sh, a),
+                    }
+                }
                 FaultKind::WriteProtected => {
                     if let (Some((ri, i)), Some(s)) = (at, s) {
                         match s {
@@ -850,7 +866,21 @@ fn handle_event(sh: &Shared, ev: Event) {
         Event::Remove { start, end } => {
             let mut st = sh.lock();
             let (s, e) = (start as u64, end as u64);
-            if st.region_at(s).is_some() || st.region_at(e.saturating_sub(1)).is_some() {
+            let mut touched = false;
+            let mut a = s;
+            while a < e {
+                if let Some(ri) = st.region_at(a) {
+                    touched = true;
+                    let i = st.regions[ri].idx(a);
+                    // A discarded merged page stops mapping its canonical page; its next
+                    // access is a minor fault that maps zeros.
+                    if let PageState::Merged(_) = st.regions[ri].pages[i] {
+                        st.forget_page(ri, i, PageState::Anon);
+                    }
+                }
+                a += PAGE;
+            }
+            if touched {
                 st.dirty.push((s, e, Instant::now()));
             }
         }
@@ -901,6 +931,37 @@ fn handle_event(sh: &Shared, ev: Event) {
             }
         }
         Event::Fork { .. } => {}
+    }
+}
+
+/// Resolve a fault on an unmapped page that must read zeros: map the zero page (after
+/// clearing a write-protect marker a discard may have left), or a zeroed page if the zero page
+/// cannot go there; then wake the faulting thread.
+fn fill_zero(sh: &Shared, a: u64) {
+    static ZEROS: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    sh.unwp(a, false);
+    // SAFETY: `a` is an unmapped page of a private mapping registered with this userfaultfd;
+    // it must read zeros, which is what the zero page holds.
+    if unsafe {
+        sh.uffd
+            .zeropage(a as *mut libc::c_void, PAGE as usize, true)
+    }
+    .is_ok()
+    {
+        return;
+    }
+    // SAFETY: as above; the source is a static page of zeros.
+    let copied = unsafe {
+        sh.uffd.copy(
+            ZEROS.as_ptr() as *const libc::c_void,
+            a as *mut libc::c_void,
+            PAGE as usize,
+            true,
+        )
+    };
+    if copied.is_err() {
+        // Mapped by now (another thread won the race): let the faulting thread retry.
+        sh.wake(a);
     }
 }
 

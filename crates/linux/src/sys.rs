@@ -14,6 +14,7 @@ pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
 
@@ -29,6 +30,33 @@ struct UffdioMove {
 const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1 << 0;
 /// `_IOWR(0xAA, 0x05, struct uffdio_move)`.
 const UFFDIO_MOVE: libc::c_ulong = ioc(3, 0xAA, 0x05, std::mem::size_of::<UffdioMove>());
+
+/// `struct uffdio_continue`.
+#[repr(C)]
+struct UffdioContinue {
+    start: u64,
+    len: u64,
+    mode: u64,
+    mapped: i64,
+}
+/// Map the page write-protected (Linux 6.3).
+const UFFDIO_CONTINUE_MODE_WP: u64 = 1 << 1;
+/// `_IOWR(0xAA, 0x07, struct uffdio_continue)`.
+const UFFDIO_CONTINUE: libc::c_ulong = ioc(3, 0xAA, 0x07, std::mem::size_of::<UffdioContinue>());
+
+/// `UFFDIO_CONTINUE` one page write-protected: map the page-cache page that a minor fault
+/// found, keep samepage's write protection on it, and wake the faulting thread.
+pub fn uffd_continue_wp(uffd: RawFd, addr: u64) -> io::Result<()> {
+    let mut c = UffdioContinue {
+        start: addr,
+        len: PAGE,
+        mode: UFFDIO_CONTINUE_MODE_WP,
+        mapped: 0,
+    };
+    // SAFETY: the ioctl reads and writes the struct we pass; addr is a page of a range
+    // registered for minor faults with this userfaultfd.
+    cvt(unsafe { libc::ioctl(uffd, UFFDIO_CONTINUE, &mut c as *mut UffdioContinue) }).map(drop)
+}
 
 // ---- PAGEMAP_SCAN (Linux 6.7) ----
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
@@ -202,9 +230,11 @@ pub fn ftruncate(fd: &OwnedFd, len: u64) -> io::Result<()> {
     cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) }).map(drop)
 }
 
-/// Read one page of this process's memory at `addr` with `process_vm_readv`: a page the
-/// application unmapped meanwhile gives an error instead of a crash, and a page other threads
-/// are writing is copied by the kernel, not raced on by Rust code.
+/// Read one page of this process's memory at `addr`: a page the application unmapped
+/// meanwhile gives an error instead of a crash, and a page other threads are writing is copied
+/// by the kernel rather than raced on by Rust code. `process_vm_readv` first (it waits for
+/// userfaultfd faults like an ordinary access); for PROT_NONE pages, which it cannot read but
+/// the kernel's KSM does merge, `/proc/self/mem`.
 pub fn read_self(addr: u64, buf: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
     let local = libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
@@ -217,10 +247,17 @@ pub fn read_self(addr: u64, buf: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
     // SAFETY: local describes a writable buffer we own; remote is only read by the kernel,
     // which checks it.
     let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    if n != PAGE_SIZE as isize {
-        return Err(io::Error::last_os_error());
+    if n == PAGE_SIZE as isize {
+        return Ok(());
     }
-    Ok(())
+    use std::os::unix::fs::FileExt;
+    thread_local! {
+        static MEM: Option<std::fs::File> = std::fs::File::open("/proc/self/mem").ok();
+    }
+    MEM.with(|f| match f {
+        Some(f) => f.read_exact_at(buf, addr),
+        None => Err(io::Error::last_os_error()),
+    })
 }
 
 /// Write `data` into this process's memory at `addr` with `process_vm_writev`: like a store
@@ -353,4 +390,83 @@ pub fn poll_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
         return Err(e);
     }
     Ok(n > 0)
+}
+
+/// Fork; the child runs `child` (which may only make system calls: the parent has other
+/// threads) and exits with its result. Returns the child's exit status.
+pub fn fork_child(child: fn() -> i32) -> io::Result<i32> {
+    // SAFETY: the child only runs `child`, whose contract is to make raw system calls (no
+    // allocation, no locks), then leaves with _exit without running destructors or atexit
+    // handlers.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let code = child();
+        // SAFETY: _exit ends the child immediately.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child with a valid status pointer.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(libc::WEXITSTATUS(status))
+}
+
+/// `mprotect`.
+pub fn mprotect(addr: u64, len: u64, prot: libc::c_int) -> io::Result<()> {
+    // SAFETY: changing the protection of memory the caller owns; Rust code reaches region
+    // memory only through system calls that report faults as errors.
+    cvt(unsafe { libc::mprotect(addr as *mut libc::c_void, len as usize, prot) }).map(drop)
+}
+
+/// `read(2)` from `fd` into this process's memory at `addr` (a kernel-mode write).
+pub fn read_fd_into(fd: RawFd, addr: u64, len: usize) -> io::Result<usize> {
+    // SAFETY: the kernel checks the destination range and faults it in as needed; a bad
+    // address gives EFAULT.
+    let n = unsafe { libc::read(fd, addr as *mut libc::c_void, len) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// A pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// `write(2)` of a buffer.
+pub fn write_fd(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: data is a valid readable buffer.
+    let n = unsafe { libc::write(fd, data.as_ptr() as *const libc::c_void, data.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// `mremap(old, len, len, MREMAP_MAYMOVE|MREMAP_FIXED, new)`: move a range.
+pub fn mremap_fixed(old: u64, len: u64, new: u64) -> io::Result<()> {
+    // SAFETY: moves memory the caller owns to a range the caller owns; Rust code reaches it
+    // only through system calls.
+    let p = unsafe {
+        libc::mremap(
+            old as *mut libc::c_void,
+            len as usize,
+            len as usize,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            new as *mut libc::c_void,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
