@@ -4,6 +4,7 @@
 //! simulator and the workload crates.
 
 mod args;
+mod merge;
 mod report;
 mod simulate;
 
@@ -25,12 +26,16 @@ struct Cli {
 enum Command {
     /// Run KSM on the deterministic simulated memory manager and print the counters.
     Simulate(args::RunArgs),
+    /// Load the workload into real memory of this process, merge it, verify the page tables
+    /// and print the counters.
+    Merge(merge::MergeArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Simulate(a) => simulate::run(&a),
+        Command::Merge(a) => merge::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

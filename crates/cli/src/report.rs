@@ -20,6 +20,21 @@ pub struct Report {
     /// Time from engine start to the last change of the merge counters, in seconds
     /// (virtual seconds for the simulator).
     pub converged_seconds: f64,
+    /// CPU time of the engine's threads (live only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    /// Anonymous memory of this process before the engine started and after it converged
+    /// (`Anonymous:` of /proc/self/smaps_rollup; live only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_anon_kib_before: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_anon_kib_after: Option<u64>,
+    /// Copy-on-write, pin and mapping-budget statistics (live only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<samepage_linux::LiveStats>,
+    /// The page tables checked against the counters (live only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verification: Option<samepage_linux::verify::Verification>,
 }
 
 /// One address space of the workload.
@@ -90,6 +105,37 @@ impl Report {
             c.pages_sharing,
             c.ksm_zero_pages
         );
+        if let (Some(b), Some(a)) = (self.rss_anon_kib_before, self.rss_anon_kib_after) {
+            out += &format!(
+                "anonymous memory: {:.1} MiB before, {:.1} MiB after\n",
+                b as f64 / 1024.0,
+                a as f64 / 1024.0
+            );
+        }
+        if let Some(cpu) = self.cpu_seconds {
+            out += &format!("engine CPU: {cpu:.3} s\n");
+        }
+        if let Some(l) = &self.live {
+            out += &format!(
+                "copy-on-write breaks: {} zero pages, {} merged pages; pinned pages skipped: {}\n",
+                l.cow_zero, l.cow_merged, l.pinned_skipped
+            );
+            if l.budget_exhausted {
+                out += &format!(
+                    "mapping budget used up: {} merges refused (vm.max_map_count leaves too few mappings)\n",
+                    l.budget_refused
+                );
+            }
+        }
+        if let Some(v) = &self.verification {
+            out += &format!(
+                "verified: ksm_zero_pages equals the {} marked zero-page entries; {} merged pages on {} canonical pages{}\n",
+                v.marked_zero_pages.values().sum::<i64>(),
+                v.merged_pages,
+                v.canonical_pages,
+                if v.pfns_checked { ", one physical page each" } else { "" }
+            );
+        }
         out
     }
 }

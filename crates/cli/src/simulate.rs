@@ -99,6 +99,11 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         ksm: (counters, tunables_of(|n| sys.read_knob(n))),
         full_scans_run: passes,
         converged_seconds: last_change_ns as f64 / 1e9,
+        cpu_seconds: None,
+        rss_anon_kib_before: None,
+        rss_anon_kib_after: None,
+        live: None,
+        verification: None,
     };
     if args.json {
         println!(

@@ -104,6 +104,33 @@ struct EngineSide {
     ksm: Ksm,
     mem: LiveMemory,
     clock: LiveClock,
+    /// The merge counters after the last batch, and when they last changed.
+    last_state: [i64; 5],
+    last_change: Option<Instant>,
+}
+
+/// The counters that settle when merging has converged (as in the simulator).
+fn merge_state(c: &KsmCounters) -> [i64; 5] {
+    [
+        c.pages_shared as i64,
+        c.pages_sharing as i64,
+        c.ksm_zero_pages,
+        c.stable_node_chains as i64,
+        c.stable_node_dups as i64,
+    ]
+}
+
+impl EngineSide {
+    fn after_batch(&mut self, b: ScanBatch) {
+        if b.full_scan_done {
+            self.mem.flush_scratch();
+        }
+        let now = merge_state(&self.ksm.counters(&self.mem));
+        if now != self.last_state {
+            self.last_state = now;
+            self.last_change = Some(Instant::now());
+        }
+    }
 }
 
 /// Wakes the scanning thread when `run` or the regions change.
@@ -148,6 +175,7 @@ pub struct LiveKsm {
     eng: Arc<Mutex<EngineSide>>,
     kick: Arc<Kick>,
     scan_tid: Arc<AtomicI32>,
+    handler_tid: Arc<AtomicI32>,
     threads: Vec<JoinHandle<()>>,
     next_mm: Mutex<u32>,
 }
@@ -166,14 +194,20 @@ impl LiveKsm {
                 start: Instant::now(),
                 tid: scan_tid.clone(),
             },
+            last_state: [0; 5],
+            last_change: None,
         }));
         let kick = Arc::new(Kick::default());
+        let handler_tid = Arc::new(AtomicI32::new(0));
         let mut threads = Vec::new();
-        let h = sh.clone();
+        let (h, ht) = (sh.clone(), handler_tid.clone());
         threads.push(
             std::thread::Builder::new()
                 .name("samepage-uffd".into())
-                .spawn(move || backend::handle_events(h))
+                .spawn(move || {
+                    ht.store(sys::gettid(), Ordering::Relaxed);
+                    backend::handle_events(h)
+                })
                 .map_err(io_err("starting the fault handler thread"))?,
         );
         let (e, k, s, t) = (eng.clone(), kick.clone(), sh.clone(), scan_tid.clone());
@@ -188,6 +222,7 @@ impl LiveKsm {
             eng,
             kick,
             scan_tid,
+            handler_tid,
             threads,
             next_mm: Mutex::new(1),
         })
@@ -410,9 +445,41 @@ impl LiveKsm {
         backend::stats(&self.sh)
     }
 
-    /// CPU time of the scanning thread so far, in seconds.
-    pub fn scanner_cpu_seconds(&self) -> f64 {
-        sys::thread_cpu_ns(self.scan_tid.load(Ordering::Relaxed)) as f64 / 1e9
+    /// CPU time of the engine's threads (scanning and fault handling) so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        (sys::thread_cpu_ns(self.scan_tid.load(Ordering::Relaxed))
+            + sys::thread_cpu_ns(self.handler_tid.load(Ordering::Relaxed))) as f64
+            / 1e9
+    }
+
+    /// When the merge counters (`pages_shared`, `pages_sharing`, `ksm_zero_pages`, chains,
+    /// dups) last changed after a scan batch.
+    pub fn last_change(&self) -> Option<Instant> {
+        self.engine().last_change
+    }
+
+    /// Run ksmd until merging has converged: at least `min_passes` full scans, then one full
+    /// scan that changes none of the merge counters. Returns the full scans run, or `None` on
+    /// timeout.
+    pub fn run_until_stable(&self, min_passes: u64, timeout: Duration) -> Option<u64> {
+        let t0 = Instant::now();
+        let _ = self.set_knob("run", "1");
+        let mut prev = merge_state(&self.counters());
+        let mut passes = 0;
+        let result = loop {
+            let left = timeout.saturating_sub(t0.elapsed());
+            if left.is_zero() || !self.wait_full_scans(1, left) {
+                break None;
+            }
+            passes += 1;
+            let now = merge_state(&self.counters());
+            if passes > min_passes && now == prev {
+                break Some(passes);
+            }
+            prev = now;
+        };
+        let _ = self.set_knob("run", "0");
+        result
     }
 
     /// Wait until `full_scans` grows by `n`; false on timeout.
@@ -432,11 +499,11 @@ impl LiveKsm {
     /// scanning thread does the same with `run=1`).
     pub fn scan_batch(&self, n: u64) -> ScanBatch {
         let mut g = self.engine();
-        let EngineSide { ksm, mem, clock } = &mut *g;
+        let EngineSide {
+            ksm, mem, clock, ..
+        } = &mut *g;
         let b = ksm.do_scan(mem, clock, n);
-        if b.full_scan_done {
-            mem.flush_scratch();
-        }
+        g.after_batch(b);
         b
     }
 
@@ -496,13 +563,14 @@ fn scan_loop(eng: Arc<Mutex<EngineSide>>, kick: Arc<Kick>, sh: Arc<Shared>, tid:
     while !sh.stop.load(Ordering::Acquire) {
         let sleep = {
             let mut g = eng.lock().unwrap_or_else(|e| e.into_inner());
-            let EngineSide { ksm, mem, clock } = &mut *g;
+            let EngineSide {
+                ksm, mem, clock, ..
+            } = &mut *g;
             if ksm.ksmd_should_run() {
                 let b = ksm.ksmd_batch(mem, clock);
-                if b.full_scan_done {
-                    mem.flush_scratch();
-                }
-                Some(ksm.tunables().sleep_millisecs)
+                let ms = ksm.tunables().sleep_millisecs;
+                g.after_batch(b);
+                Some(ms)
             } else {
                 None
             }
