@@ -16,7 +16,7 @@
 //! Faults and events are handled by [`handle_events`] on its own thread, which never maps,
 //! unmaps or discards memory itself.
 
-use crate::state::{LiveStats, PageState, Region, State};
+use crate::state::{Discard, LiveStats, PageState, Region, State};
 use crate::sys::{self, PAGE, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use samepage_engine::memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
 use samepage_engine::{page_hash, FrameId, MmId, PAGE_SIZE};
@@ -97,6 +97,9 @@ pub(crate) struct Shared {
     pub pagemap: File,
     pub budget: Mutex<Budget>,
     pub stop: AtomicBool,
+    /// The thread that runs scan batches: a fault it takes on a page its own transaction owns
+    /// (the page was discarded under it) must be resolved, not left for it to wake.
+    pub scanner_tid: std::sync::atomic::AtomicI32,
 }
 
 impl Shared {
@@ -109,6 +112,7 @@ impl Shared {
             pagemap: File::open("/proc/self/pagemap")?,
             budget: Mutex::new(Budget::new()?),
             stop: AtomicBool::new(false),
+            scanner_tid: std::sync::atomic::AtomicI32::new(0),
         })
     }
 
@@ -132,21 +136,38 @@ impl Shared {
         Ok(())
     }
 
-    fn wp(&self, addr: u64) -> io::Result<()> {
-        self.uffd
-            .write_protect(addr as *mut libc::c_void, PAGE as usize)
-            .map_err(uffd_err)
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.uffd.as_raw_fd()
     }
 
-    fn unwp(&self, addr: u64, wake: bool) {
+    /// Run a userfaultfd ioctl, retrying while it answers EAGAIN: a non-cooperative event (an
+    /// unmap, discard or move by the application) is waiting for the handler thread to read
+    /// it. Never call this holding the state lock: the handler may need it to get there.
+    fn retrying(&self, f: impl Fn() -> io::Result<()>) -> io::Result<()> {
+        let mut tries = 0u32;
+        loop {
+            match f() {
+                Err(e) if errno(&e) == libc::EAGAIN && tries < 200_000 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_micros(5));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    pub(crate) fn wp(&self, addr: u64) -> io::Result<()> {
+        self.retrying(|| sys::uffd_wp(self.fd(), addr, true, false))
+    }
+
+    /// Take the write protection off (not under the state lock).
+    pub(crate) fn unwp(&self, addr: u64, wake: bool) {
         // Fails only if the range is no longer registered (unmapped): nothing to unprotect.
-        let _ = self
-            .uffd
-            .remove_write_protection(addr as *mut libc::c_void, PAGE as usize, wake);
+        let _ = self.retrying(|| sys::uffd_wp(self.fd(), addr, false, wake));
     }
 
     pub fn wake(&self, addr: u64) {
-        let _ = self.uffd.wake(addr as *mut libc::c_void, PAGE as usize);
+        let _ = sys::uffd_wake(self.fd(), addr);
     }
 
     /// Categories of one page: (present, pfnzero, written=no wp bit, file).
@@ -353,14 +374,18 @@ impl LiveMemory {
 
     /// Put a page back as it was after a failed transaction: unprotect, wake, state `Anon`.
     fn abort(&self, ri_addr: u64) {
-        let mut st = self.sh.lock();
-        if let Some(ri) = st.region_at(ri_addr) {
-            let i = st.regions[ri].idx(ri_addr);
-            if st.regions[ri].pages[i] == PageState::InFlight {
-                st.regions[ri].pages[i] = PageState::Anon;
+        {
+            let mut st = self.sh.lock();
+            st.discarded.remove(&ri_addr);
+            if let Some(ri) = st.region_at(ri_addr) {
+                let i = st.regions[ri].idx(ri_addr);
+                if st.regions[ri].pages[i] == PageState::InFlight {
+                    st.regions[ri].pages[i] = PageState::Anon;
+                }
             }
         }
         self.sh.unwp(ri_addr, true);
+        self.sh.wake(ri_addr);
     }
 
     /// Claim `addr` for a transaction if it is an ordinary page of a mergeable region of `mm`.
@@ -373,14 +398,21 @@ impl LiveMemory {
             return Err(MergeError::Gone);
         }
         st.regions[ri].pages[i] = PageState::InFlight;
+        st.discarded.remove(&addr);
         Ok(())
+    }
+
+    /// What the application did to `addr` during the transaction, if anything (and forget it).
+    fn take_discard(&self, addr: u64) -> Option<Discard> {
+        self.sh.lock().discarded.remove(&addr)
     }
 
     /// Move the protected page at `addr` out to scratch (the pin check), and check the
     /// moved-out copy against `expect`; on failure the page is put back and released.
     fn move_out_checked(&mut self, addr: u64, expect: Expect) -> Result<u64, MergeError> {
         let slot = self.scratch_slot();
-        if let Err(e) = sys::uffd_move(self.sh.uffd.as_raw_fd(), addr, slot) {
+        let fd = self.sh.fd();
+        if let Err(e) = self.sh.retrying(|| sys::uffd_move(fd, addr, slot)) {
             self.abort(addr);
             return Err(match errno(&e) {
                 libc::EBUSY => {
@@ -396,8 +428,11 @@ impl LiveMemory {
                 Expect::Same => self.buf[..] == self.buf2[..],
             };
         if !ok {
-            // Somebody wrote it (I/O that ignores write protection): put it back unchanged.
-            let _ = sys::uffd_move(self.sh.uffd.as_raw_fd(), slot, addr);
+            // Somebody wrote it (I/O that ignores write protection): put it back unchanged,
+            // unless the application discarded or unmapped it meanwhile.
+            if self.take_discard(addr).is_none() {
+                let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, addr));
+            }
             self.abort(addr);
             return Err(MergeError::Changed);
         }
@@ -416,26 +451,29 @@ impl LiveMemory {
             return Err(MergeError::Changed);
         }
         self.move_out_checked(addr, Expect::Zero)?;
-        // SAFETY: addr is a hole (moved out) in a region registered with this userfaultfd;
-        // the zero page it maps reads exactly like the zeros that were there.
-        let _ = unsafe {
-            self.sh
-                .uffd
-                .zeropage(addr as *mut libc::c_void, PAGE as usize, false)
-        };
-        let mut st = self.sh.lock();
+        // addr is a hole now (moved out); the zero page reads like the zeros that were there.
+        let fd = self.sh.fd();
+        let _ = self.sh.retrying(|| sys::uffd_zeropage(fd, addr, false));
         let _ = self.sh.wp(addr);
-        let placed = self.sh.is_marked_zero(addr);
-        let (ri, i, _) = st.page(mm, addr).expect("claimed page stays in its region");
-        if placed {
-            st.regions[ri].pages[i] = PageState::Zero;
-            st.zero.map_zero_page(mm);
-        } else {
-            // Written between the zeropage and the protection: it is the writer's page now.
-            st.regions[ri].pages[i] = PageState::Anon;
+        let placed = {
+            let mut st = self.sh.lock();
+            let placed = self.sh.is_marked_zero(addr);
+            // A discard during the transaction leaves zeros, which is what is there; the
+            // zap itself, if it comes after, is reconciled like any discard.
+            st.discarded.remove(&addr);
+            let (ri, i, _) = st.page(mm, addr).expect("claimed page stays in its region");
+            if placed {
+                st.regions[ri].pages[i] = PageState::Zero;
+                st.zero.map_zero_page(mm);
+            } else {
+                // Written between the zeropage and the protection: the writer's page now.
+                st.regions[ri].pages[i] = PageState::Anon;
+            }
+            placed
+        };
+        if !placed {
             self.sh.unwp(addr, false);
         }
-        drop(st);
         self.sh.wake(addr);
         if placed {
             Ok(FrameId(0))
@@ -463,15 +501,34 @@ impl LiveMemory {
         }
         let slot = self.move_out_checked(addr, Expect::Same)?;
         {
-            // Hold a reference so k is not released while the mapping is being built.
             let mut st = self.sh.lock();
+            match st.discarded.get(&addr) {
+                // Not the application's memory any more: map nothing there.
+                Some(Discard::Unmapped) => {
+                    drop(st);
+                    self.abort(addr);
+                    return Err(MergeError::Gone);
+                }
+                // Discarded while moved out: the hole reads zeros, as it must.
+                Some(Discard::Removed) => {
+                    drop(st);
+                    self.abort(addr);
+                    return Err(MergeError::Changed);
+                }
+                None => {}
+            }
+            // Hold a reference so k is not released while the mapping is being built.
             *st.store_refs.entry(k).or_insert(0) += 1;
             st.own_unmaps.insert(addr);
         }
         if let Err(e) = sys::mmap_fixed_file(addr, PAGE, self.sh.store.as_raw_fd(), k as u64 * PAGE)
         {
-            // Nothing changed at addr (still the hole in the anonymous mapping): put it back.
-            let _ = sys::uffd_move(self.sh.uffd.as_raw_fd(), slot, addr);
+            // Nothing changed at addr (still the hole in the anonymous mapping): put it back,
+            // unless the application discarded or unmapped it meanwhile.
+            let fd = self.sh.fd();
+            if self.take_discard(addr).is_none() {
+                let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, addr));
+            }
             let mut st = self.sh.lock();
             st.own_unmaps.remove(&addr);
             st.drop_store_ref(k, addr);
@@ -490,9 +547,11 @@ impl LiveMemory {
             PAGE as usize,
             RegisterMode::WRITE_PROTECT | RegisterMode::MINOR,
         );
+        let protected = registered.is_ok() && self.sh.wp(addr).is_ok();
+        let cats = self.sh.categories(addr).unwrap_or(0);
         let mut st = self.sh.lock();
         let (ri, i, _) = st.page(mm, addr).expect("claimed page stays in its region");
-        if registered.is_err() || self.sh.wp(addr).is_err() {
+        if !protected {
             // The page maps k but samepage cannot see writes to it: leave k mapped for good.
             st.escaped.insert(k);
             st.drop_store_ref(k, addr);
@@ -501,13 +560,23 @@ impl LiveMemory {
             self.sh.wake(addr);
             return Err(MergeError::Gone);
         }
-        let cats = self.sh.categories(addr).unwrap_or(0);
         if cats & PAGE_IS_PRESENT != 0 && cats & PAGE_IS_FILE == 0 {
             // Written (copied) in the moment between the mapping and its protection.
             st.drop_store_ref(k, addr);
             st.regions[ri].pages[i] = PageState::Anon;
-            self.sh.unwp(addr, false);
             drop(st);
+            self.sh.unwp(addr, false);
+            self.sh.wake(addr);
+            return Err(MergeError::Changed);
+        }
+        if st.discarded.remove(&addr).is_some() {
+            // The application discarded the page during the transaction: it must read zeros,
+            // not the canonical page. Discard the new mapping's page as well.
+            st.drop_store_ref(k, addr);
+            st.regions[ri].pages[i] = PageState::Anon;
+            drop(st);
+            let _ = sys::madvise(addr, PAGE, libc::MADV_DONTNEED);
+            self.sh.unwp(addr, false);
             self.sh.wake(addr);
             return Err(MergeError::Changed);
         }
@@ -572,8 +641,8 @@ impl LiveMemory {
                 return;
             }
             st.forget_page(ri, i, PageState::Anon);
-            self.sh.unwp(addr, true);
         }
+        self.sh.unwp(addr, true);
         // FAULT_FLAG_UNSHARE's equivalent: a write fault that copies without writing.
         let _ = sys::madvise(addr, PAGE, libc::MADV_POPULATE_WRITE);
     }
@@ -784,58 +853,109 @@ fn split_regions(st: &mut State, addr: u64) {
                 pages: r.pages.split_off(at),
                 mergeable: r.mergeable,
                 owned: false,
+                registered: r.registered,
             };
             st.regions.insert(ri + 1, tail);
         }
     }
 }
 
+/// What resolves a fault, done after the state lock is released.
+#[derive(Clone, Copy, Debug)]
+enum Resolve {
+    /// Take the write protection off and wake (the write becomes a copy-on-write).
+    Unprotect(u64),
+    /// Map zeros and wake.
+    Zero(u64),
+    /// Map the page-cache page of a merged page, write-protected, and wake.
+    Continue(u64),
+    /// Just wake (the scanner's transaction owns the page and wakes it itself otherwise).
+    Nothing,
+}
+
 /// The handler thread: resolves faults and follows the application's discards, unmaps and
-/// moves. It never maps, unmaps or discards memory itself (it would wait for its own events).
+/// moves. It never maps, unmaps or discards memory itself (it would wait for its own events),
+/// and it never waits for an ioctl: one that answers EAGAIN (an event is pending) is retried
+/// after the pending events are read.
 pub(crate) fn handle_events(sh: Arc<Shared>) {
     let fd = sh.uffd.as_raw_fd();
+    let mut retry: Vec<Resolve> = Vec::new();
     while !sh.stop.load(Ordering::Acquire) {
-        match sys::poll_readable(fd, 50) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(_) => break,
+        let timeout = if retry.is_empty() { 50 } else { 1 };
+        if sys::poll_readable(fd, timeout).is_err() {
+            break;
         }
-        loop {
-            let ev = match sh.uffd.read_event() {
-                Ok(Some(ev)) => ev,
-                Ok(None) => break,
-                Err(_) => break,
-            };
-            handle_event(&sh, ev);
+        while let Ok(Some(ev)) = sh.uffd.read_event() {
+            handle_event(&sh, ev, &mut retry);
+        }
+        retry.retain(|&r| !resolve(&sh, r));
+    }
+}
+
+/// Carry out a resolution; false if it must be tried again (EAGAIN).
+fn resolve(sh: &Shared, r: Resolve) -> bool {
+    let again = |e: &io::Error| errno(e) == libc::EAGAIN;
+    match r {
+        Resolve::Nothing => true,
+        Resolve::Unprotect(a) => match sys::uffd_wp(sh.fd(), a, false, true) {
+            Err(e) if again(&e) => false,
+            Err(_) => {
+                sh.wake(a);
+                true
+            }
+            Ok(()) => true,
+        },
+        Resolve::Continue(a) => match sys::uffd_continue_wp(sh.fd(), a) {
+            Err(e) if again(&e) => false,
+            Err(_) => {
+                sh.wake(a);
+                true
+            }
+            Ok(()) => true,
+        },
+        Resolve::Zero(a) => {
+            static ZEROS: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+            // A discard may have left a write-protect marker where zeros must go.
+            if let Err(e) = sys::uffd_wp(sh.fd(), a, false, false) {
+                if again(&e) {
+                    return false;
+                }
+            }
+            match sys::uffd_zeropage(sh.fd(), a, true) {
+                Ok(()) => true,
+                Err(e) if again(&e) => false,
+                Err(_) => match sys::uffd_copy(sh.fd(), &ZEROS, a) {
+                    Ok(()) => true,
+                    Err(e) if again(&e) => false,
+                    Err(_) => {
+                        // Mapped by now (another thread won the race): let it retry.
+                        sh.wake(a);
+                        true
+                    }
+                },
+            }
         }
     }
 }
 
-fn handle_event(sh: &Shared, ev: Event) {
-    match ev {
-        Event::Pagefault { kind, addr, .. } => {
+fn handle_event(sh: &Shared, ev: Event, todo: &mut Vec<Resolve>) {
+    let r = match ev {
+        Event::Pagefault {
+            kind,
+            addr,
+            thread_id,
+            ..
+        } => {
             let a = addr as u64 & !(PAGE - 1);
             let mut st = sh.lock();
             let at = st.region_at(a).map(|ri| (ri, st.regions[ri].idx(a)));
             let s = at.map(|(ri, i)| st.regions[ri].pages[i]);
-            if s == Some(PageState::InFlight) {
+            let by_scanner = thread_id.as_raw() == sh.scanner_tid.load(Ordering::Relaxed);
+            if s == Some(PageState::InFlight) && !by_scanner {
                 // The scanner's transaction wakes it when done.
                 return;
             }
             match kind {
-                FaultKind::Minor => {
-                    // A page of a merged mapping that is not mapped in: after the application
-                    // discarded it (MADV_DONTNEED), it must read zeros as anonymous memory
-                    // does, not the canonical page.
-                    match s {
-                        Some(PageState::Merged(_)) => {
-                            if sys::uffd_continue_wp(sh.uffd.as_raw_fd(), a).is_err() {
-                                sh.wake(a);
-                            }
-                        }
-                        _ => fill_zero(sh, a),
-                    }
-                }
                 FaultKind::WriteProtected => {
                     if let (Some((ri, i)), Some(s)) = (at, s) {
                         match s {
@@ -846,20 +966,23 @@ fn handle_event(sh: &Shared, ev: Event) {
                         // The write goes ahead as a copy-on-write: uncount first.
                         st.forget_page(ri, i, PageState::Anon);
                     }
-                    sh.unwp(a, true);
+                    Resolve::Unprotect(a)
                 }
-                _ => {
-                    st.stats.missing_faults += 1;
+                // A page of a merged mapping that is not mapped in reads its canonical page;
+                // after the application discarded it (MADV_DONTNEED) it must read zeros, as
+                // anonymous memory does. The scanner reading a page discarded under its
+                // transaction reads zeros too.
+                FaultKind::Minor
+                    if s.is_some_and(|s| matches!(s, PageState::Merged(_))) && !by_scanner =>
+                {
+                    Resolve::Continue(a)
+                }
+                FaultKind::Minor => Resolve::Zero(a),
+                FaultKind::Missing => {
                     // A hole the application touched: an ordinary zero page, as without
                     // samepage.
-                    // SAFETY: a hole in a range registered with this userfaultfd.
-                    let r = unsafe {
-                        sh.uffd
-                            .zeropage(a as *mut libc::c_void, PAGE as usize, true)
-                    };
-                    if r.is_err() {
-                        sh.wake(a);
-                    }
+                    st.stats.missing_faults += 1;
+                    Resolve::Zero(a)
                 }
             }
         }
@@ -874,8 +997,12 @@ fn handle_event(sh: &Shared, ev: Event) {
                     let i = st.regions[ri].idx(a);
                     // A discarded merged page stops mapping its canonical page; its next
                     // access is a minor fault that maps zeros.
-                    if let PageState::Merged(_) = st.regions[ri].pages[i] {
-                        st.forget_page(ri, i, PageState::Anon);
+                    match st.regions[ri].pages[i] {
+                        PageState::Merged(_) => st.forget_page(ri, i, PageState::Anon),
+                        PageState::InFlight => {
+                            st.discarded.entry(a).or_insert(Discard::Removed);
+                        }
+                        _ => {}
                     }
                 }
                 a += PAGE;
@@ -883,6 +1010,7 @@ fn handle_event(sh: &Shared, ev: Event) {
             if touched {
                 st.dirty.push((s, e, Instant::now()));
             }
+            Resolve::Nothing
         }
         Event::Unmap { start, end } => {
             let mut st = sh.lock();
@@ -892,13 +1020,16 @@ fn handle_event(sh: &Shared, ev: Event) {
                 if !st.own_unmaps.remove(&a) {
                     if let Some(ri) = st.region_at(a) {
                         let i = st.regions[ri].idx(a);
-                        if st.regions[ri].pages[i] != PageState::InFlight {
+                        if st.regions[ri].pages[i] == PageState::InFlight {
+                            st.discarded.insert(a, Discard::Unmapped);
+                        } else {
                             st.forget_page(ri, i, PageState::Gone);
                         }
                     }
                 }
                 a += PAGE;
             }
+            Resolve::Nothing
         }
         Event::Remap { from, to, len } => {
             let mut st = sh.lock();
@@ -906,63 +1037,60 @@ fn handle_event(sh: &Shared, ev: Event) {
             let mut off = 0;
             while off < len {
                 let (src, dst) = (from + off, to + off);
-                if let Some(ri) = st.region_at(src) {
-                    let i = st.regions[ri].idx(src);
-                    let s = st.regions[ri].pages[i];
-                    match st.region_at(dst) {
-                        Some(rj) if st.regions[rj].mm == st.regions[ri].mm => {
-                            // Moved within samepage's regions: the page keeps what it is.
-                            let j = st.regions[rj].idx(dst);
-                            st.forget_page(rj, j, PageState::Gone);
-                            st.regions[rj].pages[j] = s;
-                            st.regions[ri].pages[i] = PageState::Gone;
-                        }
-                        _ => {
-                            // Moved out of samepage's sight: it is not counted any more, and a
-                            // canonical page it maps is never released.
-                            if let PageState::Merged(k) = s {
-                                st.escaped.insert(k);
+                let into = st.region_at(dst);
+                match st.region_at(src) {
+                    Some(ri)
+                        if st.regions[ri].pages[st.regions[ri].idx(src)] == PageState::InFlight =>
+                    {
+                        // Moved away under the scanner's transaction: it must map nothing there.
+                        st.discarded.insert(src, Discard::Unmapped);
+                    }
+                    Some(ri) => {
+                        let i = st.regions[ri].idx(src);
+                        let s = st.regions[ri].pages[i];
+                        match into {
+                            Some(rj) if st.regions[rj].mm == st.regions[ri].mm => {
+                                // Moved within samepage's regions: it stays what it is.
+                                let j = st.regions[rj].idx(dst);
+                                st.forget_page(rj, j, PageState::Gone);
+                                st.regions[rj].pages[j] = s;
+                                st.regions[ri].pages[i] = PageState::Gone;
                             }
-                            st.forget_page(ri, i, PageState::Gone);
+                            _ => {
+                                // Moved out of samepage's sight: its mark comes off (so it is
+                                // not a KSM-placed zero page any more), it is uncounted, and a
+                                // canonical page it maps is never released.
+                                if let PageState::Merged(k) = s {
+                                    st.escaped.insert(k);
+                                }
+                                if matches!(s, PageState::Zero | PageState::Merged(_)) {
+                                    todo.push(Resolve::Unprotect(dst));
+                                }
+                                st.forget_page(ri, i, PageState::Gone);
+                            }
+                        }
+                    }
+                    None => {
+                        // Moved in from outside: an ordinary page of the application.
+                        if let Some(rj) = into {
+                            let j = st.regions[rj].idx(dst);
+                            if st.regions[rj].pages[j] == PageState::InFlight {
+                                st.discarded.insert(dst, Discard::Unmapped);
+                            } else {
+                                st.forget_page(rj, j, PageState::Anon);
+                            }
+                            // Whatever protection it carries in is not samepage's mark.
+                            todo.push(Resolve::Unprotect(dst));
                         }
                     }
                 }
                 off += PAGE;
             }
+            Resolve::Nothing
         }
-        Event::Fork { .. } => {}
-    }
-}
-
-/// Resolve a fault on an unmapped page that must read zeros: map the zero page (after
-/// clearing a write-protect marker a discard may have left), or a zeroed page if the zero page
-/// cannot go there; then wake the faulting thread.
-fn fill_zero(sh: &Shared, a: u64) {
-    static ZEROS: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-    sh.unwp(a, false);
-    // SAFETY: `a` is an unmapped page of a private mapping registered with this userfaultfd;
-    // it must read zeros, which is what the zero page holds.
-    if unsafe {
-        sh.uffd
-            .zeropage(a as *mut libc::c_void, PAGE as usize, true)
-    }
-    .is_ok()
-    {
-        return;
-    }
-    // SAFETY: as above; the source is a static page of zeros.
-    let copied = unsafe {
-        sh.uffd.copy(
-            ZEROS.as_ptr() as *const libc::c_void,
-            a as *mut libc::c_void,
-            PAGE as usize,
-            true,
-        )
+        Event::Fork { .. } => Resolve::Nothing,
     };
-    if copied.is_err() {
-        // Mapped by now (another thread won the race): let the faulting thread retry.
-        sh.wake(a);
-    }
+    todo.push(r);
 }
 
 /// Snapshot of the live statistics.

@@ -280,6 +280,7 @@ impl LiveKsm {
                 pages: vec![PageState::Anon; (len / PAGE) as usize],
                 mergeable: false,
                 owned,
+                registered: false,
             },
         );
     }
@@ -307,8 +308,8 @@ impl LiveKsm {
             let st = self.sh.lock();
             st.regions
                 .iter()
-                .filter(|r| r.mm == mm && r.start < end && r.end() > start && !r.mergeable)
-                .map(|r| (r.start.max(start), r.end().min(end)))
+                .filter(|r| r.mm == mm && r.start < end && r.end() > start && !r.registered)
+                .map(|r| (r.start, r.end()))
                 .collect()
         };
         if ranges.is_empty() && !self.sh.lock().region_at_any(start, end) {
@@ -333,6 +334,14 @@ impl LiveKsm {
                         "userfaultfd registration failed ({err}); another userfaultfd may own it"
                     ),
                 })?;
+            let mut st = self.sh.lock();
+            for r in st
+                .regions
+                .iter_mut()
+                .filter(|r| r.start >= s && r.end() <= e)
+            {
+                r.registered = true;
+            }
         }
         let mut g = self.engine();
         let EngineSide { ksm, mem, .. } = &mut *g;
@@ -560,6 +569,7 @@ fn check_range(start: u64, len: u64) -> Result<(), LiveError> {
 /// The scanning thread: ksmd's loop, paced by `pages_to_scan` and `sleep_millisecs`.
 fn scan_loop(eng: Arc<Mutex<EngineSide>>, kick: Arc<Kick>, sh: Arc<Shared>, tid: Arc<AtomicI32>) {
     tid.store(sys::gettid(), Ordering::Relaxed);
+    sh.scanner_tid.store(sys::gettid(), Ordering::Relaxed);
     while !sh.stop.load(Ordering::Acquire) {
         let sleep = {
             let mut g = eng.lock().unwrap_or_else(|e| e.into_inner());

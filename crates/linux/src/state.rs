@@ -29,6 +29,15 @@ pub(crate) enum PageState {
     Gone,
 }
 
+/// What the application did to a page while the scanner's transaction owned it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Discard {
+    /// MADV_DONTNEED: it must read zeros afterwards.
+    Removed,
+    /// munmap or mremap: the address is not the application's memory any more.
+    Unmapped,
+}
+
 /// A range of this process that samepage manages.
 #[derive(Debug)]
 pub(crate) struct Region {
@@ -39,6 +48,9 @@ pub(crate) struct Region {
     pub mergeable: bool,
     /// samepage mapped it (and unmaps it when it is dropped).
     pub owned: bool,
+    /// Registered with the userfaultfd. Registration stays when the region stops being
+    /// mergeable: registering again would overwrite the modes of the merged mappings in it.
+    pub registered: bool,
 }
 
 impl Region {
@@ -87,6 +99,9 @@ pub(crate) struct State {
     /// Pages the scanner is about to replace with `MAP_FIXED`: the UNMAP event that causes is
     /// samepage's own and may be handled after the transaction finished.
     pub own_unmaps: rustc_hash::FxHashSet<u64>,
+    /// Pages the application discarded or unmapped while a transaction of the scanner owned
+    /// them: the transaction must leave them reading zeros (or not map them at all).
+    pub discarded: FxHashMap<u64, Discard>,
     /// Ranges the application discarded (REMOVE events): zero pages in them are re-checked
     /// before the count is read, since the discard happens after the event is read.
     pub dirty: Vec<(u64, u64, Instant)>,

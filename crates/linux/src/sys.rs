@@ -18,6 +18,101 @@ pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
 
+/// `struct uffdio_range`.
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+/// `struct uffdio_copy`.
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+const UFFDIO_WAKE: libc::c_ulong = ioc(2, 0xAA, 0x02, std::mem::size_of::<UffdioRange>());
+const UFFDIO_COPY: libc::c_ulong = ioc(3, 0xAA, 0x03, std::mem::size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: libc::c_ulong = ioc(3, 0xAA, 0x04, std::mem::size_of::<UffdioZeropage>());
+const UFFDIO_WRITEPROTECT: libc::c_ulong =
+    ioc(3, 0xAA, 0x06, std::mem::size_of::<UffdioWriteprotect>());
+
+/// `UFFDIO_WRITEPROTECT` on one page: protect, or unprotect (waking waiters if `wake`).
+/// EAGAIN means a non-cooperative event (an unmap, discard or move) is waiting to be read.
+pub fn uffd_wp(uffd: RawFd, addr: u64, protect: bool, wake: bool) -> io::Result<()> {
+    const MODE_WP: u64 = 1 << 0;
+    const MODE_DONTWAKE: u64 = 1 << 1;
+    let mode = match (protect, wake) {
+        (true, _) => MODE_WP,
+        (false, true) => 0,
+        (false, false) => MODE_DONTWAKE,
+    };
+    let mut w = UffdioWriteprotect {
+        range: UffdioRange {
+            start: addr,
+            len: PAGE,
+        },
+        mode,
+    };
+    // SAFETY: the ioctl reads the struct we pass; the range belongs to this process.
+    cvt(unsafe { libc::ioctl(uffd, UFFDIO_WRITEPROTECT, &mut w as *mut UffdioWriteprotect) })
+        .map(drop)
+}
+
+/// `UFFDIO_ZEROPAGE` on one page.
+pub fn uffd_zeropage(uffd: RawFd, addr: u64, wake: bool) -> io::Result<()> {
+    let mut z = UffdioZeropage {
+        range: UffdioRange {
+            start: addr,
+            len: PAGE,
+        },
+        mode: if wake { 0 } else { 1 },
+        zeropage: 0,
+    };
+    // SAFETY: the ioctl reads and writes the struct we pass; the kernel maps the zero page at
+    // addr only if nothing is mapped there.
+    cvt(unsafe { libc::ioctl(uffd, UFFDIO_ZEROPAGE, &mut z as *mut UffdioZeropage) }).map(drop)
+}
+
+/// `UFFDIO_COPY` of one page from `src` (a page-sized buffer) to `addr`, waking waiters.
+pub fn uffd_copy(uffd: RawFd, src: &[u8; PAGE_SIZE], addr: u64) -> io::Result<()> {
+    let mut c = UffdioCopy {
+        dst: addr,
+        src: src.as_ptr() as u64,
+        len: PAGE,
+        mode: 0,
+        copy: 0,
+    };
+    // SAFETY: src is a readable page-sized buffer; the kernel fills addr only if nothing is
+    // mapped there.
+    cvt(unsafe { libc::ioctl(uffd, UFFDIO_COPY, &mut c as *mut UffdioCopy) }).map(drop)
+}
+
+/// `UFFDIO_WAKE` on one page.
+pub fn uffd_wake(uffd: RawFd, addr: u64) -> io::Result<()> {
+    let mut r = UffdioRange {
+        start: addr,
+        len: PAGE,
+    };
+    // SAFETY: the ioctl reads the struct we pass.
+    cvt(unsafe { libc::ioctl(uffd, UFFDIO_WAKE, &mut r as *mut UffdioRange) }).map(drop)
+}
+
 /// `struct uffdio_move`.
 #[repr(C)]
 struct UffdioMove {
@@ -469,4 +564,26 @@ pub fn mremap_fixed(old: u64, len: u64, new: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A plain store of the application (a user-mode write, which faults like any store).
+///
+/// # Safety
+/// `addr` must be 8-byte aligned and inside a mapped, writable page of this process for the
+/// duration of the call.
+pub unsafe fn user_store(addr: u64, v: u64) {
+    // SAFETY: the caller guarantees the address is mapped, writable and aligned.
+    unsafe { std::sync::atomic::AtomicU64::from_ptr(addr as *mut u64) }
+        .store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A plain load of the application.
+///
+/// # Safety
+/// `addr` must be 8-byte aligned and inside a mapped, readable page of this process for the
+/// duration of the call.
+pub unsafe fn user_load(addr: u64) -> u64 {
+    // SAFETY: the caller guarantees the address is mapped, readable and aligned.
+    unsafe { std::sync::atomic::AtomicU64::from_ptr(addr as *mut u64) }
+        .load(std::sync::atomic::Ordering::Relaxed)
 }
