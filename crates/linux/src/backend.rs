@@ -46,6 +46,7 @@ pub(crate) struct Budget {
     pub limit: u64,
     baseline: u64,
     added: u64,
+    refused: u64,
 }
 
 impl Budget {
@@ -59,6 +60,7 @@ impl Budget {
             limit: max.saturating_sub(reserve),
             baseline: count_maps()?,
             added: 0,
+            refused: 0,
         })
     }
 
@@ -68,15 +70,20 @@ impl Budget {
             self.added += 2;
             return true;
         }
-        // The estimate assumed no mapping ever coalesced; count for real.
-        if let Ok(n) = count_maps() {
-            self.baseline = n;
-            self.added = 0;
+        // The estimate assumed no mapping ever coalesced: count for real, but not more often
+        // than every 256 refusals (counting reads all of /proc/self/maps).
+        if self.refused % 256 == 0 {
+            if let Ok(n) = count_maps() {
+                self.baseline = n;
+                self.added = 0;
+            }
         }
-        if self.baseline + 2 <= self.limit {
+        if self.baseline + self.added + 2 <= self.limit {
             self.added += 2;
+            self.refused = 0;
             true
         } else {
+            self.refused += 1;
             false
         }
     }
