@@ -72,7 +72,7 @@ impl Budget {
         }
         // The estimate assumed no mapping ever coalesced: count for real, but not more often
         // than every 256 refusals (counting reads all of /proc/self/maps).
-        if self.refused % 256 == 0 {
+        if self.refused.is_multiple_of(256) {
             if let Ok(n) = count_maps() {
                 self.baseline = n;
                 self.added = 0;
