@@ -414,6 +414,20 @@ impl LiveMemory {
         self.sh.lock().discarded.remove(&addr)
     }
 
+    /// A transaction gives up after moving the page out to `slot`: the contents go back where
+    /// the page is now (where it was, or where the application moved it meanwhile), unless the
+    /// application discarded or unmapped it. A destination that is no longer a registered hole
+    /// refuses the move, which leaves nothing behind but scratch memory.
+    fn put_back(&self, slot: u64, addr: u64) {
+        let to = match self.take_discard(addr) {
+            None => addr,
+            Some(Discard::Moved(d)) => d,
+            Some(Discard::Removed | Discard::Unmapped) => return,
+        };
+        let fd = self.sh.fd();
+        let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, to));
+    }
+
     /// Move the protected page at `addr` out to scratch (the pin check), and check the
     /// moved-out copy against `expect`; on failure the page is put back and released.
     fn move_out_checked(&mut self, addr: u64, expect: Expect) -> Result<u64, MergeError> {
@@ -435,11 +449,9 @@ impl LiveMemory {
                 Expect::Same => self.buf[..] == self.buf2[..],
             };
         if !ok {
-            // Somebody wrote it (I/O that ignores write protection): put it back unchanged,
-            // unless the application discarded or unmapped it meanwhile.
-            if self.take_discard(addr).is_none() {
-                let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, addr));
-            }
+            // Somebody wrote it (I/O that ignores write protection): put it back unchanged.
+            let _ = fd;
+            self.put_back(slot, addr);
             self.abort(addr);
             return Err(MergeError::Changed);
         }
@@ -509,20 +521,14 @@ impl LiveMemory {
         let slot = self.move_out_checked(addr, Expect::Same)?;
         {
             let mut st = self.sh.lock();
-            match st.discarded.get(&addr) {
-                // Not the application's memory any more: map nothing there.
-                Some(Discard::Unmapped) => {
-                    drop(st);
-                    self.abort(addr);
-                    return Err(MergeError::Gone);
-                }
-                // Discarded while moved out: the hole reads zeros, as it must.
-                Some(Discard::Removed) => {
-                    drop(st);
-                    self.abort(addr);
-                    return Err(MergeError::Changed);
-                }
-                None => {}
+            if st.discarded.contains_key(&addr) {
+                // Discarded, unmapped or moved while it was out: map nothing there. A discard
+                // leaves the hole reading zeros, as it must; a moved page gets its contents
+                // back where it went.
+                drop(st);
+                self.put_back(slot, addr);
+                self.abort(addr);
+                return Err(MergeError::Gone);
             }
             // Hold a reference so k is not released while the mapping is being built.
             *st.store_refs.entry(k).or_insert(0) += 1;
@@ -530,12 +536,8 @@ impl LiveMemory {
         }
         if let Err(e) = sys::mmap_fixed_file(addr, PAGE, self.sh.store.as_raw_fd(), k as u64 * PAGE)
         {
-            // Nothing changed at addr (still the hole in the anonymous mapping): put it back,
-            // unless the application discarded or unmapped it meanwhile.
-            let fd = self.sh.fd();
-            if self.take_discard(addr).is_none() {
-                let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, addr));
-            }
+            // Nothing changed at addr (still the hole in the anonymous mapping): put it back.
+            self.put_back(slot, addr);
             let mut st = self.sh.lock();
             st.own_unmaps.remove(&addr);
             st.drop_store_ref(k, addr);
@@ -1007,7 +1009,7 @@ fn handle_event(sh: &Shared, ev: Event, todo: &mut Vec<Resolve>) {
                     match st.regions[ri].pages[i] {
                         PageState::Merged(_) => st.forget_page(ri, i, PageState::Anon),
                         PageState::InFlight => {
-                            st.discarded.entry(a).or_insert(Discard::Removed);
+                            st.discarded.insert(a, Discard::Removed);
                         }
                         _ => {}
                     }
@@ -1050,7 +1052,7 @@ fn handle_event(sh: &Shared, ev: Event, todo: &mut Vec<Resolve>) {
                         if st.regions[ri].pages[st.regions[ri].idx(src)] == PageState::InFlight =>
                     {
                         // Moved away under the scanner's transaction: it must map nothing there.
-                        st.discarded.insert(src, Discard::Unmapped);
+                        st.discarded.insert(src, Discard::Moved(dst));
                     }
                     Some(ri) => {
                         let i = st.regions[ri].idx(src);
@@ -1082,7 +1084,8 @@ fn handle_event(sh: &Shared, ev: Event, todo: &mut Vec<Resolve>) {
                         if let Some(rj) = into {
                             let j = st.regions[rj].idx(dst);
                             if st.regions[rj].pages[j] == PageState::InFlight {
-                                st.discarded.insert(dst, Discard::Unmapped);
+                                // Moved back under the scanner's transaction.
+                                st.discarded.insert(dst, Discard::Moved(dst));
                             } else {
                                 st.forget_page(rj, j, PageState::Anon);
                             }

@@ -34,8 +34,10 @@ pub(crate) enum PageState {
 pub(crate) enum Discard {
     /// MADV_DONTNEED: it must read zeros afterwards.
     Removed,
-    /// munmap or mremap: the address is not the application's memory any more.
+    /// munmap: the address is not the application's memory any more.
     Unmapped,
+    /// mremap: the page (its mapping) is now at this address.
+    Moved(u64),
 }
 
 /// A range of this process that samepage manages.
