@@ -168,13 +168,5 @@ pub fn run(args: &MergeArgs) -> Result<(), String> {
         live: Some(l.ksm.stats()),
         verification,
     };
-    if args.run.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
-    } else {
-        print!("{}", report.text());
-    }
-    Ok(())
+    report.print(args.run.json)
 }

@@ -76,6 +76,19 @@ fn mib(pages: i64) -> f64 {
 }
 
 impl Report {
+    /// Print as one JSON object, or as text.
+    pub fn print(&self, json: bool) -> Result<(), String> {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(self).map_err(|e| e.to_string())?
+            );
+        } else {
+            print!("{}", self.text());
+        }
+        Ok(())
+    }
+
     /// The human-readable form.
     pub fn text(&self) -> String {
         let pages: u64 = self.workload.iter().map(|w| w.pages).sum();

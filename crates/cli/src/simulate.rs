@@ -105,13 +105,5 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         live: None,
         verification: None,
     };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
-    } else {
-        print!("{}", report.text());
-    }
-    Ok(())
+    report.print(args.json)
 }

@@ -29,19 +29,7 @@ fn err(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-const COUNTERS: &[&str] = &[
-    "full_scans",
-    "general_profit",
-    "ksm_zero_pages",
-    "pages_scanned",
-    "pages_shared",
-    "pages_sharing",
-    "pages_skipped",
-    "pages_unshared",
-    "pages_volatile",
-    "stable_node_chains",
-    "stable_node_dups",
-];
+use samepage_engine::COUNTER_NAMES as COUNTERS;
 
 #[test]
 fn generated_workload_converges_to_the_expected_counters() {
