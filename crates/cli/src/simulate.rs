@@ -2,8 +2,7 @@
 
 use crate::args::RunArgs;
 use crate::report::{tunables_of, Report, SpaceInfo};
-use samepage_engine::{PAGE_SIZE, PAGE_SIZE_U64};
-use samepage_sim::{merge_state, Advice, Prot, SimSystem, SIM_NS_PER_PAGE};
+use samepage_sim::{merge_state, SimSystem, SIM_NS_PER_PAGE};
 
 /// Give up on convergence after this many full scans.
 const MAX_FULL_SCANS: u64 = 1000;
@@ -15,18 +14,9 @@ pub fn load(args: &RunArgs) -> Result<(SimSystem, Vec<SpaceInfo>), String> {
     let workload = args.workload()?;
     let mut sys = SimSystem::new();
     let mut info = Vec::new();
-    let mut buf = [0u8; PAGE_SIZE];
     for space in &workload.spaces {
-        let mm = sys.spawn();
-        let len = space.pages() * PAGE_SIZE_U64;
-        let base = sys.mmap(mm, len, Prot::RW).map_err(|e| e.to_string())?;
-        for i in 0..space.pages() {
-            space.fill_page(i, &mut buf);
-            sys.mem
-                .write(mm, base + i * PAGE_SIZE_U64, &buf)
-                .map_err(|e| e.to_string())?;
-        }
-        sys.madvise(mm, base, len, Advice::Mergeable)
+        let (mm, _) = sys
+            .spawn_with_pages(space.pages(), |i, buf| space.fill_page(i, buf))
             .map_err(|e| e.to_string())?;
         info.push(SpaceInfo {
             pid: mm.0,

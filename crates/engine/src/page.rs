@@ -31,8 +31,8 @@ pub fn calc_checksum(page: &[u8]) -> u32 {
 /// XXH64, seed 0, over the page: the full hash the checksum is cut from.
 pub fn page_hash(page: &[u8]) -> u64 {
     // Load one byte of every cache line first: the loads go out to memory together, where
-    // XXH64's serial loop would wait on each miss in turn (0.5 instead of 0.9 us per cold
-    // page on the reference machine).
+    // XXH64's serial loop would wait on each miss in turn (see `xxh64_cold_1gib` in
+    // BENCHMARKS.md).
     let mut touch = 0u8;
     for b in page.iter().step_by(64) {
         touch |= *b;

@@ -7,7 +7,7 @@
 use divan::counter::ItemsCount;
 use divan::Bencher;
 use samepage_engine::{PAGE_SIZE, PAGE_SIZE_U64};
-use samepage_sim::{Advice, Prot, SimSystem};
+use samepage_sim::SimSystem;
 use samepage_workload::{GenSpec, Workload};
 
 fn main() {
@@ -19,16 +19,9 @@ const GIB: u64 = 1 << 30;
 fn load(spec: &GenSpec) -> SimSystem {
     let w = Workload::generated(spec).unwrap();
     let mut sys = SimSystem::new();
-    let mut buf = [0u8; PAGE_SIZE];
     for s in &w.spaces {
-        let mm = sys.spawn();
-        let len = s.pages() * PAGE_SIZE_U64;
-        let a = sys.mmap(mm, len, Prot::RW).unwrap();
-        for i in 0..s.pages() {
-            s.fill_page(i, &mut buf);
-            sys.mem.write(mm, a + i * PAGE_SIZE_U64, &buf).unwrap();
-        }
-        sys.madvise(mm, a, len, Advice::Mergeable).unwrap();
+        sys.spawn_with_pages(s.pages(), |i, buf| s.fill_page(i, buf))
+            .unwrap();
     }
     for (k, v) in [
         ("pages_to_scan", "100000"),
@@ -138,4 +131,19 @@ fn xxh64_page(bencher: Bencher) {
     bencher
         .counter(ItemsCount::new(1usize))
         .bench(|| samepage_engine::page_hash(divan::black_box(&page)));
+}
+
+/// XXH64 of every page of 1 GiB, each page once: the cold-memory cost a first full scan pays.
+#[divan::bench(sample_count = 5, sample_size = 1)]
+fn xxh64_cold_1gib(bencher: Bencher) {
+    let pages = vec![[0x5au8; PAGE_SIZE]; (GIB / PAGE_SIZE_U64) as usize];
+    bencher
+        .counter(ItemsCount::new(pages.len()))
+        .bench_local(|| {
+            let mut acc = 0u64;
+            for p in &pages {
+                acc ^= samepage_engine::page_hash(divan::black_box(p));
+            }
+            acc
+        });
 }

@@ -107,6 +107,26 @@ impl SimSystem {
         Ok(a)
     }
 
+    /// A new process with one private region of `pages` pages, page `i` filled by `fill`, made
+    /// mergeable (how workloads and images are loaded). Returns the process and the region.
+    pub fn spawn_with_pages(
+        &mut self,
+        pages: u64,
+        mut fill: impl FnMut(u64, &mut [u8; samepage_engine::PAGE_SIZE]),
+    ) -> Result<(MmId, u64), SysError> {
+        use samepage_engine::{PAGE_SIZE, PAGE_SIZE_U64};
+        let mm = self.spawn();
+        let len = pages * PAGE_SIZE_U64;
+        let base = self.mmap(mm, len, Prot::RW)?;
+        let mut buf = [0u8; PAGE_SIZE];
+        for i in 0..pages {
+            fill(i, &mut buf);
+            self.mem.write(mm, base + i * PAGE_SIZE_U64, &buf)?;
+        }
+        self.madvise(mm, base, len, Advice::Mergeable)?;
+        Ok((mm, base))
+    }
+
     /// `madvise`.
     pub fn madvise(
         &mut self,

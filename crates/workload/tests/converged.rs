@@ -3,8 +3,8 @@
 //! pages_sharing = duplicates - pages_shared, ksm_zero_pages = zero pages with use_zero_pages.
 
 use proptest::prelude::*;
-use samepage_engine::{PAGE_SIZE, PAGE_SIZE_U64};
-use samepage_sim::{Advice, Prot, SimSystem};
+
+use samepage_sim::SimSystem;
 use samepage_workload::{GenSpec, Workload};
 
 fn converge(
@@ -19,16 +19,9 @@ fn converge(
     sys.write_knob("use_zero_pages", if use_zero_pages { "1" } else { "0" })
         .unwrap();
     sys.write_knob("pages_to_scan", "37").unwrap();
-    let mut buf = [0u8; PAGE_SIZE];
     for s in &w.spaces {
-        let mm = sys.spawn();
-        let len = s.pages() * PAGE_SIZE_U64;
-        let a = sys.mmap(mm, len, Prot::RW).unwrap();
-        for i in 0..s.pages() {
-            s.fill_page(i, &mut buf);
-            sys.mem.write(mm, a + i * PAGE_SIZE_U64, &buf).unwrap();
-        }
-        sys.madvise(mm, a, len, Advice::Mergeable).unwrap();
+        sys.spawn_with_pages(s.pages(), |i, buf| s.fill_page(i, buf))
+            .unwrap();
     }
     sys.write_knob("run", "1").unwrap();
     sys.run_until_stable(2, 100).expect("converges");
