@@ -66,10 +66,24 @@ impl RunArgs {
         }
     }
 
-    /// `--set` pairs, split and checked for shape. `run` is the command's own business.
+    /// When a live run stops: after `--full-scans N`, or when the counters are stable.
+    pub fn until(&self) -> crate::engines::Until {
+        match self.full_scans {
+            Some(n) => crate::engines::Until::FullScans(n),
+            None => crate::engines::Until::Stable { min_passes: 2 },
+        }
+    }
+
+    /// `--set` pairs, split and checked for shape.
     pub fn knobs(&self) -> Result<Vec<(String, String)>, String> {
-        self.set
-            .iter()
+        parse_knobs(&self.set)
+    }
+}
+
+/// `--set KNOB=VALUE` pairs, split and checked for shape. `run` is the command's own business.
+pub fn parse_knobs(set: &[String]) -> Result<Vec<(String, String)>, String> {
+    {
+        set.iter()
             .map(|kv| {
                 let (k, v) = kv.split_once('=').ok_or_else(|| {
                     format!("--set '{kv}' is not KNOB=VALUE (for example --set use_zero_pages=1)")

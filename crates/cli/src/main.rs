@@ -4,9 +4,16 @@
 //! simulator and the workload crates.
 
 mod args;
+mod compare;
+mod demo;
+mod engines;
 mod merge;
+mod plot;
+mod prom;
 mod report;
 mod simulate;
+mod stat;
+mod watch;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -24,11 +31,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Merge guest-like address spaces in real memory while an application writes to them,
+    /// and report what was saved (no arguments needed).
+    Demo(demo::DemoArgs),
     /// Run KSM on the deterministic simulated memory manager and print the counters.
     Simulate(args::RunArgs),
     /// Load the workload into real memory of this process, merge it, verify the page tables
     /// and print the counters.
     Merge(merge::MergeArgs),
+    /// Run the same bytes under samepage and under the host kernel's KSM and print both side
+    /// by side (root; the host's knobs are restored afterwards).
+    Compare(compare::CompareArgs),
+    /// Show the host kernel's KSM state (or a running samepage's, from its --prometheus
+    /// file) in the kernel's layout, with memory saved, profit and sharing ratio.
+    Stat(stat::StatArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +52,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Simulate(a) => simulate::run(&a),
         Command::Merge(a) => merge::run(&a),
+        Command::Demo(a) => demo::run(&a),
+        Command::Compare(a) => compare::run(&a),
+        Command::Stat(a) => stat::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,51 +1,91 @@
-//! `samepage merge`: the workload in live memory of this process, merged for real.
+//! `samepage merge`: the workload in live memory of this process, merged for real. The
+//! loading, running and checking here are shared with `demo` and `compare`.
 
 use crate::args::RunArgs;
+use crate::engines::{self, Samepage, Until};
 use crate::report::{tunables_of, Report, SpaceInfo};
+use crate::watch::{Sample, Watch};
 use clap::Args;
 use samepage_engine::{MmId, PAGE_SIZE, PAGE_SIZE_U64};
 use samepage_linux::LiveKsm;
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-/// `samepage merge` arguments: those of `simulate`, plus verification and a time limit.
+/// Options of the commands that run an engine on live memory.
 #[derive(Args, Debug, Clone)]
-pub struct MergeArgs {
-    #[command(flatten)]
-    pub run: RunArgs,
+pub struct LiveOpts {
     /// Skip the check of the page tables (pagemap, PAGEMAP_SCAN) and of the contents.
     #[arg(long)]
     pub no_verify: bool,
     /// Give up if the counters have not settled after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// Keep the counters in this file in the Prometheus text format while the engine runs
+    /// (rewritten every second; point a node_exporter textfile collector at it).
+    #[arg(long, value_name = "FILE")]
+    pub prometheus: Option<PathBuf>,
+    /// Draw the counters over time (pages_sharing, ksm_zero_pages, pages_unshared, saved
+    /// bytes) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
-/// `Anonymous:` of /proc/self/smaps_rollup, in KiB.
-pub fn rss_anon_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/smaps_rollup")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Anonymous:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
+/// `samepage merge` arguments: those of `simulate`, plus the live options.
+#[derive(Args, Debug, Clone)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub live: LiveOpts,
+}
+
+/// Memory of this process from /proc/self/smaps_rollup, in KiB.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryKib {
+    /// `Anonymous:` (a page mapped N times counts N times).
+    pub anon: u64,
+    /// `Pss:` (a page mapped N times counts 1/N each time).
+    pub pss: u64,
+}
+
+pub fn memory_kib() -> MemoryKib {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            .unwrap_or(0)
+    };
+    MemoryKib {
+        anon: field("Anonymous:"),
+        pss: field("Pss:"),
+    }
 }
 
 /// A workload loaded into live regions.
 pub struct Loaded {
     pub ksm: LiveKsm,
     pub info: Vec<SpaceInfo>,
+    /// (address space, start, length) of each region, in workload order.
     pub regions: Vec<(MmId, u64, u64)>,
     pub workload: samepage_workload::Workload,
 }
 
-/// Start the live engine, load every address space into its own region, apply the knobs.
-pub fn load(args: &RunArgs) -> Result<Loaded, String> {
-    let knobs = args.knobs()?;
-    let workload = args.workload()?;
+/// Start the live engine, apply `defaults` and then the `--set` knobs, and load every address
+/// space into its own region.
+pub fn load(
+    workload: samepage_workload::Workload,
+    knobs: &[(String, String)],
+    defaults: &[(String, String)],
+) -> Result<Loaded, String> {
     let ksm = LiveKsm::new().map_err(|e| e.to_string())?;
-    for (k, v) in &knobs {
+    for (k, v) in defaults {
+        ksm.set_knob(k, v)
+            .map_err(|e| format!("setting {k}={v}: {e}"))?;
+    }
+    for (k, v) in knobs {
         ksm.set_knob(k, v)
             .map_err(|e| format!("--set {k}={v}: {e}"))?;
     }
@@ -85,16 +125,19 @@ pub fn load(args: &RunArgs) -> Result<Loaded, String> {
     })
 }
 
-/// Every page still reads what the workload put there.
-pub fn check_contents(l: &Loaded) -> Result<(), String> {
+/// Every page still reads what the workload put there, except the pages in `changed`
+/// (address → what was written there since).
+pub fn check_contents(l: &Loaded, changed: &Changed) -> Result<(), String> {
     let mut want = [0u8; PAGE_SIZE];
     let mut got = [0u8; PAGE_SIZE];
     for ((_, a, _), space) in l.regions.iter().zip(&l.workload.spaces) {
         for i in 0..space.pages() {
-            space.fill_page(i, &mut want);
-            l.ksm
-                .read(a + i * PAGE_SIZE_U64, &mut got)
-                .map_err(|e| e.to_string())?;
+            let addr = a + i * PAGE_SIZE_U64;
+            match changed.get(&addr) {
+                Some(p) => want.copy_from_slice(&p[..]),
+                None => space.fill_page(i, &mut want),
+            }
+            l.ksm.read(addr, &mut got).map_err(|e| e.to_string())?;
             if want != got {
                 return Err(format!(
                     "verification failed: page {i} of {} does not hold what was loaded",
@@ -106,44 +149,61 @@ pub fn check_contents(l: &Loaded) -> Result<(), String> {
     Ok(())
 }
 
-/// `samepage merge`.
-pub fn run(args: &MergeArgs) -> Result<(), String> {
-    let l = load(&args.run)?;
-    let rss_before = rss_anon_kib();
+/// One run of samepage's live engine on a loaded workload: the report and the samples.
+pub struct LiveRun {
+    pub report: Report,
+    pub samples: Vec<Sample>,
+}
+
+/// What a page holds now, for pages changed since the workload was loaded.
+pub type Changed = HashMap<u64, Box<[u8; PAGE_SIZE]>>;
+
+/// An application running beside the engine: it returns when the flag is set, with the pages
+/// it changed.
+pub type Application<'a> = &'a (dyn Fn(&Loaded, &AtomicBool) -> Changed + Sync);
+
+/// Mark the regions mergeable, run the engine as `args` says, verify, and report. `during`
+/// runs on its own thread while the engine runs (it must return when its flag is set) and
+/// returns the pages it changed.
+pub fn run_samepage(
+    l: &Loaded,
+    until: Until,
+    opts: &LiveOpts,
+    progress: bool,
+    during: Option<Application<'_>>,
+) -> Result<LiveRun, String> {
+    let before = memory_kib();
     for (mm, a, len) in &l.regions {
         l.ksm
             .madvise_mergeable(*mm, *a, *len)
             .map_err(|e| e.to_string())?;
     }
-    let start = Instant::now();
-    let passes = match args.run.full_scans {
-        Some(n) => {
-            l.ksm.set_knob("run", "1").map_err(|e| e.to_string())?;
-            let ok = l.ksm.wait_full_scans(n, Duration::from_secs(args.timeout));
-            l.ksm.set_knob("run", "0").map_err(|e| e.to_string())?;
-            if !ok {
-                return Err(format!("{n} full scans did not complete within {} s", args.timeout));
-            }
-            n
-        }
-        None => l
-            .ksm
-            .run_until_stable(2, Duration::from_secs(args.timeout))
-            .ok_or_else(|| {
-                format!(
-                    "the counters did not settle within {} s; raise --timeout, or --set pages_to_scan=N \
-                     / sleep_millisecs=0 to scan faster",
-                    args.timeout
-                )
-            })?,
-    };
-    let converged = l
-        .ksm
-        .last_change()
-        .map(|t| t.saturating_duration_since(start).as_secs_f64())
-        .unwrap_or(0.0);
-    let rss_after = rss_anon_kib();
-    let verification = if args.no_verify {
+    let mms: Vec<MmId> = l.regions.iter().map(|r| r.0).collect();
+    let mut watch = Watch::new(
+        "samepage",
+        l.workload.total_pages(),
+        progress,
+        opts.prometheus.clone(),
+    );
+    watch.ksm_stat = Box::new(|| mms.iter().map(|&mm| l.ksm.ksm_stat(mm)).collect());
+    let stop = AtomicBool::new(false);
+    let (outcome, changed) = std::thread::scope(|s| {
+        let writer = during.map(|f| s.spawn(|| f(l, &stop)));
+        let out = engines::run(
+            &Samepage(&l.ksm),
+            until,
+            Duration::from_secs(opts.timeout),
+            &mut watch,
+        );
+        stop.store(true, Ordering::Relaxed);
+        let changed = writer
+            .map(|w| w.join().unwrap_or_default())
+            .unwrap_or_default();
+        (out, changed)
+    });
+    let outcome = outcome?;
+    let after = memory_kib();
+    let verification = if opts.no_verify {
         None
     } else {
         let v = l.ksm.verify();
@@ -151,22 +211,44 @@ pub fn run(args: &MergeArgs) -> Result<(), String> {
         if !problems.is_empty() {
             return Err(format!("verification failed: {}", problems.join("; ")));
         }
-        check_contents(&l)?;
+        check_contents(l, &changed)?;
         Some(v)
     };
+    let ksm_stat: Vec<_> = mms.iter().map(|&mm| l.ksm.ksm_stat(mm)).collect();
     let counters = l.ksm.counters();
+    if let Some(path) = &opts.prometheus {
+        crate::prom::write_file(path, &[("samepage", &counters, &ksm_stat)])
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     let report = Report {
+        saved_bytes: counters.saved_pages() * PAGE_SIZE_U64 as i64,
         engine: "live",
-        ksm_stat: l.info.iter().map(|w| l.ksm.ksm_stat(MmId(w.pid))).collect(),
+        ksm_stat,
         workload: l.info.clone(),
         ksm: (counters, tunables_of(|n| l.ksm.knob(n))),
-        full_scans_run: passes,
-        converged_seconds: converged,
-        cpu_seconds: Some(l.ksm.cpu_seconds()),
-        rss_anon_kib_before: Some(rss_before),
-        rss_anon_kib_after: Some(rss_after),
+        full_scans_run: outcome.passes,
+        converged_seconds: outcome.converged_seconds,
+        cpu_seconds: Some(outcome.cpu_seconds),
+        rss_anon_kib_before: Some(before.anon),
+        rss_anon_kib_after: Some(after.anon),
+        pss_kib_before: Some(before.pss),
+        pss_kib_after: Some(after.pss),
         live: Some(l.ksm.stats()),
         verification,
     };
-    report.print(args.run.json)
+    Ok(LiveRun {
+        report,
+        samples: outcome.samples,
+    })
+}
+
+/// `samepage merge`.
+pub fn run(args: &MergeArgs) -> Result<(), String> {
+    engines::catch_interrupts();
+    let l = load(args.run.workload()?, &args.run.knobs()?, &[])?;
+    let r = run_samepage(&l, args.run.until(), &args.live, !args.run.json, None)?;
+    if let Some(p) = &args.live.plot {
+        crate::plot::write(p, "samepage merge", &[("samepage", &r.samples)])?;
+    }
+    r.report.print(args.run.json)
 }

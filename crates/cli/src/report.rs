@@ -15,6 +15,8 @@ pub struct Report {
     #[serde(serialize_with = "ser_ksm")]
     pub ksm: (KsmCounters, Vec<(String, String)>),
     pub ksm_stat: Vec<KsmStat>,
+    /// Memory saved: `(pages_sharing + ksm_zero_pages) * 4096`.
+    pub saved_bytes: i64,
     /// Full scans this run made.
     pub full_scans_run: u64,
     /// Time from engine start to the last change of the merge counters, in seconds
@@ -29,6 +31,12 @@ pub struct Report {
     pub rss_anon_kib_before: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rss_anon_kib_after: Option<u64>,
+    /// Proportional set size of this process (`Pss:`), before and after (live only): a page
+    /// mapped N times counts 1/N each time, so merged pages show as saved whatever backs them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pss_kib_before: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pss_kib_after: Option<u64>,
     /// Copy-on-write, pin and mapping-budget statistics (live only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub live: Option<samepage_linux::LiveStats>,
@@ -121,6 +129,13 @@ impl Report {
         if let (Some(b), Some(a)) = (self.rss_anon_kib_before, self.rss_anon_kib_after) {
             out += &format!(
                 "anonymous memory: {:.1} MiB before, {:.1} MiB after\n",
+                b as f64 / 1024.0,
+                a as f64 / 1024.0
+            );
+        }
+        if let (Some(b), Some(a)) = (self.pss_kib_before, self.pss_kib_after) {
+            out += &format!(
+                "proportional set size (PSS): {:.1} MiB before, {:.1} MiB after\n",
                 b as f64 / 1024.0,
                 a as f64 / 1024.0
             );

@@ -80,6 +80,7 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
     let (passes, last_change_ns) = converge(&mut sys, args.full_scans)?;
     let counters = sys.counters();
     let report = Report {
+        saved_bytes: counters.saved_pages() * samepage_engine::PAGE_SIZE_U64 as i64,
         engine: "sim",
         ksm_stat: workload
             .iter()
@@ -92,6 +93,8 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         cpu_seconds: None,
         rss_anon_kib_before: None,
         rss_anon_kib_after: None,
+        pss_kib_before: None,
+        pss_kib_after: None,
         live: None,
         verification: None,
     };

@@ -68,6 +68,18 @@ impl KsmCounters {
     pub fn saved_pages(&self) -> i64 {
         self.pages_sharing as i64 + self.ksm_zero_pages
     }
+
+    /// The counters that stop changing when merging has converged: `pages_shared`,
+    /// `pages_sharing`, `ksm_zero_pages`, `stable_node_chains`, `stable_node_dups`.
+    pub fn merge_state(&self) -> [i64; 5] {
+        [
+            self.pages_shared as i64,
+            self.pages_sharing as i64,
+            self.ksm_zero_pages,
+            self.stable_node_chains as i64,
+            self.stable_node_dups as i64,
+        ]
+    }
 }
 
 impl fmt::Display for KsmCounters {

@@ -861,7 +861,7 @@ fn split_regions(st: &mut State, addr: u64) {
                 start: addr,
                 pages: r.pages.split_off(at),
                 mergeable: r.mergeable,
-                owned: false,
+                owned: r.owned,
                 registered: r.registered,
             };
             st.regions.insert(ri + 1, tail);

@@ -11,12 +11,14 @@
 //! entry: a write to it arrives as a fault before the copy-on-write, and the count falls then.
 //! Ordinary zero pages (the application reading untouched memory) carry no mark.
 //!
-//! Layout: [`sys`] holds every system call and every `unsafe` block; `state` what is known of
-//! each page; `backend` the `Memory` implementation and the fault handler; [`LiveKsm`] the
-//! threads and the API; [`verify`] checks the page tables against the counters.
+//! Layout: [`sys`] holds every system call and nearly every `unsafe` block; `state` what is
+//! known of each page; `backend` the `Memory` implementation and the fault handler;
+//! [`LiveKsm`] the threads and the API; [`verify`] checks the page tables against the
+//! counters; [`host`] reads and drives the host kernel's KSM, for comparisons.
 
 mod backend;
 mod eligibility;
+pub mod host;
 mod live;
 mod state;
 pub mod sys;

@@ -111,13 +111,7 @@ struct EngineSide {
 
 /// The counters that settle when merging has converged (as in the simulator).
 fn merge_state(c: &KsmCounters) -> [i64; 5] {
-    [
-        c.pages_shared as i64,
-        c.pages_sharing as i64,
-        c.ksm_zero_pages,
-        c.stable_node_chains as i64,
-        c.stable_node_dups as i64,
-    ]
+    c.merge_state()
 }
 
 impl EngineSide {
@@ -288,6 +282,30 @@ impl LiveKsm {
     /// Store `data` at `addr` of a region, as the application would (faults included).
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), LiveError> {
         sys::write_self(addr, data).map_err(io_err("writing region memory"))
+    }
+
+    /// Store one word at `addr` with a user-mode write, as the application would, and return
+    /// how long the store took: the first write to a KSM-placed zero page or a merged page
+    /// includes the write-protect fault and the copy-on-write. Only pages of regions samepage
+    /// created ([`LiveKsm::create_region`]) and that are still mapped are accepted.
+    pub fn timed_store(&self, addr: u64, v: u64) -> Result<Duration, LiveError> {
+        let ok = {
+            let st = self.sh.lock();
+            st.region_at(addr).is_some_and(|ri| {
+                let r = &st.regions[ri];
+                r.owned && r.pages[r.idx(addr)] != PageState::Gone
+            })
+        };
+        if !ok {
+            return Err(LiveError::Ineligible {
+                start: addr,
+                end: addr + 8,
+                reason: "not a mapped page of a region samepage created".into(),
+            });
+        }
+        // SAFETY: the word is inside a region samepage mapped and still maps (regions it owns
+        // are unmapped only by drop_region); no Rust reference points into region memory.
+        Ok(unsafe { sys::timed_store(addr & !7, v) })
     }
 
     /// Load `buf.len()` bytes from `addr`.
@@ -566,24 +584,37 @@ fn check_range(start: u64, len: u64) -> Result<(), LiveError> {
     Ok(())
 }
 
+/// Pages scanned per hold of the engine lock: a batch of `pages_to_scan` runs in chunks of
+/// this many, so that counters and knobs stay readable during a large batch and the time of
+/// the last change is known to within a chunk.
+const CHUNK_PAGES: u64 = 1024;
+
 /// The scanning thread: ksmd's loop, paced by `pages_to_scan` and `sleep_millisecs`.
 fn scan_loop(eng: Arc<Mutex<EngineSide>>, kick: Arc<Kick>, sh: Arc<Shared>, tid: Arc<AtomicI32>) {
     tid.store(sys::gettid(), Ordering::Relaxed);
     sh.scanner_tid.store(sys::gettid(), Ordering::Relaxed);
     while !sh.stop.load(Ordering::Acquire) {
-        let sleep = {
+        // ksm_do_scan(pages_to_scan), a chunk at a time; it ends early at the end of a full
+        // scan, as the kernel's does.
+        let mut left: Option<u64> = None;
+        let sleep = loop {
             let mut g = eng.lock().unwrap_or_else(|e| e.into_inner());
             let EngineSide {
                 ksm, mem, clock, ..
             } = &mut *g;
-            if ksm.ksmd_should_run() {
-                let b = ksm.ksmd_batch(mem, clock);
-                let ms = ksm.tunables().sleep_millisecs;
-                g.after_batch(b);
-                Some(ms)
-            } else {
-                None
+            if !ksm.ksmd_should_run() || sh.stop.load(Ordering::Acquire) {
+                break None;
             }
+            let todo = *left.get_or_insert(ksm.tunables().pages_to_scan as u64);
+            let chunk = todo.min(CHUNK_PAGES);
+            let b = ksm.do_scan(mem, clock, chunk);
+            let ms = ksm.tunables().sleep_millisecs;
+            g.after_batch(b);
+            let rest = todo - b.scanned.min(todo);
+            if rest == 0 || b.full_scan_done || b.scanned < chunk {
+                break Some(ms);
+            }
+            left = Some(rest);
         };
         match sleep {
             // Let callers waiting for the engine (counters, knobs) in between batches.

@@ -587,3 +587,15 @@ pub unsafe fn user_load(addr: u64) -> u64 {
     unsafe { std::sync::atomic::AtomicU64::from_ptr(addr as *mut u64) }
         .load(std::sync::atomic::Ordering::Relaxed)
 }
+
+/// Time one user-mode store of `v` to `addr` (a first write to a shared page includes its
+/// copy-on-write fault).
+///
+/// # Safety
+/// As [`user_store`].
+pub unsafe fn timed_store(addr: u64, v: u64) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    // SAFETY: the caller's guarantee is user_store's.
+    unsafe { user_store(addr, v) };
+    t.elapsed()
+}

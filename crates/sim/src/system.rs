@@ -42,18 +42,11 @@ pub enum SysError {
     Unmerge(#[from] UnmergeError),
 }
 
-/// The counters that settle when merging has converged: `pages_shared`, `pages_sharing`,
-/// `ksm_zero_pages`, `stable_node_chains`, `stable_node_dups`. (`pages_unshared` and
-/// `pages_volatile` keep moving under smart scan, which takes unmergeable pages in and out of
-/// the unstable tree by design.)
+/// The counters that settle when merging has converged ([`KsmCounters::merge_state`]).
+/// (`pages_unshared` and `pages_volatile` keep moving under smart scan, which takes
+/// unmergeable pages in and out of the unstable tree by design.)
 pub fn merge_state(c: &KsmCounters) -> [i64; 5] {
-    [
-        c.pages_shared as i64,
-        c.pages_sharing as i64,
-        c.ksm_zero_pages,
-        c.stable_node_chains as i64,
-        c.stable_node_dups as i64,
-    ]
+    c.merge_state()
 }
 
 /// The whole simulated machine.

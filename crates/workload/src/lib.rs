@@ -6,7 +6,7 @@
 //! are known in advance ([`GenSpec::expected`]).
 
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use samepage_engine::PAGE_SIZE;
 use std::path::{Path, PathBuf};
@@ -219,6 +219,143 @@ impl GenSpec {
                 seed: self.seed,
             },
         })
+    }
+}
+
+/// The demo's machine: `guests` guest-like address spaces of `size / guests` bytes each, laid
+/// out in runs as a virtual machine's memory is. Every guest holds the same OS image (kernel,
+/// libraries, page cache of the same files) at the same addresses (`shared_pct` percent of its
+/// pages), data of its own (`unique_pct`), and free memory that the guest zeroed (the rest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestSpec {
+    pub size: u64,
+    pub guests: u32,
+    pub shared_pct: u32,
+    pub unique_pct: u32,
+    pub seed: u64,
+}
+
+/// What a page of a guest is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestPage {
+    /// Part of the OS image every guest has.
+    Shared,
+    /// The guest's own data.
+    Unique,
+    /// Free memory, zero-filled.
+    Free,
+}
+
+impl GuestSpec {
+    /// Pages per guest, checked.
+    pub fn pages_per_guest(&self) -> Result<u64, WorkloadError> {
+        if self.guests == 0 || self.guests > 64 {
+            return Err(WorkloadError::Invalid(format!(
+                "--guests {} must be between 1 and 64",
+                self.guests
+            )));
+        }
+        if self.shared_pct + self.unique_pct > 100 {
+            return Err(WorkloadError::Invalid(
+                "shared and unique percentages add up to more than 100".into(),
+            ));
+        }
+        let pages = self.size / PAGE_SIZE as u64 / self.guests as u64;
+        if pages < 16 || pages >= (u32::MAX as u64) / 128 {
+            return Err(WorkloadError::Invalid(format!(
+                "--size {} gives {} pages per guest; use at least 64K per guest and less than \
+                 a few TiB in all",
+                self.size, pages
+            )));
+        }
+        Ok(pages)
+    }
+
+    /// The kind of every page of a guest (the same for all guests): runs of 1 to 256 pages.
+    pub fn layout(&self) -> Result<Vec<GuestPage>, WorkloadError> {
+        let n = self.pages_per_guest()?;
+        let mut rng = Pcg64Mcg::seed_from_u64(self.seed);
+        let mut left = [
+            n * self.shared_pct as u64 / 100,
+            n * self.unique_pct as u64 / 100,
+            0,
+        ];
+        left[2] = n - left[0] - left[1];
+        let kinds = [GuestPage::Shared, GuestPage::Unique, GuestPage::Free];
+        let mut out = Vec::with_capacity(n as usize);
+        while (out.len() as u64) < n {
+            // Pick a kind in proportion to what is left of it, then a run of it.
+            let total: u64 = left.iter().sum();
+            let mut r = rng.random_range(0..total);
+            let k = (0..3)
+                .find(|&k| {
+                    if r < left[k] {
+                        true
+                    } else {
+                        r -= left[k];
+                        false
+                    }
+                })
+                .expect("some kind has pages left");
+            let run = rng.random_range(1..=256u64).min(left[k]);
+            out.extend(std::iter::repeat_n(kinds[k], run as usize));
+            left[k] -= run;
+        }
+        Ok(out)
+    }
+
+    /// Counters the guests converge to with `use_zero_pages=1` and `max_page_sharing` at
+    /// least `guests`: one KSM page per OS-image page, shared by every guest.
+    pub fn expected(&self) -> Result<Expected, WorkloadError> {
+        let l = self.layout()?;
+        let shared = l.iter().filter(|&&k| k == GuestPage::Shared).count() as u64;
+        let free = l.iter().filter(|&&k| k == GuestPage::Free).count() as u64;
+        let g = self.guests as u64;
+        Ok(if g > 1 {
+            Expected {
+                pages_shared: shared,
+                pages_sharing: shared * (g - 1),
+                ksm_zero_pages: free * g,
+            }
+        } else {
+            Expected {
+                pages_shared: 0,
+                pages_sharing: 0,
+                ksm_zero_pages: free,
+            }
+        })
+    }
+}
+
+impl Workload {
+    /// The guests of `spec`, one address space each.
+    pub fn guests(spec: &GuestSpec) -> Result<Self, WorkloadError> {
+        let kinds = spec.layout()?;
+        let n = kinds.len() as u32;
+        let spaces = (0..spec.guests)
+            .map(|g| {
+                // Class numbers: OS-image pages by position (the same in every guest), then
+                // each guest's own data in its own range.
+                let own = 1 + n + g * n;
+                let layout = kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| match k {
+                        GuestPage::Shared => 1 + i as u32,
+                        GuestPage::Unique => own + i as u32,
+                        GuestPage::Free => ZERO_CLASS,
+                    })
+                    .collect();
+                Space {
+                    name: format!("guest{g}"),
+                    source: Source::Generated {
+                        layout,
+                        seed: spec.seed,
+                    },
+                }
+            })
+            .collect();
+        Ok(Self { spaces })
     }
 }
 

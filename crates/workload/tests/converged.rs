@@ -5,14 +5,21 @@
 use proptest::prelude::*;
 
 use samepage_sim::SimSystem;
-use samepage_workload::{GenSpec, Workload};
+use samepage_workload::{GenSpec, GuestSpec, Workload};
 
 fn converge(
     spec: &GenSpec,
     max_page_sharing: u64,
     use_zero_pages: bool,
 ) -> samepage_engine::KsmCounters {
-    let w = Workload::generated(spec).unwrap();
+    run(
+        &Workload::generated(spec).unwrap(),
+        max_page_sharing,
+        use_zero_pages,
+    )
+}
+
+fn run(w: &Workload, max_page_sharing: u64, use_zero_pages: bool) -> samepage_engine::KsmCounters {
     let mut sys = SimSystem::new();
     sys.write_knob("max_page_sharing", &max_page_sharing.to_string())
         .unwrap();
@@ -45,6 +52,34 @@ proptest! {
         let spec = GenSpec { size: pages * 4096, zero_pct, dup_pct, group, seed };
         let want = spec.expected(max_page_sharing, use_zero_pages).unwrap();
         let c = converge(&spec, max_page_sharing, use_zero_pages);
+        prop_assert_eq!(
+            (c.pages_shared, c.pages_sharing, c.ksm_zero_pages as u64),
+            (want.pages_shared, want.pages_sharing, want.ksm_zero_pages)
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 30, ..ProptestConfig::default() })]
+
+    /// The demo's guests: one KSM page per OS-image page, every free page a zero page.
+    #[test]
+    fn guests_converge_to_one_os_image(
+        pages_per_guest in 16u64..400,
+        guests in 1u32..6,
+        shared_pct in 0u32..=60,
+        unique_pct in 0u32..=40,
+        seed in any::<u64>(),
+    ) {
+        let spec = GuestSpec {
+            size: pages_per_guest * guests as u64 * 4096,
+            guests,
+            shared_pct,
+            unique_pct,
+            seed,
+        };
+        let want = spec.expected().unwrap();
+        let c = run(&Workload::guests(&spec).unwrap(), 256, true);
         prop_assert_eq!(
             (c.pages_shared, c.pages_sharing, c.ksm_zero_pages as u64),
             (want.pages_shared, want.pages_sharing, want.ksm_zero_pages)

@@ -1,0 +1,192 @@
+//! The two KSM engines a live command can run on the same bytes: samepage's own (a
+//! [`LiveKsm`] in this process) and the host kernel's ksmd. One loop runs either until its
+//! counters settle, watching them for the progress display, the Prometheus file and the plot.
+
+use crate::watch::{Sample, Watch};
+use samepage_engine::KsmCounters;
+use samepage_linux::{host, LiveKsm};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Set by Ctrl-C (SIGINT) or SIGTERM: long loops give up cleanly, so that guards restore
+/// what they changed.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Catch Ctrl-C and SIGTERM for the live commands (installed once).
+pub fn catch_interrupts() {
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+}
+
+fn interrupted() -> Result<(), String> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err("interrupted; everything samepage changed has been put back".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// A KSM engine the run loop can drive.
+pub trait Engine: Sync {
+    /// "samepage" or "kernel".
+    fn name(&self) -> &'static str;
+    /// The global counters (`/sys/kernel/mm/ksm`).
+    fn counters(&self) -> KsmCounters;
+    /// `run=1` or `run=0`.
+    fn set_running(&self, on: bool) -> Result<(), String>;
+    /// When the merge counters last changed, if the engine knows it more precisely than a
+    /// reader polling its counters.
+    fn last_change(&self) -> Option<Instant> {
+        None
+    }
+    /// CPU time the engine has used so far, in seconds.
+    fn cpu_seconds(&self) -> f64;
+}
+
+/// samepage's live engine.
+pub struct Samepage<'a>(pub &'a LiveKsm);
+
+impl Engine for Samepage<'_> {
+    fn name(&self) -> &'static str {
+        "samepage"
+    }
+    fn counters(&self) -> KsmCounters {
+        self.0.counters()
+    }
+    fn set_running(&self, on: bool) -> Result<(), String> {
+        self.0
+            .set_knob("run", if on { "1" } else { "0" })
+            .map_err(|e| e.to_string())
+    }
+    fn last_change(&self) -> Option<Instant> {
+        // Recorded after every scan batch; counters are only readable between batches.
+        self.0.last_change()
+    }
+    fn cpu_seconds(&self) -> f64 {
+        self.0.cpu_seconds()
+    }
+}
+
+/// The host kernel's ksmd (its knobs held by a [`host::KnobGuard`]).
+pub struct Kernel {
+    pub ksmd: Option<u32>,
+}
+
+impl Engine for Kernel {
+    fn name(&self) -> &'static str {
+        "kernel"
+    }
+    fn counters(&self) -> KsmCounters {
+        host::counters().unwrap_or_default()
+    }
+    fn set_running(&self, on: bool) -> Result<(), String> {
+        host::write_knob("run", if on { "1" } else { "0" }).map_err(|e| e.to_string())
+    }
+    fn cpu_seconds(&self) -> f64 {
+        self.ksmd.map(host::ksmd_cpu_ns).unwrap_or(0) as f64 / 1e9
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Full scans the run made.
+    pub passes: u64,
+    /// From `run=1` to the last change of the merge counters.
+    pub converged_seconds: f64,
+    /// CPU the engine used during the run.
+    pub cpu_seconds: f64,
+    /// The counters over time.
+    pub samples: Vec<Sample>,
+}
+
+/// When to stop.
+#[derive(Debug, Clone, Copy)]
+pub enum Until {
+    /// At least this many full scans, then one full scan that changes none of the merge
+    /// counters ([`KsmCounters::merge_state`]).
+    Stable { min_passes: u64 },
+    /// Exactly this many full scans.
+    FullScans(u64),
+}
+
+/// Start the engine, wait as `until` says (or until `timeout`, or Ctrl-C), stop it.
+pub fn run(
+    e: &dyn Engine,
+    until: Until,
+    timeout: Duration,
+    watch: &mut Watch<'_>,
+) -> Result<Outcome, String> {
+    let cpu0 = e.cpu_seconds();
+    let c0 = e.counters();
+    let t0 = Instant::now();
+    e.set_running(true)?;
+    let result = poll(e, until, timeout, watch, t0, c0);
+    let stopped = e.set_running(false);
+    let (passes, polled_change) = result?;
+    stopped?;
+    let cpu = e.cpu_seconds() - cpu0;
+    let last = e.last_change().or(polled_change);
+    let converged = last
+        .map(|t| t.saturating_duration_since(t0).as_secs_f64())
+        .unwrap_or(0.0);
+    watch.observe(t0, &e.counters(), true);
+    Ok(Outcome {
+        passes,
+        converged_seconds: converged,
+        cpu_seconds: cpu,
+        samples: watch.take_samples(),
+    })
+}
+
+fn poll(
+    e: &dyn Engine,
+    until: Until,
+    timeout: Duration,
+    watch: &mut Watch<'_>,
+    t0: Instant,
+    c0: KsmCounters,
+) -> Result<(u64, Option<Instant>), String> {
+    let mut state = c0.merge_state();
+    let mut state_at_pass = state;
+    let mut last_change = None;
+    let mut seen_scans = c0.full_scans;
+    let mut passes = 0;
+    loop {
+        interrupted()?;
+        let c = e.counters();
+        let now = Instant::now();
+        if c.merge_state() != state {
+            state = c.merge_state();
+            last_change = Some(now);
+        }
+        watch.observe(t0, &c, false);
+        if c.full_scans != seen_scans {
+            passes += c.full_scans.saturating_sub(seen_scans);
+            seen_scans = c.full_scans;
+            match until {
+                Until::FullScans(n) if passes >= n => return Ok((passes, last_change)),
+                Until::Stable { min_passes } if passes > min_passes && state == state_at_pass => {
+                    return Ok((passes, last_change))
+                }
+                _ => {}
+            }
+            state_at_pass = state;
+        }
+        if t0.elapsed() > timeout {
+            return Err(match until {
+                Until::FullScans(n) => format!(
+                    "{} did not complete {n} full scans within {} s (raise --timeout)",
+                    e.name(),
+                    timeout.as_secs()
+                ),
+                Until::Stable { .. } => format!(
+                    "the counters of {} did not settle within {} s; raise --timeout, or \
+                     --set pages_to_scan=N / sleep_millisecs=0 to scan faster",
+                    e.name(),
+                    timeout.as_secs()
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
