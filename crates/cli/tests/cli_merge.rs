@@ -1,22 +1,8 @@
 //! `samepage merge` on real memory (needs root or /dev/userfaultfd access, as CI has).
 
-use serde_json::Value;
+mod common;
+use common::*;
 use std::io::Write;
-use std::process::Command;
-
-fn json(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_samepage"))
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("run samepage");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
-}
 
 const SAME: &[&str] = &[
     "pages_shared",
@@ -97,5 +83,29 @@ fn simulate_and_merge_agree_on_the_same_image() {
         );
         assert_eq!(live["verification"]["pfn_mismatches"], 0);
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_message() {
+    let e = err(&["merge", "--image", "/nonexistent/samepage.img"]);
+    assert!(
+        e.contains("cannot read image /nonexistent/samepage.img"),
+        "{e}"
+    );
+    let dir = tmpdir("merge-bad");
+    let img = dir.join("short.img");
+    std::fs::write(&img, [1u8; 5000]).unwrap();
+    let e = err(&["merge", "--image", img.to_str().unwrap()]);
+    assert!(
+        e.contains("not a multiple of the 4096-byte page size"),
+        "{e}"
+    );
+    let e = err(&["merge", "--size", "12345"]);
+    assert!(e.contains("multiple of 4096"), "{e}");
+    let e = err(&["merge", "--set", "bogus=1"]);
+    assert!(e.contains("unknown KSM knob 'bogus'"), "{e}");
+    let e = err(&["merge", "--set", "pages_to_scan=-1"]);
+    assert!(e.contains("EINVAL"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

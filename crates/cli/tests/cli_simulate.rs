@@ -1,33 +1,8 @@
 //! `samepage simulate`, run as a user would: JSON fields and values, exit codes, messages.
 
-use serde_json::Value;
+mod common;
+use common::*;
 use std::io::Write;
-use std::process::{Command, Output};
-
-fn samepage(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_samepage"))
-        .args(args)
-        .output()
-        .expect("run samepage")
-}
-
-fn json(args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let out = samepage(&a);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
-}
-
-fn err(args: &[&str]) -> String {
-    let out = samepage(args);
-    assert!(!out.status.success(), "expected failure for {args:?}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 use samepage_engine::COUNTER_NAMES as COUNTERS;
 

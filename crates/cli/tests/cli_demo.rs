@@ -1,0 +1,187 @@
+//! `samepage demo` on real memory (root or /dev/userfaultfd access, as CI has): the JSON, the
+//! plot, the Prometheus file, and refusals.
+
+mod common;
+use common::*;
+use samepage_workload::{GuestSpec, Workload};
+
+fn spec(size: u64, guests: u32) -> GuestSpec {
+    GuestSpec {
+        size,
+        guests,
+        shared_pct: 35,
+        unique_pct: 35,
+        seed: 1,
+    }
+}
+
+#[test]
+fn quiet_guests_converge_to_one_os_image() {
+    let v = json(&["demo", "--size", "16M", "--guests", "4", "--quiet-guests"]);
+    let want = spec(16 << 20, 4).expected().unwrap();
+    let k = &v["ksm"];
+    assert_eq!(k["pages_shared"], want.pages_shared);
+    assert_eq!(k["pages_sharing"], want.pages_sharing);
+    assert_eq!(k["ksm_zero_pages"], want.ksm_zero_pages);
+    assert_eq!(k["use_zero_pages"], 1);
+    let saved = (want.pages_sharing + want.ksm_zero_pages) * 4096;
+    assert_eq!(v["saved_bytes"], saved);
+    // One ksm_stat per guest; together they hold every zero page.
+    let st = v["ksm_stat"].as_array().unwrap();
+    assert_eq!(st.len(), 4);
+    let zero: i64 = st
+        .iter()
+        .map(|s| s["ksm_zero_pages"].as_i64().unwrap())
+        .sum();
+    assert_eq!(zero as u64, want.ksm_zero_pages);
+    for f in [
+        "converged_seconds",
+        "cpu_seconds",
+        "rss_anon_kib_before",
+        "rss_anon_kib_after",
+    ] {
+        assert!(v[f].as_f64().unwrap() > 0.0, "{f}: {}", v[f]);
+    }
+    // The saved pages left anonymous memory (merged pages moved to the store: at least the
+    // zero pages and the duplicates beyond their canonical page are gone).
+    let freed =
+        v["rss_anon_kib_before"].as_i64().unwrap() - v["rss_anon_kib_after"].as_i64().unwrap();
+    assert!(
+        freed as u64 >= saved / 1024,
+        "freed {freed} KiB, saved {saved} B"
+    );
+    assert_eq!(v["live"]["cow_zero"], 0);
+    assert_eq!(v["live"]["cow_merged"], 0);
+    assert_eq!(v["verification"]["pfn_mismatches"], 0);
+}
+
+#[test]
+fn the_application_breaks_sharing_and_nothing_is_lost() {
+    let dir = tmpdir("demo");
+    let svg = dir.join("demo.svg");
+    let prom = dir.join("demo.prom");
+    let v = json(&[
+        "demo",
+        "--size",
+        "32M",
+        "--plot",
+        svg.to_str().unwrap(),
+        "--prometheus",
+        prom.to_str().unwrap(),
+    ]);
+    let k = &v["ksm"];
+    let want = spec(32 << 20, 4).expected().unwrap();
+    // The application's writes break some sharing (and its pages then differ from the
+    // other guests'); everything else is merged. The contents were checked by the run.
+    let cow = v["live"]["cow_zero"].as_u64().unwrap() + v["live"]["cow_merged"].as_u64().unwrap();
+    assert!(cow > 0, "no write broke sharing: {}", v["live"]);
+    let sharing = k["pages_sharing"].as_u64().unwrap();
+    let zero = k["ksm_zero_pages"].as_u64().unwrap();
+    assert!(
+        sharing <= want.pages_sharing && sharing + 600 >= want.pages_sharing,
+        "{sharing}"
+    );
+    assert!(
+        zero <= want.ksm_zero_pages && zero + 600 >= want.ksm_zero_pages,
+        "{zero}"
+    );
+    // The plot holds the four series, ending at the final counters.
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    let series = svg_series(&svg, "samepage");
+    let names: Vec<&str> = series.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "pages_sharing",
+            "ksm_zero_pages",
+            "pages_unshared",
+            "saved_bytes"
+        ]
+    );
+    for (n, pts) in &series {
+        assert!(pts.len() >= 2, "{n}");
+        assert!(
+            pts.windows(2).all(|w| w[0].0 <= w[1].0),
+            "{n}: time goes forward"
+        );
+    }
+    // The Prometheus file holds the final counters under the kernel's names.
+    let p = std::fs::read_to_string(&prom).unwrap();
+    for c in samepage_engine::COUNTER_NAMES {
+        let name = if c.starts_with("ksm_") {
+            c.to_string()
+        } else {
+            format!("ksm_{c}")
+        };
+        let line = format!("{name}{{engine=\"samepage\"}} {}\n", k[c]);
+        assert!(p.contains(&line), "{line} not in\n{p}");
+    }
+    assert!(p.contains(&format!(
+        "ksm_saved_bytes{{engine=\"samepage\"}} {}\n",
+        v["saved_bytes"]
+    )));
+    // `samepage stat --samepage` reads it back.
+    let st = json(&["stat", "--samepage", prom.to_str().unwrap()]);
+    assert_eq!(st["ksm"]["pages_sharing"], k["pages_sharing"]);
+    assert_eq!(st["derived"]["saved_bytes"], v["saved_bytes"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn text_report_says_what_was_saved() {
+    let out = samepage(&["demo", "--size", "8M", "--guests", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = String::from_utf8(out.stdout).unwrap();
+    for s in [
+        "samepage demo: 2 guests of 4 MiB each",
+        "\npages_sharing ",
+        "\nksm_zero_pages ",
+        "saved: ",
+        "anonymous memory: ",
+        "engine CPU: ",
+        "copy-on-write breaks: ",
+        "converged after ",
+        "verified: ",
+    ] {
+        assert!(t.contains(s), "{s:?} not in\n{t}");
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_message() {
+    let e = err(&["demo", "--size", "16K"]);
+    assert!(e.contains("pages per guest"), "{e}");
+    let e = err(&["demo", "--guests", "0"]);
+    assert!(e.contains("--guests 0 must be between 1 and 64"), "{e}");
+    let e = err(&["demo", "--size", "lots"]);
+    assert!(e.contains("not a size"), "{e}");
+    let e = err(&["demo", "--set", "bogus=1"]);
+    assert!(e.contains("unknown KSM knob 'bogus'"), "{e}");
+    let e = err(&["demo", "--set", "max_page_sharing=1"]);
+    assert!(e.contains("EINVAL"), "{e}");
+    let e = err(&["demo", "--set", "run=1"]);
+    assert!(e.contains("not allowed"), "{e}");
+    let e = err(&["stat", "--samepage", "/nonexistent/samepage.prom"]);
+    assert!(e.contains("cannot read /nonexistent/samepage.prom"), "{e}");
+}
+
+#[test]
+fn the_guests_share_their_os_image_at_the_same_addresses() {
+    let w = Workload::guests(&spec(1 << 20, 2)).unwrap();
+    let mut a = [0u8; 4096];
+    let mut b = [0u8; 4096];
+    let kinds = spec(1 << 20, 2).layout().unwrap();
+    for (i, k) in kinds.iter().enumerate() {
+        w.spaces[0].fill_page(i as u64, &mut a);
+        w.spaces[1].fill_page(i as u64, &mut b);
+        assert_eq!(
+            a == b,
+            *k != samepage_workload::GuestPage::Unique,
+            "page {i}"
+        );
+    }
+}
