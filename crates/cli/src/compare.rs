@@ -72,6 +72,7 @@ fn run_kernel(
     info: &[SpaceInfo],
     knobs: &[(String, String)],
     args: &CompareArgs,
+    probe: Option<&mut dyn FnMut(&[AnonMemory])>,
 ) -> Result<(Report, Vec<Sample>), String> {
     for (k, v) in knobs {
         if host::read_knob(k).map(|s| writable(&s)).ok().as_deref() != Some(v.as_str()) {
@@ -147,6 +148,8 @@ fn run_kernel(
         full_scans_run: outcome.passes,
         converged_seconds: outcome.converged_seconds,
         cpu_seconds: Some(outcome.cpu_seconds),
+        run_seconds: Some(outcome.run_seconds),
+        pages_scanned_run: Some(outcome.pages_scanned),
         rss_anon_kib_before: Some(before.anon),
         rss_anon_kib_after: Some(after.anon),
         pss_kib_before: Some(before.pss),
@@ -154,14 +157,27 @@ fn run_kernel(
         live: None,
         verification: None,
     };
+    if let Some(p) = probe {
+        p(&mems);
+    }
     // Unmerge (which frees the kernel's rmap items) before the memory goes away.
     guard.unmerge_all().map_err(|e| e.to_string())?;
     drop(mems);
     Ok((report, outcome.samples))
 }
 
+/// Looks at each engine's memory once it has converged (a benchmark's latency probe).
+#[derive(Default)]
+pub struct Probes<'a> {
+    pub samepage: Option<&'a mut dyn FnMut(&merge::Loaded)>,
+    pub kernel: Option<&'a mut dyn FnMut(&[AnonMemory])>,
+}
+
 /// Run both engines; the host's knobs are restored however this ends.
-pub fn compare(args: &CompareArgs) -> Result<(Comparison, Vec<Sample>, Vec<Sample>), String> {
+pub fn compare(
+    args: &CompareArgs,
+    probes: Probes<'_>,
+) -> Result<(Comparison, Vec<Sample>, Vec<Sample>), String> {
     engines::catch_interrupts();
     // The host first: refusing takes no time, and nothing runs until it is ours.
     let mut guard = KnobGuard::take().map_err(|e| e.to_string())?;
@@ -170,11 +186,14 @@ pub fn compare(args: &CompareArgs) -> Result<(Comparison, Vec<Sample>, Vec<Sampl
     let l = merge::load(workload.clone(), &[], &knobs)?;
     let info = l.info.clone();
     let sp = merge::run_samepage(&l, args.run.until(), &args.live, !args.run.json, None)?;
+    if let Some(p) = probes.samepage {
+        p(&l);
+    }
     for (_, a, _) in &l.regions {
         l.ksm.drop_region(*a).map_err(|e| e.to_string())?;
     }
     drop(l);
-    let (kernel, ksamples) = run_kernel(&mut guard, &workload, &info, &knobs, args)?;
+    let (kernel, ksamples) = run_kernel(&mut guard, &workload, &info, &knobs, args, probes.kernel)?;
     drop(guard);
     if let Some(path) = &args.live.prometheus {
         let (a, b) = (&sp.report, &kernel);
@@ -304,6 +323,17 @@ impl Comparison {
             "\nsame merge counters (pages_shared, pages_sharing, ksm_zero_pages, chains, dups): {}\n",
             if same { "yes" } else { "no" }
         );
+        if let Some(l) = s.live.filter(|l| l.budget_exhausted) {
+            out += &format!(
+                "samepage's mapping budget ran out ({} merges refused): every isolated merged page \
+                 costs mappings, and vm.max_map_count ({}) caps them; raise it (sysctl \
+                 vm.max_map_count=1048576) to merge everything\n",
+                l.budget_refused,
+                std::fs::read_to_string("/proc/sys/vm/max_map_count")
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            );
+        }
         out += "(anonymous RSS counts a KSM page once per mapping; PSS divides it among them. \
                 samepage's merged pages are file pages of its store, so only PSS compares both.)\n";
         out
@@ -312,7 +342,7 @@ impl Comparison {
 
 /// `samepage compare`.
 pub fn run(args: &CompareArgs) -> Result<(), String> {
-    let (cmp, s, k) = compare(args)?;
+    let (cmp, s, k) = compare(args, Probes::default())?;
     if let Some(p) = &args.live.plot {
         crate::plot::write(
             p,

@@ -95,6 +95,10 @@ pub struct Outcome {
     pub converged_seconds: f64,
     /// CPU the engine used during the run.
     pub cpu_seconds: f64,
+    /// From `run=1` to `run=0`.
+    pub run_seconds: f64,
+    /// Pages the engine scanned during the run.
+    pub pages_scanned: u64,
     /// The counters over time.
     pub samples: Vec<Sample>,
 }
@@ -120,8 +124,9 @@ pub fn run(
     let c0 = e.counters();
     let t0 = Instant::now();
     e.set_running(true)?;
-    let result = poll(e, until, timeout, watch, t0, c0);
+    let result = poll(e, until, timeout, watch, t0, c0.clone());
     let stopped = e.set_running(false);
+    let run_seconds = t0.elapsed().as_secs_f64();
     let (passes, polled_change) = result?;
     stopped?;
     let cpu = e.cpu_seconds() - cpu0;
@@ -129,11 +134,14 @@ pub fn run(
     let converged = last
         .map(|t| t.saturating_duration_since(t0).as_secs_f64())
         .unwrap_or(0.0);
-    watch.observe(t0, &e.counters(), true);
+    let c = e.counters();
+    watch.observe(t0, &c, true);
     Ok(Outcome {
         passes,
         converged_seconds: converged,
         cpu_seconds: cpu,
+        run_seconds,
+        pages_scanned: c.pages_scanned.saturating_sub(c0.pages_scanned),
         samples: watch.take_samples(),
     })
 }

@@ -4,6 +4,7 @@
 //! simulator and the workload crates.
 
 mod args;
+mod bench;
 mod compare;
 mod demo;
 mod engines;
@@ -45,6 +46,9 @@ enum Command {
     /// Show the host kernel's KSM state (or a running samepage's, from its --prometheus
     /// file) in the kernel's layout, with memory saved, profit and sharing ratio.
     Stat(stat::StatArgs),
+    /// Benchmark samepage against the host kernel's ksmd on the same bytes (root): time to
+    /// converge, CPU, scan rate, first-write latency, metadata per page.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(&a),
         Command::Compare(a) => compare::run(&a),
         Command::Stat(a) => stat::run(&a),
+        Command::Bench(a) => bench::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -229,6 +229,8 @@ pub fn run_samepage(
         full_scans_run: outcome.passes,
         converged_seconds: outcome.converged_seconds,
         cpu_seconds: Some(outcome.cpu_seconds),
+        run_seconds: Some(outcome.run_seconds),
+        pages_scanned_run: Some(outcome.pages_scanned),
         rss_anon_kib_before: Some(before.anon),
         rss_anon_kib_after: Some(after.anon),
         pss_kib_before: Some(before.pss),

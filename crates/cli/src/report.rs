@@ -22,6 +22,11 @@ pub struct Report {
     /// Time from engine start to the last change of the merge counters, in seconds
     /// (virtual seconds for the simulator).
     pub converged_seconds: f64,
+    /// Wall time the engine ran (live only), and the pages it scanned meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_scanned_run: Option<u64>,
     /// CPU time of the engine's threads (live only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_seconds: Option<f64>,

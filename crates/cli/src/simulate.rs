@@ -91,6 +91,8 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         full_scans_run: passes,
         converged_seconds: last_change_ns as f64 / 1e9,
         cpu_seconds: None,
+        run_seconds: None,
+        pages_scanned_run: None,
         rss_anon_kib_before: None,
         rss_anon_kib_after: None,
         pss_kib_before: None,

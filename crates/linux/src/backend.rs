@@ -71,8 +71,9 @@ impl Budget {
             return true;
         }
         // The estimate assumed no mapping ever coalesced: count for real, but not more often
-        // than every 256 refusals (counting reads all of /proc/self/maps).
-        if self.refused.is_multiple_of(256) {
+        // than every 4096 refusals (counting reads all of /proc/self/maps, which is long by
+        // then).
+        if self.refused.is_multiple_of(4096) {
             if let Ok(n) = count_maps() {
                 self.baseline = n;
                 self.added = 0;
@@ -268,6 +269,8 @@ pub struct LiveMemory {
     /// the window and the ranges inside it.
     window: (u64, u64, Vec<(u64, u64)>),
     window_last: u64,
+    /// A range with no present anonymous page, as found since the scan last started over.
+    empty: (u64, u64),
 }
 
 impl LiveMemory {
@@ -289,6 +292,7 @@ impl LiveMemory {
             buf2: Box::new([0; PAGE_SIZE]),
             window: (0, 0, Vec::new()),
             window_last: 0,
+            empty: (0, 0),
         })
     }
 
@@ -346,15 +350,27 @@ impl LiveMemory {
 
     /// The first present, non-zero, anonymous page in `[from, end)` of one region, from
     /// PAGEMAP_SCAN over a window of pages that is refreshed as the scan moves on (and when it
-    /// starts over).
+    /// starts over). A range found empty is remembered until the scan starts over, so that a
+    /// region of merged pages (one mapping each, which PAGEMAP_SCAN walks one by one) is
+    /// walked once per pass, not once per page.
     fn present_from(&mut self, mut from: u64, end: u64) -> Option<u64> {
         const WINDOW: u64 = 2048 * PAGE;
+        if from < self.window_last {
+            self.window = (0, 0, Vec::new());
+            self.empty = (0, 0);
+        }
+        self.window_last = from;
+        if self.empty.0 <= from && end <= self.empty.1 {
+            return None;
+        }
+        let start = from;
         loop {
             if from >= end {
+                self.empty = (start, end);
                 return None;
             }
             let (ws, we) = (self.window.0, self.window.1);
-            if !(ws <= from && from < we) || from < self.window_last {
+            if !(ws <= from && from < we) {
                 let wend = end.min(from + WINDOW);
                 let ranges = sys::pagemap_scan(
                     &self.sh.pagemap,
@@ -371,8 +387,9 @@ impl LiveMemory {
                     ranges.iter().map(|r| (r.start, r.end)).collect(),
                 );
             }
-            self.window_last = from;
-            if let Some(&(s, _)) = self.window.2.iter().find(|&&(_, e)| e > from) {
+            let ranges = &self.window.2;
+            let i = ranges.partition_point(|&(_, e)| e <= from);
+            if let Some(&(s, _)) = ranges.get(i) {
                 return Some(s.max(from));
             }
             from = self.window.1;
@@ -504,20 +521,6 @@ impl LiveMemory {
     /// Replace the page at `addr` (claimed, protected, equal to `self.buf`) by canonical page
     /// `k`.
     fn map_canonical(&mut self, mm: MmId, addr: u64, k: u32) -> Result<FrameId, MergeError> {
-        if !self
-            .sh
-            .budget
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            let mut st = self.sh.lock();
-            st.stats.budget_refused += 1;
-            st.stats.budget_exhausted = true;
-            drop(st);
-            self.abort(addr);
-            return Err(MergeError::NoBudget);
-        }
         let slot = self.move_out_checked(addr, Expect::Same)?;
         {
             let mut st = self.sh.lock();
@@ -595,10 +598,28 @@ impl LiveMemory {
         Ok(store_frame(k))
     }
 
+    /// Reserve room in the mapping budget for one merge, before any work is done for it.
+    fn take_budget(&self) -> Result<(), MergeError> {
+        if self
+            .sh
+            .budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            return Ok(());
+        }
+        let mut st = self.sh.lock();
+        st.stats.budget_refused += 1;
+        st.stats.budget_exhausted = true;
+        Err(MergeError::NoBudget)
+    }
+
     fn merge_into(&mut self, mm: MmId, addr: u64, k: u32) -> Result<FrameId, MergeError> {
         if !self.sh.lock().store_refs.contains_key(&k) {
             return Err(MergeError::Gone);
         }
+        self.take_budget()?;
         self.claim(mm, addr)?;
         if self.sh.wp(addr).is_err() {
             self.abort(addr);
@@ -615,6 +636,7 @@ impl LiveMemory {
     }
 
     fn promote(&mut self, mm: MmId, addr: u64) -> Result<FrameId, MergeError> {
+        self.take_budget()?;
         self.claim(mm, addr)?;
         if self.sh.wp(addr).is_err() || !self.sh.read_user(addr, &mut self.buf) {
             self.abort(addr);

@@ -380,3 +380,40 @@ mod tests {
         assert!(AnonMemory::new(100).is_err());
     }
 }
+
+/// Raises `vm.max_map_count` for as long as it lives, and puts the old value back when
+/// dropped: samepage's merges of isolated pages each cost mappings.
+#[derive(Debug)]
+pub struct MaxMapCount {
+    saved: Option<String>,
+}
+
+const MAX_MAP_COUNT: &str = "/proc/sys/vm/max_map_count";
+
+impl MaxMapCount {
+    /// At least `n` (unchanged if it is already that high).
+    pub fn raise(n: u64) -> Result<Self, HostError> {
+        let cur = std::fs::read_to_string(MAX_MAP_COUNT).map_err(|source| HostError::Read {
+            what: MAX_MAP_COUNT.into(),
+            source,
+        })?;
+        let cur = cur.trim().to_string();
+        if cur.parse::<u64>().is_ok_and(|c| c >= n) {
+            return Ok(Self { saved: None });
+        }
+        std::fs::write(MAX_MAP_COUNT, n.to_string()).map_err(|source| HostError::Write {
+            name: MAX_MAP_COUNT.into(),
+            value: n.to_string(),
+            source,
+        })?;
+        Ok(Self { saved: Some(cur) })
+    }
+}
+
+impl Drop for MaxMapCount {
+    fn drop(&mut self) {
+        if let Some(v) = &self.saved {
+            let _ = std::fs::write(MAX_MAP_COUNT, v);
+        }
+    }
+}

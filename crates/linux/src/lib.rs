@@ -27,3 +27,7 @@ pub mod verify;
 pub use backend::LiveMemory;
 pub use live::{LiveError, LiveKsm};
 pub use state::LiveStats;
+
+/// Bytes of the live backend's state for every page of a region (besides the engine's rmap
+/// item for the pages it tracks).
+pub const PAGE_STATE_BYTES: usize = std::mem::size_of::<state::PageState>();

@@ -1,0 +1,401 @@
+//! `samepage bench`: samepage's live engine against the host kernel's ksmd on the same bytes,
+//! one after the other in one run, at full speed (pages_to_scan=100000, sleep_millisecs=0),
+//! as ratios samepage / kernel. Needs root; the host's knobs and vm.max_map_count are restored.
+
+use crate::args::RunArgs;
+use crate::compare::{self, CompareArgs, Comparison, Probes};
+use crate::merge::{LiveOpts, Loaded};
+use clap::Args;
+use samepage_engine::{page_hash, PAGE_SIZE, PAGE_SIZE_U64, RMAP_ITEM_BYTES};
+use samepage_linux::host::{self, AnonMemory};
+use samepage_workload::{parse_size, Workload};
+use serde::Serialize;
+use std::collections::HashMap;
+
+/// `samepage bench` arguments.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Runs of each workload under each engine; the figures are medians.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Size of the four fixed workloads.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Sizes of the scaling series of the mixed workload (comma-separated; empty for none).
+    #[arg(long, value_delimiter = ',', default_value = "256M,512M,1G,2G,4G", value_parser = parse_size)]
+    pub scaling: Vec<u64>,
+    /// Size of the workload whose first writes are timed.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub latency_size: u64,
+    /// First writes timed per kind of page (zero, merged) and engine.
+    #[arg(long, default_value_t = 2000)]
+    pub latency_pages: usize,
+    /// Set a KSM tunable for both engines (repeatable), on top of the full-speed defaults.
+    #[arg(long = "set", value_name = "KNOB=VALUE")]
+    pub set: Vec<String>,
+    /// Give up on a run after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One workload's medians.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub workload: String,
+    pub pages: u64,
+    pub runs: usize,
+    pub samepage_converged_seconds: f64,
+    pub kernel_converged_seconds: f64,
+    pub samepage_cpu_seconds: f64,
+    pub kernel_cpu_seconds: f64,
+    /// Pages scanned per second of engine run time.
+    pub samepage_scan_pages_per_second: f64,
+    pub kernel_scan_pages_per_second: f64,
+    /// samepage / kernel.
+    pub converged_ratio: f64,
+    pub cpu_ratio: f64,
+    pub scan_rate_ratio: f64,
+    /// The merge counters were the same in every run.
+    pub same_counters: bool,
+    pub saved_bytes: i64,
+    pub kernel_saved_bytes: i64,
+}
+
+/// First-write latencies in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub kind: &'static str,
+    pub engine: &'static str,
+    pub pages: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+/// Metadata per page samepage tracks, against the kernel's.
+#[derive(Debug, Clone, Serialize)]
+pub struct Metadata {
+    /// The engine's rmap item, as `general_profit` charges it.
+    pub samepage_rmap_item_bytes: usize,
+    /// The live backend's state of every page of a region.
+    pub samepage_page_state_bytes: usize,
+    pub samepage_bytes_per_page: usize,
+    /// `sizeof(struct ksm_rmap_item)` on 64-bit Linux.
+    pub kernel_bytes_per_page: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub machine: String,
+    pub rows: Vec<Row>,
+    pub latency: Vec<Latency>,
+    pub metadata: Metadata,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
+    }
+}
+
+/// A generated workload's arguments.
+fn run_args(size: u64, zero: u32, dup: u32, set: &[String]) -> RunArgs {
+    RunArgs {
+        images: Vec::new(),
+        size,
+        zero_pct: zero,
+        dup_pct: dup,
+        group: 16,
+        seed: 1,
+        set: set.to_vec(),
+        full_scans: None,
+        json: true,
+    }
+}
+
+fn live_opts(timeout: u64) -> LiveOpts {
+    LiveOpts {
+        no_verify: false,
+        timeout,
+        prometheus: None,
+        plot: None,
+    }
+}
+
+fn scan_rate(r: &crate::report::Report) -> f64 {
+    ratio(
+        r.pages_scanned_run.unwrap_or(0) as f64,
+        r.run_seconds.unwrap_or(0.0),
+    )
+}
+
+fn row(name: &str, run: &RunArgs, a: &BenchArgs) -> Result<Row, String> {
+    let mut cmps: Vec<Comparison> = Vec::new();
+    for i in 0..a.runs {
+        eprintln!("bench: {name}, run {}/{}", i + 1, a.runs);
+        let args = CompareArgs {
+            run: run.clone(),
+            live: live_opts(a.timeout),
+        };
+        cmps.push(compare::compare(&args, Probes::default())?.0);
+    }
+    let m = |f: &dyn Fn(&Comparison) -> f64| median(cmps.iter().map(f).collect());
+    let sc = m(&|c| c.samepage.converged_seconds);
+    let kc = m(&|c| c.kernel.converged_seconds);
+    let scpu = m(&|c| c.samepage.cpu_seconds.unwrap_or(0.0));
+    let kcpu = m(&|c| c.kernel.cpu_seconds.unwrap_or(0.0));
+    let srate = m(&|c| scan_rate(&c.samepage));
+    let krate = m(&|c| scan_rate(&c.kernel));
+    Ok(Row {
+        workload: name.to_string(),
+        pages: cmps[0].samepage.workload.iter().map(|w| w.pages).sum(),
+        runs: a.runs,
+        samepage_converged_seconds: sc,
+        kernel_converged_seconds: kc,
+        samepage_cpu_seconds: scpu,
+        kernel_cpu_seconds: kcpu,
+        samepage_scan_pages_per_second: srate,
+        kernel_scan_pages_per_second: krate,
+        converged_ratio: ratio(sc, kc),
+        cpu_ratio: ratio(scpu, kcpu),
+        scan_rate_ratio: ratio(srate, krate),
+        same_counters: cmps
+            .iter()
+            .all(|c| c.samepage.ksm.0.merge_state() == c.kernel.ksm.0.merge_state()),
+        saved_bytes: cmps[0].samepage.saved_bytes,
+        kernel_saved_bytes: cmps[0].kernel.saved_bytes,
+    })
+}
+
+/// Pages of the first address space by kind: zero-filled, and duplicated (merged).
+fn pages_by_kind(w: &Workload, n: usize) -> (Vec<u64>, Vec<u64>) {
+    let space = &w.spaces[0];
+    let mut buf = [0u8; PAGE_SIZE];
+    let mut count: HashMap<u64, u32> = HashMap::new();
+    let mut hashes = Vec::new();
+    for i in 0..space.pages() {
+        space.fill_page(i, &mut buf);
+        let h = page_hash(&buf);
+        let zero = samepage_engine::is_zero_page(&buf);
+        *count.entry(h).or_default() += 1;
+        hashes.push((h, zero));
+    }
+    let (mut zero, mut dup) = (Vec::new(), Vec::new());
+    for (i, (h, z)) in hashes.into_iter().enumerate() {
+        if z && zero.len() < n {
+            zero.push(i as u64);
+        } else if !z && count[&h] > 1 && dup.len() < n {
+            dup.push(i as u64);
+        }
+    }
+    (zero, dup)
+}
+
+fn latency(kind: &'static str, engine: &'static str, mut us: Vec<f64>) -> Latency {
+    us.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        us.get(((us.len() as f64 * p) as usize).min(us.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Latency {
+        kind,
+        engine,
+        pages: us.len(),
+        p50_us: q(0.5),
+        p99_us: q(0.99),
+        max_us: us.last().copied().unwrap_or(0.0),
+    }
+}
+
+/// First writes to placed zero pages and to merged pages, under each engine.
+fn latencies(a: &BenchArgs) -> Result<Vec<Latency>, String> {
+    let run = run_args(a.latency_size, 30, 40, &a.set);
+    let w = run.workload()?;
+    let (zero, dup) = pages_by_kind(&w, a.latency_pages);
+    let time_sp = |l: &Loaded, pages: &[u64]| -> Vec<f64> {
+        let (_, base, _) = l.regions[0];
+        pages
+            .iter()
+            .filter_map(|&i| l.ksm.timed_store(base + i * PAGE_SIZE_U64 + 8, 0xfeed).ok())
+            .map(|d| d.as_secs_f64() * 1e6)
+            .collect()
+    };
+    let time_k = |m: &[AnonMemory], pages: &[u64]| -> Vec<f64> {
+        pages
+            .iter()
+            .filter_map(|&i| m[0].timed_store(i * PAGE_SIZE_U64 + 8, 0xfeed).ok())
+            .map(|d| d.as_secs_f64() * 1e6)
+            .collect()
+    };
+    let mut sp = (Vec::new(), Vec::new());
+    let mut k = (Vec::new(), Vec::new());
+    let mut probe_sp = |l: &Loaded| sp = (time_sp(l, &zero), time_sp(l, &dup));
+    let mut probe_k = |m: &[AnonMemory]| k = (time_k(m, &zero), time_k(m, &dup));
+    eprintln!("bench: first-write latency");
+    let args = CompareArgs {
+        run,
+        live: LiveOpts {
+            no_verify: true,
+            ..live_opts(a.timeout)
+        },
+    };
+    compare::compare(
+        &args,
+        Probes {
+            samepage: Some(&mut probe_sp),
+            kernel: Some(&mut probe_k),
+        },
+    )?;
+    Ok(vec![
+        latency("zero page", "samepage", sp.0),
+        latency("zero page", "kernel", k.0),
+        latency("merged page", "samepage", sp.1),
+        latency("merged page", "kernel", k.1),
+    ])
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':').map(|x| x.1.trim().to_string()))
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        })
+        .map_or(0.0, |kib| kib as f64 / (1 << 20) as f64);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cpu}, {cores} cores, {mem_gib:.0} GiB, Linux {}",
+        kernel.trim()
+    )
+}
+
+/// Run the whole suite.
+pub fn bench(a: &BenchArgs) -> Result<BenchReport, String> {
+    crate::engines::catch_interrupts();
+    if a.runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    // Isolated merged pages cost samepage mappings: without room the counters would differ.
+    let _maps = host::MaxMapCount::raise(1 << 22).map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    let gib = |s: u64| format!("{:.2} GiB", s as f64 / (1u64 << 30) as f64);
+    for (name, zero, dup) in [
+        ("all zero", 100, 0),
+        ("all unique", 0, 0),
+        ("duplicates in groups of 16", 0, 100),
+        ("mixed 30% zero / 40% dup / 30% unique", 30, 40),
+    ] {
+        let label = format!("{name}, {}", gib(a.size));
+        rows.push(row(&label, &run_args(a.size, zero, dup, &a.set), a)?);
+    }
+    for &s in &a.scaling {
+        let label = format!("mixed, {}", gib(s));
+        rows.push(row(&label, &run_args(s, 30, 40, &a.set), a)?);
+    }
+    let latency = latencies(a)?;
+    let state = samepage_linux::PAGE_STATE_BYTES;
+    Ok(BenchReport {
+        machine: machine(),
+        rows,
+        latency,
+        metadata: Metadata {
+            samepage_rmap_item_bytes: RMAP_ITEM_BYTES,
+            samepage_page_state_bytes: state,
+            samepage_bytes_per_page: RMAP_ITEM_BYTES + state,
+            kernel_bytes_per_page: 64,
+        },
+    })
+}
+
+impl BenchReport {
+    pub fn text(&self) -> String {
+        let mut out = format!(
+            "samepage bench on {}\n(ratios are samepage / kernel; medians)\n\n",
+            self.machine
+        );
+        out += &format!(
+            "{:<44}{:>9}{:>9}{:>7}{:>8}{:>8}{:>7}{:>11}{:>11}{:>7}{:>6}\n",
+            "workload",
+            "conv sp",
+            "conv k",
+            "ratio",
+            "cpu sp",
+            "cpu k",
+            "ratio",
+            "scan/s sp",
+            "scan/s k",
+            "ratio",
+            "same"
+        );
+        for r in &self.rows {
+            out += &format!(
+                "{:<44}{:>9.3}{:>9.3}{:>7.2}{:>8.3}{:>8.3}{:>7.2}{:>11.0}{:>11.0}{:>7.2}{:>6}\n",
+                r.workload,
+                r.samepage_converged_seconds,
+                r.kernel_converged_seconds,
+                r.converged_ratio,
+                r.samepage_cpu_seconds,
+                r.kernel_cpu_seconds,
+                r.cpu_ratio,
+                r.samepage_scan_pages_per_second,
+                r.kernel_scan_pages_per_second,
+                r.scan_rate_ratio,
+                if r.same_counters { "yes" } else { "no" }
+            );
+        }
+        out += "\nfirst write (µs)            engine       pages      p50      p99      max\n";
+        for l in &self.latency {
+            out += &format!(
+                "{:<28}{:<10}{:>8}{:>9.1}{:>9.1}{:>9.1}\n",
+                l.kind, l.engine, l.pages, l.p50_us, l.p99_us, l.max_us
+            );
+        }
+        let m = &self.metadata;
+        out += &format!(
+            "\nmetadata per tracked page: samepage {} bytes (rmap item {} + page state {}), kernel {} bytes\n",
+            m.samepage_bytes_per_page, m.samepage_rmap_item_bytes, m.samepage_page_state_bytes, m.kernel_bytes_per_page
+        );
+        out
+    }
+}
+
+/// `samepage bench`.
+pub fn run(a: &BenchArgs) -> Result<(), String> {
+    let r = bench(a)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", r.text());
+    }
+    Ok(())
+}
