@@ -72,7 +72,7 @@ fn run_kernel(
     info: &[SpaceInfo],
     knobs: &[(String, String)],
     args: &CompareArgs,
-    probe: Option<&mut dyn FnMut(&[AnonMemory])>,
+    probe: Option<KernelProbe<'_>>,
 ) -> Result<(Report, Vec<Sample>), String> {
     for (k, v) in knobs {
         if host::read_knob(k).map(|s| writable(&s)).ok().as_deref() != Some(v.as_str()) {
@@ -166,11 +166,14 @@ fn run_kernel(
     Ok((report, outcome.samples))
 }
 
+/// Looks at the kernel's copy of the workload once ksmd has converged.
+pub type KernelProbe<'a> = &'a mut dyn FnMut(&[AnonMemory]);
+
 /// Looks at each engine's memory once it has converged (a benchmark's latency probe).
 #[derive(Default)]
 pub struct Probes<'a> {
     pub samepage: Option<&'a mut dyn FnMut(&merge::Loaded)>,
-    pub kernel: Option<&'a mut dyn FnMut(&[AnonMemory])>,
+    pub kernel: Option<KernelProbe<'a>>,
 }
 
 /// Run both engines; the host's knobs are restored however this ends.
