@@ -31,7 +31,11 @@ use userfaultfd::{Event, FaultKind, RegisterMode, Uffd};
 /// Frame ids of canonical pages carry this bit; ordinary pages are named by their address.
 pub(crate) const STORE_TAG: u64 = 1 << 63;
 /// Pages of the scratch area the scanner moves pages out to.
-const SCRATCH_PAGES: u64 = 256;
+const SCRATCH_PAGES: u64 = 1024;
+/// Longest run of zero pages placed with one set of userfaultfd calls.
+const ZERO_RUN_PAGES: u64 = 256;
+/// Pages read with one `process_vm_readv` ahead of the scan, for hashing.
+const READ_AHEAD_PAGES: u64 = 64;
 /// The store file grows in steps of this many pages.
 const STORE_GROW_PAGES: u64 = 1 << 16;
 
@@ -151,7 +155,7 @@ impl Shared {
     /// Run a userfaultfd ioctl, retrying while it answers EAGAIN: a non-cooperative event (an
     /// unmap, discard or move by the application) is waiting for the handler thread to read
     /// it. Never call this holding the state lock: the handler may need it to get there.
-    fn retrying(&self, f: impl Fn() -> io::Result<()>) -> io::Result<()> {
+    fn retrying(&self, mut f: impl FnMut() -> io::Result<()>) -> io::Result<()> {
         let mut tries = 0u32;
         loop {
             match f() {
@@ -270,7 +274,13 @@ pub struct LiveMemory {
     window: (u64, u64, Vec<(u64, u64)>),
     window_last: u64,
     /// A range with no present anonymous page, as found since the scan last started over.
-    empty: (u64, u64),
+    none: (u64, u64),
+    /// Pages read ahead of the scan for hashing: `[start, end)` and their bytes. Valid only
+    /// within one chunk of a batch (the engine lock is held throughout).
+    ahead: (u64, u64, Vec<u8>),
+    /// Zero pages the engine merged in this chunk, claimed, to be placed together when the
+    /// chunk ends ([`LiveMemory::end_chunk`]).
+    pending_zero: Vec<(MmId, u64)>,
 }
 
 impl LiveMemory {
@@ -292,18 +302,33 @@ impl LiveMemory {
             buf2: Box::new([0; PAGE_SIZE]),
             window: (0, 0, Vec::new()),
             window_last: 0,
-            empty: (0, 0),
+            none: (0, 0),
+            ahead: (0, 0, vec![0; (READ_AHEAD_PAGES * PAGE) as usize]),
+            pending_zero: Vec::new(),
         })
     }
 
     /// A free scratch slot; empties the scratch area when it is full (never under the lock).
     fn scratch_slot(&mut self) -> u64 {
-        if self.scratch_used == SCRATCH_PAGES {
+        self.scratch_slots(1)
+    }
+
+    /// `n` consecutive free scratch slots (`n` at most `SCRATCH_PAGES`).
+    fn scratch_slots(&mut self, n: u64) -> u64 {
+        if self.scratch_used + n > SCRATCH_PAGES {
             self.flush_scratch();
         }
         let s = self.scratch + self.scratch_used * PAGE;
-        self.scratch_used += 1;
+        self.scratch_used += n;
         s
+    }
+
+    /// The end of a chunk of a scan batch (the engine lock is still held): place the zero
+    /// pages merged in it, and forget the pages read ahead.
+    pub(crate) fn end_chunk(&mut self) {
+        self.flush_zero();
+        self.ahead.0 = 0;
+        self.ahead.1 = 0;
     }
 
     /// Free the pages moved out to scratch, and release canonical pages nothing maps.
@@ -350,24 +375,23 @@ impl LiveMemory {
 
     /// The first present, non-zero, anonymous page in `[from, end)` of one region, from
     /// PAGEMAP_SCAN over a window of pages that is refreshed as the scan moves on (and when it
-    /// starts over). A range found empty is remembered until the scan starts over, so that a
-    /// region of merged pages (one mapping each, which PAGEMAP_SCAN walks one by one) is
-    /// walked once per pass, not once per page.
+    /// starts over). Each answer is remembered as a range without such pages until the scan
+    /// starts over, so that a stretch of merged pages (one mapping each, which PAGEMAP_SCAN
+    /// walks one by one) is walked once per pass, not once per page in it.
     fn present_from(&mut self, mut from: u64, end: u64) -> Option<u64> {
         const WINDOW: u64 = 2048 * PAGE;
         if from < self.window_last {
             self.window = (0, 0, Vec::new());
-            self.empty = (0, 0);
+            self.none = (0, 0);
         }
         self.window_last = from;
-        if self.empty.0 <= from && end <= self.empty.1 {
-            return None;
-        }
         let start = from;
-        loop {
+        if self.none.0 <= from && from < self.none.1 {
+            from = self.none.1;
+        }
+        let found = loop {
             if from >= end {
-                self.empty = (start, end);
-                return None;
+                break None;
             }
             let (ws, we) = (self.window.0, self.window.1);
             if !(ws <= from && from < we) {
@@ -390,10 +414,40 @@ impl LiveMemory {
             let ranges = &self.window.2;
             let i = ranges.partition_point(|&(_, e)| e <= from);
             if let Some(&(s, _)) = ranges.get(i) {
-                return Some(s.max(from));
+                break Some(s.max(from));
             }
             from = self.window.1;
+        };
+        self.none = (start, found.unwrap_or(end));
+        found
+    }
+
+    /// The hash of the ordinary page at `addr` from the pages read ahead, reading the next
+    /// ones (up to the end of the present run PAGEMAP_SCAN found) with one system call if
+    /// `addr` is not among them. A page the application changes meanwhile hashes as it was
+    /// when read, as if the scan had come by a moment earlier: merges compare contents again
+    /// under write protection.
+    fn hash_ahead(&mut self, addr: u64) -> Option<u64> {
+        if addr & STORE_TAG != 0 {
+            return None;
         }
+        if !(self.ahead.0 <= addr && addr + PAGE <= self.ahead.1) {
+            let ranges = &self.window.2;
+            let i = ranges.partition_point(|&(_, e)| e <= addr);
+            let run_end = match ranges.get(i) {
+                Some(&(s, e)) if s <= addr => e,
+                _ => return None,
+            };
+            let n = (run_end - addr).min(READ_AHEAD_PAGES * PAGE);
+            let got = sys::read_self_range(addr, &mut self.ahead.2[..n as usize]).ok()? as u64;
+            self.ahead.0 = addr;
+            self.ahead.1 = addr + got / PAGE * PAGE;
+            if self.ahead.1 < addr + PAGE {
+                return None;
+            }
+        }
+        let off = (addr - self.ahead.0) as usize;
+        Some(page_hash(&self.ahead.2[off..off + PAGE_SIZE]))
     }
 
     /// Put a page back as it was after a failed transaction: unprotect, wake, state `Anon`.
@@ -475,8 +529,161 @@ impl LiveMemory {
         Ok(slot)
     }
 
-    fn place_zero_page(&mut self, mm: MmId, addr: u64) -> Result<FrameId, MergeError> {
-        self.claim(mm, addr)?;
+    /// Place the zero pages merged in this chunk: runs of neighbouring pages go through each
+    /// step of the protocol together (one protect, one move, one read, one zeropage, one
+    /// protect, one PAGEMAP_SCAN and one wake per run).
+    fn flush_zero(&mut self) {
+        if self.pending_zero.is_empty() {
+            return;
+        }
+        let mut pend = std::mem::take(&mut self.pending_zero);
+        pend.sort_unstable_by_key(|&(_, a)| a);
+        let mut i = 0;
+        while i < pend.len() {
+            let (mm, start) = pend[i];
+            let mut j = i + 1;
+            while j < pend.len()
+                && pend[j] == (mm, pend[j - 1].1 + PAGE)
+                && ((j - i) as u64) < ZERO_RUN_PAGES
+            {
+                j += 1;
+            }
+            self.place_zero_run(mm, start, (j - i) as u64);
+            i = j;
+        }
+    }
+
+    /// The zero-page protocol over `n` claimed pages from `start`. Whatever cannot go the
+    /// batched way (a pinned page, a page written under the protection, a range split in
+    /// several mappings) takes the one-page way or is left as it was.
+    fn place_zero_run(&mut self, mm: MmId, start: u64, n: u64) {
+        let fd = self.sh.fd();
+        let end = start + n * PAGE;
+        if self
+            .sh
+            .retrying(|| sys::uffd_wp_range(fd, start, n * PAGE, true, false))
+            .is_err()
+        {
+            for k in 0..n {
+                let _ = self.place_zero_claimed(mm, start + k * PAGE);
+            }
+            return;
+        }
+        // Move out as far as it goes; a page that refuses (pinned: EBUSY) takes the one-page
+        // way, which skips it; a refusal of the whole range too.
+        let slots = self.scratch_slots(n);
+        let mut moved: Vec<(u64, u64)> = Vec::with_capacity(n as usize);
+        let mut a = start;
+        while a < end {
+            let slot = slots + (a - start);
+            let mut progress = 0;
+            let r = self.sh.retrying(|| {
+                let (m, r) = sys::uffd_move_range(fd, a + progress, slot + progress, end - a - progress);
+                progress += m;
+                // Partial progress then EAGAIN: go on from where it stopped.
+                r
+            });
+            for k in 0..progress / PAGE {
+                moved.push((a + k * PAGE, slot + k * PAGE));
+            }
+            a += progress;
+            if a < end {
+                let _ = r;
+                let _ = self.place_zero_claimed(mm, a);
+                a += PAGE;
+            }
+        }
+        // Check the moved-out copies, which nobody can reach: a page written under the
+        // protection (by I/O that ignores it) goes back unchanged.
+        let mut ok: Vec<u64> = Vec::with_capacity(moved.len());
+        let mut seg = 0;
+        while seg < moved.len() {
+            let mut e = seg + 1;
+            while e < moved.len() && moved[e].1 == moved[e - 1].1 + PAGE {
+                e += 1;
+            }
+            let bytes = (e - seg) * PAGE_SIZE;
+            // The read-ahead buffer serves here; what it held is forgotten.
+            self.ahead.0 = 0;
+            self.ahead.1 = 0;
+            let mut buf = std::mem::take(&mut self.ahead.2);
+            buf.resize(bytes.max(buf.len()), 0);
+            let read = sys::read_self_range(moved[seg].1, &mut buf[..bytes]).unwrap_or(0);
+            for (k, &(addr, slot)) in moved[seg..e].iter().enumerate() {
+                let page = &buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+                if (k + 1) * PAGE_SIZE <= read && samepage_engine::is_zero_page(page) {
+                    ok.push(addr);
+                } else {
+                    self.put_back(slot, addr);
+                    self.abort(addr);
+                }
+            }
+            self.ahead.2 = buf;
+            seg = e;
+        }
+        // The holes read as zeros meanwhile (faults wait); map the zero page there and
+        // protect it again: the mark.
+        let mut placed_try: Vec<u64> = Vec::with_capacity(ok.len());
+        let mut r0 = 0;
+        while r0 < ok.len() {
+            let mut r1 = r0 + 1;
+            while r1 < ok.len() && ok[r1] == ok[r1 - 1] + PAGE {
+                r1 += 1;
+            }
+            let (s0, len) = (ok[r0], (r1 - r0) as u64 * PAGE);
+            let mut done = 0;
+            let _ = self.sh.retrying(|| {
+                let (z, r) = sys::uffd_zeropage_range(fd, s0 + done, len - done, false);
+                done += z;
+                r
+            });
+            // A page the zeropage did not reach (unmapped or mapped meanwhile) is left as the
+            // application left it: its contents were zeros.
+            let _ = self
+                .sh
+                .retrying(|| sys::uffd_wp_range(fd, s0, len, true, false));
+            placed_try.extend(ok[r0..r1].iter().copied());
+            r0 = r1;
+        }
+        // Count what carries the mark now, under the lock that the fault handler takes to
+        // uncount.
+        let marked = sys::pagemap_scan(
+            &self.sh.pagemap,
+            start,
+            end,
+            PAGE_IS_PRESENT | PAGE_IS_PFNZERO,
+            PAGE_IS_WRITTEN,
+            PAGE_IS_PRESENT,
+        )
+        .unwrap_or_default();
+        let is_marked = |a: u64| marked.iter().any(|r| r.start <= a && a < r.end);
+        let mut unprotect = Vec::new();
+        {
+            let mut st = self.sh.lock();
+            for &a in &placed_try {
+                st.discarded.remove(&a);
+                let Some((ri, i, PageState::InFlight)) = st.page(mm, a) else {
+                    continue;
+                };
+                // Writers fault and wait for the wake below, so the scan still holds; a
+                // discard meanwhile is reconciled like any discard.
+                if is_marked(a) {
+                    st.regions[ri].pages[i] = PageState::Zero;
+                    st.zero.map_zero_page(mm);
+                } else {
+                    st.regions[ri].pages[i] = PageState::Anon;
+                    unprotect.push(a);
+                }
+            }
+        }
+        for a in unprotect {
+            self.sh.unwp(a, false);
+        }
+        let _ = sys::uffd_wake_range(fd, start, n * PAGE);
+    }
+
+    /// The zero-page protocol on one page the scanner has claimed.
+    fn place_zero_claimed(&mut self, mm: MmId, addr: u64) -> Result<FrameId, MergeError> {
         if self.sh.wp(addr).is_err() {
             self.abort(addr);
             return Err(MergeError::Gone);
@@ -775,6 +982,9 @@ impl Memory for LiveMemory {
     }
 
     fn page_hash(&mut self, frame: FrameId) -> u64 {
+        if let Some(h) = self.hash_ahead(frame.0) {
+            return h;
+        }
         if !self.sh.read_frame(frame, &mut self.buf) {
             // Unreadable (unmapped meanwhile): a value no real page hashes to in practice,
             // so the page looks volatile and the next visit drops it.
@@ -819,7 +1029,13 @@ impl Memory for LiveMemory {
             return Err(MergeError::Gone);
         }
         match into {
-            MergeInto::ZeroPage => self.place_zero_page(mm, addr),
+            MergeInto::ZeroPage => {
+                // Placed with its neighbours when the chunk ends, before the engine lock is
+                // released: nobody sees the page half-way.
+                self.claim(mm, addr)?;
+                self.pending_zero.push((mm, addr));
+                Ok(FrameId(0))
+            }
             MergeInto::Promote => self.promote(mm, addr),
             MergeInto::KsmPage(k) if k.0 & STORE_TAG != 0 => {
                 self.merge_into(mm, addr, (k.0 & !STORE_TAG) as u32)
@@ -829,6 +1045,7 @@ impl Memory for LiveMemory {
     }
 
     fn break_ksm(&mut self, mm: MmId, start: u64, end: u64) -> Result<(), UnmergeError> {
+        self.flush_zero();
         let targets: Vec<u64> = {
             let st = self.sh.lock();
             st.regions

@@ -116,6 +116,7 @@ fn merge_state(c: &KsmCounters) -> [i64; 5] {
 
 impl EngineSide {
     fn after_batch(&mut self, b: ScanBatch) {
+        self.mem.end_chunk();
         if b.full_scan_done {
             self.mem.flush_scratch();
         }

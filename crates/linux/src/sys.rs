@@ -55,6 +55,11 @@ const UFFDIO_WRITEPROTECT: libc::c_ulong =
 /// `UFFDIO_WRITEPROTECT` on one page: protect, or unprotect (waking waiters if `wake`).
 /// EAGAIN means a non-cooperative event (an unmap, discard or move) is waiting to be read.
 pub fn uffd_wp(uffd: RawFd, addr: u64, protect: bool, wake: bool) -> io::Result<()> {
+    uffd_wp_range(uffd, addr, PAGE, protect, wake)
+}
+
+/// `UFFDIO_WRITEPROTECT` on `[addr, addr + len)`.
+pub fn uffd_wp_range(uffd: RawFd, addr: u64, len: u64, protect: bool, wake: bool) -> io::Result<()> {
     const MODE_WP: u64 = 1 << 0;
     const MODE_DONTWAKE: u64 = 1 << 1;
     let mode = match (protect, wake) {
@@ -63,10 +68,7 @@ pub fn uffd_wp(uffd: RawFd, addr: u64, protect: bool, wake: bool) -> io::Result<
         (false, false) => MODE_DONTWAKE,
     };
     let mut w = UffdioWriteprotect {
-        range: UffdioRange {
-            start: addr,
-            len: PAGE,
-        },
+        range: UffdioRange { start: addr, len },
         mode,
     };
     // SAFETY: the ioctl reads the struct we pass; the range belongs to this process.
@@ -76,17 +78,22 @@ pub fn uffd_wp(uffd: RawFd, addr: u64, protect: bool, wake: bool) -> io::Result<
 
 /// `UFFDIO_ZEROPAGE` on one page.
 pub fn uffd_zeropage(uffd: RawFd, addr: u64, wake: bool) -> io::Result<()> {
+    let (done, r) = uffd_zeropage_range(uffd, addr, PAGE, wake);
+    r.and(if done == PAGE { Ok(()) } else { Err(io::Error::from_raw_os_error(libc::EAGAIN)) })
+}
+
+/// `UFFDIO_ZEROPAGE` on `[addr, addr + len)`: the bytes mapped (from `addr`) and how the call
+/// ended (an error stops it part-way).
+pub fn uffd_zeropage_range(uffd: RawFd, addr: u64, len: u64, wake: bool) -> (u64, io::Result<()>) {
     let mut z = UffdioZeropage {
-        range: UffdioRange {
-            start: addr,
-            len: PAGE,
-        },
+        range: UffdioRange { start: addr, len },
         mode: if wake { 0 } else { 1 },
         zeropage: 0,
     };
     // SAFETY: the ioctl reads and writes the struct we pass; the kernel maps the zero page at
-    // addr only if nothing is mapped there.
-    cvt(unsafe { libc::ioctl(uffd, UFFDIO_ZEROPAGE, &mut z as *mut UffdioZeropage) }).map(drop)
+    // each address of the range only if nothing is mapped there.
+    let r = cvt(unsafe { libc::ioctl(uffd, UFFDIO_ZEROPAGE, &mut z as *mut UffdioZeropage) }).map(drop);
+    (z.zeropage.max(0) as u64, r)
 }
 
 /// `UFFDIO_COPY` of one page from `src` (a page-sized buffer) to `addr`, waking waiters.
@@ -105,10 +112,12 @@ pub fn uffd_copy(uffd: RawFd, src: &[u8; PAGE_SIZE], addr: u64) -> io::Result<()
 
 /// `UFFDIO_WAKE` on one page.
 pub fn uffd_wake(uffd: RawFd, addr: u64) -> io::Result<()> {
-    let mut r = UffdioRange {
-        start: addr,
-        len: PAGE,
-    };
+    uffd_wake_range(uffd, addr, PAGE)
+}
+
+/// `UFFDIO_WAKE` on `[addr, addr + len)`.
+pub fn uffd_wake_range(uffd: RawFd, addr: u64, len: u64) -> io::Result<()> {
+    let mut r = UffdioRange { start: addr, len };
     // SAFETY: the ioctl reads the struct we pass.
     cvt(unsafe { libc::ioctl(uffd, UFFDIO_WAKE, &mut r as *mut UffdioRange) }).map(drop)
 }
@@ -355,6 +364,26 @@ pub fn read_self(addr: u64, buf: &mut [u8; PAGE_SIZE]) -> io::Result<()> {
     })
 }
 
+/// Read `buf.len()` bytes of this process's memory at `addr` with one `process_vm_readv`:
+/// the bytes read, which stop short at the first page that cannot be read.
+pub fn read_self_range(addr: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: local describes a writable buffer we own; remote is only read by the kernel,
+    // which checks it.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// Write `data` into this process's memory at `addr` with `process_vm_writev`: like a store
 /// by the application, including its faults (a write-protected page faults to samepage's
 /// handler first), but an unmapped address gives an error instead of a crash.
@@ -377,24 +406,28 @@ pub fn write_self(addr: u64, data: &[u8]) -> io::Result<()> {
 
 /// `UFFDIO_MOVE` one page from `src` to `dst` without waking faulting threads.
 pub fn uffd_move(uffd: RawFd, src: u64, dst: u64) -> io::Result<()> {
+    let (moved, r) = uffd_move_range(uffd, src, dst, PAGE);
+    r.and(if moved == PAGE { Ok(()) } else { Err(io::Error::from_raw_os_error(libc::EAGAIN)) })
+}
+
+/// `UFFDIO_MOVE` of `[src, src + len)` to `dst` without waking faulting threads: the bytes
+/// moved (from the start) and how the call ended. EBUSY stops it at a page that is pinned
+/// (or shared); the pages before it have moved.
+pub fn uffd_move_range(uffd: RawFd, src: u64, dst: u64, len: u64) -> (u64, io::Result<()>) {
     let mut m = UffdioMove {
         dst,
         src,
-        len: PAGE,
+        len,
         mode: UFFDIO_MOVE_MODE_DONTWAKE,
         moved: 0,
     };
-    // SAFETY: the ioctl reads and writes the struct we pass; src and dst are pages of ranges
+    // SAFETY: the ioctl reads and writes the struct we pass; src and dst are ranges
     // registered with this userfaultfd.
-    cvt(unsafe { libc::ioctl(uffd, UFFDIO_MOVE, &mut m as *mut UffdioMove) })?;
-    if m.moved != PAGE as i64 {
-        return Err(io::Error::from_raw_os_error(if m.moved < 0 {
-            (-m.moved) as i32
-        } else {
-            libc::EAGAIN
-        }));
+    let r = cvt(unsafe { libc::ioctl(uffd, UFFDIO_MOVE, &mut m as *mut UffdioMove) }).map(drop);
+    if m.moved < 0 {
+        return (0, Err(io::Error::from_raw_os_error((-m.moved) as i32)));
     }
-    Ok(())
+    (m.moved as u64, r)
 }
 
 /// `PAGEMAP_SCAN` over `[start, end)`: regions whose categories match `required` (all set)
