@@ -36,9 +36,24 @@ pub struct BenchArgs {
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// What to measure (comma-separated): workloads (the four fixed ones), scaling, latency.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "workloads,scaling,latency"
+    )]
+    pub what: Vec<Part>,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A part of the suite.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Workloads,
+    Scaling,
+    Latency,
 }
 
 /// One workload's medians.
@@ -71,6 +86,7 @@ pub struct Latency {
     pub engine: &'static str,
     pub pages: usize,
     pub p50_us: f64,
+    pub p90_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
 }
@@ -217,6 +233,7 @@ fn latency(kind: &'static str, engine: &'static str, mut us: Vec<f64>) -> Latenc
         engine,
         pages: us.len(),
         p50_us: q(0.5),
+        p90_us: q(0.9),
         p99_us: q(0.99),
         max_us: us.last().copied().unwrap_or(0.0),
     }
@@ -306,20 +323,35 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport, String> {
     let _maps = host::MaxMapCount::raise(1 << 22).map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     let gib = |s: u64| format!("{:.2} GiB", s as f64 / (1u64 << 30) as f64);
-    for (name, zero, dup) in [
+    let fixed = [
         ("all zero", 100, 0),
         ("all unique", 0, 0),
         ("duplicates in groups of 16", 0, 100),
         ("mixed 30% zero / 40% dup / 30% unique", 30, 40),
-    ] {
+    ];
+    let fixed = if a.what.contains(&Part::Workloads) {
+        &fixed[..]
+    } else {
+        &[]
+    };
+    for &(name, zero, dup) in fixed {
         let label = format!("{name}, {}", gib(a.size));
         rows.push(row(&label, &run_args(a.size, zero, dup, &a.set), a)?);
     }
-    for &s in &a.scaling {
+    let scaling = if a.what.contains(&Part::Scaling) {
+        &a.scaling[..]
+    } else {
+        &[]
+    };
+    for &s in scaling {
         let label = format!("mixed, {}", gib(s));
         rows.push(row(&label, &run_args(s, 30, 40, &a.set), a)?);
     }
-    let latency = latencies(a)?;
+    let latency = if a.what.contains(&Part::Latency) {
+        latencies(a)?
+    } else {
+        Vec::new()
+    };
     let state = samepage_linux::PAGE_STATE_BYTES;
     Ok(BenchReport {
         machine: machine(),
@@ -370,11 +402,11 @@ impl BenchReport {
                 if r.same_counters { "yes" } else { "no" }
             );
         }
-        out += "\nfirst write (µs)            engine       pages      p50      p99      max\n";
+        out += "\nfirst write (µs)            engine       pages      p50      p90      p99      max\n";
         for l in &self.latency {
             out += &format!(
-                "{:<28}{:<10}{:>8}{:>9.1}{:>9.1}{:>9.1}\n",
-                l.kind, l.engine, l.pages, l.p50_us, l.p99_us, l.max_us
+                "{:<28}{:<10}{:>8}{:>9.1}{:>9.1}{:>9.1}{:>9.1}\n",
+                l.kind, l.engine, l.pages, l.p50_us, l.p90_us, l.p99_us, l.max_us
             );
         }
         let m = &self.metadata;

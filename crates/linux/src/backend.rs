@@ -38,6 +38,9 @@ const ZERO_RUN_PAGES: u64 = 256;
 const READ_AHEAD_PAGES: u64 = 64;
 /// The store file grows in steps of this many pages.
 const STORE_GROW_PAGES: u64 = 1 << 16;
+/// Canonical pages the store can hold: the size of samepage's read-only view of it (virtual
+/// address space only; 64 GiB).
+const STORE_VIEW_PAGES: u64 = 1 << 24;
 
 fn store_frame(k: u32) -> FrameId {
     FrameId(STORE_TAG | k as u64)
@@ -105,6 +108,8 @@ pub(crate) struct Shared {
     pub uffd: Uffd,
     pub state: Mutex<State>,
     pub store: OwnedFd,
+    /// A read-only view of the whole store: canonical pages are compared and hashed in place.
+    store_view: u64,
     store_size_pages: Mutex<u64>,
     pub pagemap: File,
     pub budget: Mutex<Budget>,
@@ -116,10 +121,13 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn new(uffd: Uffd) -> io::Result<Self> {
+        let store = sys::memfd_create("samepage-canonical")?;
+        let store_view = sys::mmap_shared_ro(store.as_raw_fd(), STORE_VIEW_PAGES * PAGE)?;
         Ok(Self {
             uffd,
             state: Mutex::new(State::default()),
-            store: sys::memfd_create("samepage-canonical")?,
+            store,
+            store_view,
             store_size_pages: Mutex::new(0),
             pagemap: File::open("/proc/self/pagemap")?,
             budget: Mutex::new(Budget::new()?),
@@ -141,6 +149,9 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner());
         if (k as u64) < *size {
             return Ok(());
+        }
+        if k as u64 >= STORE_VIEW_PAGES {
+            return Err(io::Error::other("the store of canonical pages is full"));
         }
         let new = (k as u64 / STORE_GROW_PAGES + 1) * STORE_GROW_PAGES;
         sys::ftruncate(&self.store, new * PAGE)?;
@@ -213,10 +224,28 @@ impl Shared {
 
     fn read_frame(&self, f: FrameId, buf: &mut [u8; PAGE_SIZE]) -> bool {
         if f.0 & STORE_TAG != 0 {
-            sys::pread_page(&self.store, buf, (f.0 & !STORE_TAG) * PAGE).is_ok()
+            self.read_store((f.0 & !STORE_TAG) as u32, buf)
         } else {
             self.read_user(f.0, buf)
         }
+    }
+
+    /// Canonical page `k`, read in place through the store's view.
+    fn read_store(&self, k: u32, buf: &mut [u8; PAGE_SIZE]) -> bool {
+        if k as u64
+            >= *self
+                .store_size_pages
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        {
+            return false;
+        }
+        // SAFETY: k is inside the file (below its size, and the view covers the whole
+        // possible store), so the page is mapped and reads its contents, or zeros if it was
+        // released; canonical pages are written only before any page maps them, by pwrite on
+        // this thread, and no Rust reference points into the view.
+        unsafe { sys::read_own(self.store_view + k as u64 * PAGE, &mut buf[..]) };
+        true
     }
 
     /// Recheck zero pages in ranges the application discarded: the count is exact once the
@@ -303,7 +332,7 @@ impl LiveMemory {
             window: (0, 0, Vec::new()),
             window_last: 0,
             none: (0, 0),
-            ahead: (0, 0, vec![0; (READ_AHEAD_PAGES * PAGE) as usize]),
+            ahead: (0, 0, touched(READ_AHEAD_PAGES as usize * PAGE_SIZE)),
             pending_zero: Vec::new(),
         })
     }
@@ -499,9 +528,18 @@ impl LiveMemory {
         let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, to));
     }
 
-    /// Move the protected page at `addr` out to scratch (the pin check), and check the
-    /// moved-out copy against `expect`; on failure the page is put back and released.
-    fn move_out_checked(&mut self, addr: u64, expect: Expect) -> Result<u64, MergeError> {
+    /// A page of the scratch area that a move has just filled, read in place.
+    fn scratch_page<'a>(slot: u64) -> &'a [u8; PAGE_SIZE] {
+        // SAFETY: the scratch area is samepage's own private mapping, unknown to the
+        // application, and stays mapped while samepage runs; the pages moved into it are not
+        // pinned (the move refuses those) and nothing writes them until the scanner frees
+        // them (flush_scratch), after every use of the reference.
+        unsafe { sys::own_page(slot) }
+    }
+
+    /// Move the protected page at `addr` out to scratch (the pin check); on failure the page
+    /// is released.
+    fn move_out(&mut self, addr: u64) -> Result<u64, MergeError> {
         let slot = self.scratch_slot();
         let fd = self.sh.fd();
         if let Err(e) = self.sh.retrying(|| sys::uffd_move(fd, addr, slot)) {
@@ -514,14 +552,20 @@ impl LiveMemory {
                 _ => MergeError::Gone,
             });
         }
-        let ok = self.sh.read_user(slot, &mut self.buf2)
-            && match expect {
-                Expect::Zero => samepage_engine::is_zero_page(&self.buf2[..]),
-                Expect::Same => self.buf[..] == self.buf2[..],
-            };
+        Ok(slot)
+    }
+
+    /// [`Self::move_out`], then check the moved-out copy, which nobody can reach any more,
+    /// against `expect`: a page written under the protection (by I/O that ignores it) goes
+    /// back unchanged.
+    fn move_out_checked(&mut self, addr: u64, expect: Expect) -> Result<u64, MergeError> {
+        let slot = self.move_out(addr)?;
+        let copy = Self::scratch_page(slot);
+        let ok = match expect {
+            Expect::Zero => samepage_engine::is_zero_page(copy),
+            Expect::Same => self.buf[..] == copy[..],
+        };
         if !ok {
-            // Somebody wrote it (I/O that ignores write protection): put it back unchanged.
-            let _ = fd;
             self.put_back(slot, addr);
             self.abort(addr);
             return Err(MergeError::Changed);
@@ -578,7 +622,8 @@ impl LiveMemory {
             let slot = slots + (a - start);
             let mut progress = 0;
             let r = self.sh.retrying(|| {
-                let (m, r) = sys::uffd_move_range(fd, a + progress, slot + progress, end - a - progress);
+                let (m, r) =
+                    sys::uffd_move_range(fd, a + progress, slot + progress, end - a - progress);
                 progress += m;
                 // Partial progress then EAGAIN: go on from where it stopped.
                 r
@@ -596,30 +641,13 @@ impl LiveMemory {
         // Check the moved-out copies, which nobody can reach: a page written under the
         // protection (by I/O that ignores it) goes back unchanged.
         let mut ok: Vec<u64> = Vec::with_capacity(moved.len());
-        let mut seg = 0;
-        while seg < moved.len() {
-            let mut e = seg + 1;
-            while e < moved.len() && moved[e].1 == moved[e - 1].1 + PAGE {
-                e += 1;
+        for &(addr, slot) in &moved {
+            if samepage_engine::is_zero_page(Self::scratch_page(slot)) {
+                ok.push(addr);
+            } else {
+                self.put_back(slot, addr);
+                self.abort(addr);
             }
-            let bytes = (e - seg) * PAGE_SIZE;
-            // The read-ahead buffer serves here; what it held is forgotten.
-            self.ahead.0 = 0;
-            self.ahead.1 = 0;
-            let mut buf = std::mem::take(&mut self.ahead.2);
-            buf.resize(bytes.max(buf.len()), 0);
-            let read = sys::read_self_range(moved[seg].1, &mut buf[..bytes]).unwrap_or(0);
-            for (k, &(addr, slot)) in moved[seg..e].iter().enumerate() {
-                let page = &buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
-                if (k + 1) * PAGE_SIZE <= read && samepage_engine::is_zero_page(page) {
-                    ok.push(addr);
-                } else {
-                    self.put_back(slot, addr);
-                    self.abort(addr);
-                }
-            }
-            self.ahead.2 = buf;
-            seg = e;
         }
         // The holes read as zeros meanwhile (faults wait); map the zero page there and
         // protect it again: the mark.
@@ -688,11 +716,7 @@ impl LiveMemory {
             self.abort(addr);
             return Err(MergeError::Gone);
         }
-        if !self.sh.read_user(addr, &mut self.buf) || !samepage_engine::is_zero_page(&self.buf[..])
-        {
-            self.abort(addr);
-            return Err(MergeError::Changed);
-        }
+        // The scan found it zero; the copy moved out is what counts.
         self.move_out_checked(addr, Expect::Zero)?;
         // addr is a hole now (moved out); the zero page reads like the zeros that were there.
         let fd = self.sh.fd();
@@ -725,10 +749,15 @@ impl LiveMemory {
         }
     }
 
-    /// Replace the page at `addr` (claimed, protected, equal to `self.buf`) by canonical page
-    /// `k`.
-    fn map_canonical(&mut self, mm: MmId, addr: u64, k: u32) -> Result<FrameId, MergeError> {
-        let slot = self.move_out_checked(addr, Expect::Same)?;
+    /// Replace the page at `addr` (claimed, protected, moved out to `slot`, equal to canonical
+    /// page `k`) by a mapping of `k`.
+    fn map_canonical(
+        &mut self,
+        mm: MmId,
+        addr: u64,
+        k: u32,
+        slot: u64,
+    ) -> Result<FrameId, MergeError> {
         {
             let mut st = self.sh.lock();
             if st.discarded.contains_key(&addr) {
@@ -758,16 +787,29 @@ impl LiveMemory {
             self.abort(addr);
             return Err(MergeError::NoBudget);
         }
-        // Map the page in before the mapping is registered, so that reads never fault; minor
-        // faults then only come after the application discarded the page (see handle_event).
-        let _ = sys::madvise(addr, PAGE, libc::MADV_POPULATE_READ);
+        // Register the new mapping, then map its page write-protected in one step: it has no
+        // page yet, so UFFDIO_CONTINUE installs the page-cache page with samepage's
+        // protection (minor faults then only come after the application discarded the page;
+        // see handle_event). If an access in between mapped a page already (a read maps the
+        // canonical page, a write copies it), protect it and look at what is there.
         let registered = self.sh.uffd.register_with_mode(
             addr as *mut libc::c_void,
             PAGE as usize,
             RegisterMode::WRITE_PROTECT | RegisterMode::MINOR,
         );
-        let protected = registered.is_ok() && self.sh.wp(addr).is_ok();
-        let cats = self.sh.categories(addr).unwrap_or(0);
+        let fd = self.sh.fd();
+        let (protected, cats) = if registered.is_err() {
+            (false, 0)
+        } else if self
+            .sh
+            .retrying(|| sys::uffd_continue(fd, addr, false))
+            .is_ok()
+        {
+            (true, PAGE_IS_PRESENT | PAGE_IS_FILE)
+        } else {
+            let protected = self.sh.wp(addr).is_ok();
+            (protected, self.sh.categories(addr).unwrap_or(0))
+        };
         let mut st = self.sh.lock();
         let (ri, i, _) = st.page(mm, addr).expect("claimed page stays in its region");
         if !protected {
@@ -828,27 +870,26 @@ impl LiveMemory {
         }
         self.take_budget()?;
         self.claim(mm, addr)?;
-        if self.sh.wp(addr).is_err() {
+        let readable = self.sh.read_store(k, &mut self.buf);
+        if !readable || self.sh.wp(addr).is_err() {
             self.abort(addr);
             return Err(MergeError::Gone);
         }
-        let same = self.sh.read_user(addr, &mut self.buf)
-            && sys::pread_page(&self.sh.store, &mut self.buf2, k as u64 * PAGE).is_ok()
-            && self.buf[..] == self.buf2[..];
-        if !same {
-            self.abort(addr);
-            return Err(MergeError::Changed);
-        }
-        self.map_canonical(mm, addr, k)
+        // The copy moved out, which nobody can change any more, is compared with k.
+        let slot = self.move_out_checked(addr, Expect::Same)?;
+        self.map_canonical(mm, addr, k, slot)
     }
 
     fn promote(&mut self, mm: MmId, addr: u64) -> Result<FrameId, MergeError> {
         self.take_budget()?;
         self.claim(mm, addr)?;
-        if self.sh.wp(addr).is_err() || !self.sh.read_user(addr, &mut self.buf) {
+        if self.sh.wp(addr).is_err() {
             self.abort(addr);
             return Err(MergeError::Gone);
         }
+        // What was moved out, which nobody can change any more, becomes canonical page k.
+        let slot = self.move_out(addr)?;
+        self.buf.copy_from_slice(Self::scratch_page(slot));
         let k = {
             let mut st = self.sh.lock();
             let k = st.next_offset;
@@ -858,10 +899,11 @@ impl LiveMemory {
         if self.sh.ensure_store_size(k).is_err()
             || sys::pwrite_page(&self.sh.store, &self.buf, k as u64 * PAGE).is_err()
         {
+            self.put_back(slot, addr);
             self.abort(addr);
             return Err(MergeError::NoBudget);
         }
-        let r = self.map_canonical(mm, addr, k);
+        let r = self.map_canonical(mm, addr, k, slot);
         if r.is_err() {
             let _ = sys::punch_hole(&self.sh.store, k as u64 * PAGE, PAGE);
         }
@@ -884,6 +926,32 @@ impl LiveMemory {
         // FAULT_FLAG_UNSHARE's equivalent: a write fault that copies without writing.
         let _ = sys::madvise(addr, PAGE, libc::MADV_POPULATE_WRITE);
     }
+}
+
+/// A buffer whose memory is in use from the start: samepage's own memory shows in the
+/// process's RSS when it starts, not as it scans.
+fn touched(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for page in v.chunks_mut(PAGE_SIZE) {
+        page[0] = 1;
+    }
+    v
+}
+
+/// A frame's contents, from the pages read ahead (`ahead`) when it is one of them.
+fn read_frame_ahead(
+    sh: &Shared,
+    ahead: &(u64, u64, Vec<u8>),
+    f: FrameId,
+    buf: &mut [u8; PAGE_SIZE],
+) -> bool {
+    let a = f.0;
+    if a & STORE_TAG == 0 && ahead.0 <= a && a + PAGE <= ahead.1 {
+        let off = (a - ahead.0) as usize;
+        buf.copy_from_slice(&ahead.2[off..off + PAGE_SIZE]);
+        return true;
+    }
+    sh.read_frame(f, buf)
 }
 
 #[derive(Clone, Copy)]
@@ -997,14 +1065,9 @@ impl Memory for LiveMemory {
         if a == b {
             return true;
         }
-        let (mut x, mut y) = (
-            std::mem::replace(&mut self.buf, Box::new([0; PAGE_SIZE])),
-            std::mem::replace(&mut self.buf2, Box::new([0; PAGE_SIZE])),
-        );
-        let same = self.sh.read_frame(a, &mut x) && self.sh.read_frame(b, &mut y) && x[..] == y[..];
-        self.buf = x;
-        self.buf2 = y;
-        same
+        read_frame_ahead(&self.sh, &self.ahead, a, &mut self.buf)
+            && read_frame_ahead(&self.sh, &self.ahead, b, &mut self.buf2)
+            && self.buf[..] == self.buf2[..]
     }
 
     fn ksm_page_alive(&self, frame: FrameId) -> bool {

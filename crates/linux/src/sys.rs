@@ -59,7 +59,13 @@ pub fn uffd_wp(uffd: RawFd, addr: u64, protect: bool, wake: bool) -> io::Result<
 }
 
 /// `UFFDIO_WRITEPROTECT` on `[addr, addr + len)`.
-pub fn uffd_wp_range(uffd: RawFd, addr: u64, len: u64, protect: bool, wake: bool) -> io::Result<()> {
+pub fn uffd_wp_range(
+    uffd: RawFd,
+    addr: u64,
+    len: u64,
+    protect: bool,
+    wake: bool,
+) -> io::Result<()> {
     const MODE_WP: u64 = 1 << 0;
     const MODE_DONTWAKE: u64 = 1 << 1;
     let mode = match (protect, wake) {
@@ -79,7 +85,11 @@ pub fn uffd_wp_range(uffd: RawFd, addr: u64, len: u64, protect: bool, wake: bool
 /// `UFFDIO_ZEROPAGE` on one page.
 pub fn uffd_zeropage(uffd: RawFd, addr: u64, wake: bool) -> io::Result<()> {
     let (done, r) = uffd_zeropage_range(uffd, addr, PAGE, wake);
-    r.and(if done == PAGE { Ok(()) } else { Err(io::Error::from_raw_os_error(libc::EAGAIN)) })
+    r.and(if done == PAGE {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
+    })
 }
 
 /// `UFFDIO_ZEROPAGE` on `[addr, addr + len)`: the bytes mapped (from `addr`) and how the call
@@ -92,7 +102,8 @@ pub fn uffd_zeropage_range(uffd: RawFd, addr: u64, len: u64, wake: bool) -> (u64
     };
     // SAFETY: the ioctl reads and writes the struct we pass; the kernel maps the zero page at
     // each address of the range only if nothing is mapped there.
-    let r = cvt(unsafe { libc::ioctl(uffd, UFFDIO_ZEROPAGE, &mut z as *mut UffdioZeropage) }).map(drop);
+    let r =
+        cvt(unsafe { libc::ioctl(uffd, UFFDIO_ZEROPAGE, &mut z as *mut UffdioZeropage) }).map(drop);
     (z.zeropage.max(0) as u64, r)
 }
 
@@ -151,10 +162,22 @@ const UFFDIO_CONTINUE: libc::c_ulong = ioc(3, 0xAA, 0x07, std::mem::size_of::<Uf
 /// `UFFDIO_CONTINUE` one page write-protected: map the page-cache page that a minor fault
 /// found, keep samepage's write protection on it, and wake the faulting thread.
 pub fn uffd_continue_wp(uffd: RawFd, addr: u64) -> io::Result<()> {
+    uffd_continue(uffd, addr, true)
+}
+
+/// `UFFDIO_CONTINUE` one page write-protected, waking waiters or not. EEXIST: a page is
+/// mapped there already.
+pub fn uffd_continue(uffd: RawFd, addr: u64, wake: bool) -> io::Result<()> {
+    const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
     let mut c = UffdioContinue {
         start: addr,
         len: PAGE,
-        mode: UFFDIO_CONTINUE_MODE_WP,
+        mode: UFFDIO_CONTINUE_MODE_WP
+            | if wake {
+                0
+            } else {
+                UFFDIO_CONTINUE_MODE_DONTWAKE
+            },
         mapped: 0,
     };
     // SAFETY: the ioctl reads and writes the struct we pass; addr is a page of a range
@@ -256,6 +279,48 @@ pub fn mmap_fixed_file(addr: u64, len: u64, fd: RawFd, off: u64) -> io::Result<(
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `mmap(NULL, len, PROT_READ, MAP_SHARED|MAP_NORESERVE, fd, 0)`: a read-only view of a
+/// file samepage owns (its store of canonical pages).
+pub fn mmap_shared_ro(fd: RawFd, len: u64) -> io::Result<u64> {
+    // SAFETY: a fresh mapping at an address the kernel chooses; nothing existing is replaced.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p as u64)
+}
+
+/// Copy `buf.len()` bytes from `addr`, a range of a mapping samepage made for itself and
+/// that nobody else writes (its scratch area, the view of its store).
+///
+/// # Safety
+/// `[addr, addr + buf.len())` must be mapped and readable for the duration of the call, and
+/// not written meanwhile: no Rust reference to it exists and no other thread stores to it.
+pub unsafe fn read_own(addr: u64, buf: &mut [u8]) {
+    // SAFETY: the caller guarantees the source is mapped, readable and not written; buf is a
+    // distinct, writable buffer of the same length.
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) }
+}
+
+/// The page at `addr` of a mapping samepage made for itself, read in place.
+///
+/// # Safety
+/// As [`read_own`], for as long as the returned reference lives.
+pub unsafe fn own_page<'a>(addr: u64) -> &'a [u8; PAGE_SIZE] {
+    // SAFETY: the caller guarantees the page is mapped, readable and not written while the
+    // reference lives; page alignment satisfies the array's alignment of 1.
+    unsafe { &*(addr as *const [u8; PAGE_SIZE]) }
 }
 
 /// `munmap`.
@@ -407,7 +472,11 @@ pub fn write_self(addr: u64, data: &[u8]) -> io::Result<()> {
 /// `UFFDIO_MOVE` one page from `src` to `dst` without waking faulting threads.
 pub fn uffd_move(uffd: RawFd, src: u64, dst: u64) -> io::Result<()> {
     let (moved, r) = uffd_move_range(uffd, src, dst, PAGE);
-    r.and(if moved == PAGE { Ok(()) } else { Err(io::Error::from_raw_os_error(libc::EAGAIN)) })
+    r.and(if moved == PAGE {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::EAGAIN))
+    })
 }
 
 /// `UFFDIO_MOVE` of `[src, src + len)` to `dst` without waking faulting threads: the bytes
