@@ -528,6 +528,25 @@ impl LiveMemory {
         let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, to));
     }
 
+    /// Does `addr` map canonical page `k` (the same physical page as the store's view)?
+    fn maps_canonical(&self, addr: u64, k: u32) -> bool {
+        // Reading k through the view maps it there, so that it has a PFN to compare.
+        let mut page = [0u8; PAGE_SIZE];
+        if !self.sh.read_store(k, &mut page) {
+            return false;
+        }
+        let pfn = |a: u64| {
+            sys::pagemap_entry(&self.sh.pagemap, a)
+                .ok()
+                .filter(|e| e & sys::PM_PRESENT != 0)
+                .map(|e| e & sys::PM_PFN_MASK)
+        };
+        match (pfn(addr), pfn(self.sh.store_view + k as u64 * PAGE)) {
+            (Some(a), Some(b)) => a == b && a != 0,
+            _ => false,
+        }
+    }
+
     /// A page of the scratch area that a move has just filled, read in place.
     fn scratch_page<'a>(slot: u64) -> &'a [u8; PAGE_SIZE] {
         // SAFETY: the scratch area is samepage's own private mapping, unknown to the
@@ -542,7 +561,19 @@ impl LiveMemory {
     fn move_out(&mut self, addr: u64) -> Result<u64, MergeError> {
         let slot = self.scratch_slot();
         let fd = self.sh.fd();
-        if let Err(e) = self.sh.retrying(|| sys::uffd_move(fd, addr, slot)) {
+        let mut r = self.sh.retrying(|| sys::uffd_move(fd, addr, slot));
+        if r.as_ref().is_err_and(|e| errno(e) == libc::EBUSY) {
+            // A page a fork shared (even with a child that has exited since) is refused like
+            // a pinned one. A write fault makes it the process's own again (reused, or
+            // copied while the child lives) without changing a byte; then try once more.
+            self.sh.unwp(addr, false);
+            let _ = sys::madvise(addr, PAGE, libc::MADV_POPULATE_WRITE);
+            r = self
+                .sh
+                .wp(addr)
+                .and_then(|()| self.sh.retrying(|| sys::uffd_move(fd, addr, slot)));
+        }
+        if let Err(e) = r {
             self.abort(addr);
             return Err(match errno(&e) {
                 libc::EBUSY => {
@@ -830,16 +861,66 @@ impl LiveMemory {
             self.sh.wake(addr);
             return Err(MergeError::Changed);
         }
-        if st.discarded.remove(&addr).is_some() {
-            // The application discarded the page during the transaction: it must read zeros,
-            // not the canonical page. Discard the new mapping's page as well.
-            st.drop_store_ref(k, addr);
-            st.regions[ri].pages[i] = PageState::Anon;
-            drop(st);
-            let _ = sys::madvise(addr, PAGE, libc::MADV_DONTNEED);
-            self.sh.unwp(addr, false);
-            self.sh.wake(addr);
-            return Err(MergeError::Changed);
+        match st.discarded.remove(&addr) {
+            None => {}
+            Some(Discard::Removed) => {
+                // The application discarded the page during the transaction: it must read
+                // zeros, not the canonical page. Discard the new mapping's page as well.
+                st.drop_store_ref(k, addr);
+                st.regions[ri].pages[i] = PageState::Anon;
+                drop(st);
+                let _ = sys::madvise(addr, PAGE, libc::MADV_DONTNEED);
+                self.sh.unwp(addr, false);
+                self.sh.wake(addr);
+                return Err(MergeError::Changed);
+            }
+            // Moved away and back again after the mapping was made: addr maps k, with the
+            // right contents, but the move's event may yet take the protection off. Leave it
+            // an ordinary page that happens to map k (which is then never released).
+            Some(Discard::Moved(to)) if to == addr && self.maps_canonical(addr, k) => {
+                st.escaped.insert(k);
+                st.drop_store_ref(k, addr);
+                st.regions[ri].pages[i] = PageState::Anon;
+                drop(st);
+                self.sh.unwp(addr, false);
+                self.sh.wake(addr);
+                return Err(MergeError::Gone);
+            }
+            Some(Discard::Moved(to)) if to == addr => {
+                // Back before the mapping was made, which the move then replaced: put the
+                // contents back.
+                st.drop_store_ref(k, addr);
+                st.regions[ri].pages[i] = PageState::Anon;
+                drop(st);
+                let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, addr));
+                self.sh.unwp(addr, false);
+                self.sh.wake(addr);
+                return Err(MergeError::Gone);
+            }
+            Some(d @ (Discard::Moved(_) | Discard::Unmapped)) => {
+                // The application moved the page elsewhere or unmapped it while it was out. If
+                // that came after the mapping, the mapping of k went with it (k must then
+                // never be released) and the contents are safe; if it came before, the hole
+                // went and the contents go where it is now. Either way a mapping of k still
+                // at addr is samepage's alone: the application has nothing there any more.
+                st.escaped.insert(k);
+                st.drop_store_ref(k, addr);
+                st.regions[ri].pages[i] = PageState::Gone;
+                let stray = self.maps_canonical(addr, k);
+                if stray {
+                    st.own_unmaps.insert(addr);
+                }
+                drop(st);
+                if let Discard::Moved(to) = d {
+                    // Refused (harmlessly) where the mapping of k went instead of the hole.
+                    let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, to));
+                }
+                if stray {
+                    let _ = sys::munmap(addr, PAGE);
+                }
+                self.sh.wake(addr);
+                return Err(MergeError::Gone);
+            }
         }
         st.regions[ri].pages[i] = PageState::Merged(k);
         drop(st);

@@ -303,3 +303,40 @@ fn run_2_unmerges_everything_and_keeps_contents() {
     }
     assert!(ksm.verify().problems().is_empty());
 }
+
+/// After a fork, the parent's pages are shared with the child (even once the child has
+/// exited, until the parent writes them): UFFDIO_MOVE refuses such pages as it refuses
+/// pinned ones. They must still be merged, not skipped as pinned.
+#[test]
+fn pages_a_fork_shared_are_merged() {
+    let ksm = engine();
+    ksm.set_knob("use_zero_pages", "1").unwrap();
+    let mm = ksm.new_mm();
+    let a = ksm.create_region(mm, 64 * PS).unwrap();
+    for i in 0..64 {
+        ksm.write(a + i * PS, &[if i < 32 { 0x77 } else { 0 }; 4096])
+            .unwrap();
+    }
+    fn child() -> i32 {
+        0
+    }
+    assert_eq!(sys::fork_child(child).unwrap(), 0);
+    ksm.madvise_mergeable(mm, a, 64 * PS).unwrap();
+    ksm.set_knob("run", "1").unwrap();
+    assert!(ksm.wait_full_scans(3, Duration::from_secs(30)));
+    ksm.set_knob("run", "0").unwrap();
+    let c = ksm.counters();
+    assert_eq!(
+        (c.pages_sharing, c.ksm_zero_pages),
+        (31, 32),
+        "{c:?} {:?}",
+        ksm.stats()
+    );
+    assert_eq!(ksm.stats().pinned_skipped, 0);
+    assert!(ksm.verify().problems().is_empty());
+    let mut buf = [0u8; 4096];
+    for i in 0..64 {
+        ksm.read(a + i * PS, &mut buf).unwrap();
+        assert_eq!(buf, [if i < 32 { 0x77 } else { 0 }; 4096]);
+    }
+}
