@@ -185,3 +185,59 @@ fn the_guests_share_their_os_image_at_the_same_addresses() {
         );
     }
 }
+
+/// Without root, CAP_SYS_PTRACE or /dev/userfaultfd access, samepage cannot handle faults of
+/// system calls: it must refuse to start with a sentence that says so (and what to do),
+/// not run in a mode where read(2) into merged memory fails with EFAULT.
+#[test]
+fn without_privileges_it_refuses_with_one_sentence() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: cannot drop to an unprivileged user here; skipped");
+        return;
+    }
+    // A copy of the binary that user 65534 may run.
+    let dir = tmpdir("nobody");
+    let bin = dir.join("samepage");
+    std::fs::copy(env!("CARGO_BIN_EXE_samepage"), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ])
+            .arg(&bin)
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    for cmd in [&["demo", "--size", "1M"][..], &["merge", "--size", "1M"]] {
+        let out = run(cmd);
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {e}");
+        assert!(
+            e.contains("cannot open a userfaultfd that handles faults from system calls")
+                && e.contains("Run it as root, give it CAP_SYS_PTRACE, or grant it read-write access to /dev/userfaultfd"),
+            "{e}"
+        );
+        assert_eq!(e.trim().lines().count(), 1, "one sentence: {e}");
+    }
+    // The host's KSM needs root to drive, but anyone may read it.
+    let out = run(&["compare", "--size", "1M"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(e.contains("needs root"), "{e}");
+    let out = run(&["stat", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -174,3 +174,53 @@ fn stat_shows_the_host_in_the_kernel_layout() {
     let e = err(&["stat", "not-a-pid"]);
     assert!(e.contains("invalid value"), "{e}");
 }
+
+#[test]
+fn bench_reports_ratios_and_restores_the_host() {
+    let _g = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    let before = knobs();
+    let maps = std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap();
+    let v = json(&[
+        "bench",
+        "--runs",
+        "1",
+        "--size",
+        "4M",
+        "--scaling",
+        "2M,4M",
+        "--latency-size",
+        "4M",
+        "--latency-pages",
+        "100",
+    ]);
+    assert_eq!(knobs(), before, "the host's knobs were not restored");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap(),
+        maps,
+        "vm.max_map_count was not restored"
+    );
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "four workloads and two scaling sizes");
+    for r in rows {
+        assert_eq!(r["same_counters"], true, "{r}");
+        for f in [
+            "samepage_cpu_seconds",
+            "kernel_cpu_seconds",
+            "samepage_scan_pages_per_second",
+        ] {
+            assert!(r[f].as_f64().unwrap() > 0.0, "{f}: {r}");
+        }
+    }
+    // All-zero: every page saved by both engines.
+    assert_eq!(rows[0]["saved_bytes"], 4 << 20);
+    assert_eq!(rows[0]["kernel_saved_bytes"], 4 << 20);
+    let lat = v["latency"].as_array().unwrap();
+    assert_eq!(lat.len(), 4);
+    for l in lat {
+        assert!(l["pages"].as_u64().unwrap() > 50, "{l}");
+        assert!(l["p50_us"].as_f64().unwrap() <= l["p99_us"].as_f64().unwrap());
+    }
+    assert_eq!(v["metadata"]["kernel_bytes_per_page"], 64);
+    let e = err(&["bench", "--runs", "0"]);
+    assert!(e.contains("--runs must be at least 1"), "{e}");
+}

@@ -1,7 +1,7 @@
-//! Application threads write, read, read(2) from a pipe into and discard pages of merged
-//! regions (and move them, with SAMEPAGE_STRESS_MREMAP set) while the engine merges and unmerges at full speed. A shadow copy proves
-//! that no byte was lost or changed, and whenever the engine is quiescent the zero-page count
-//! equals the PAGEMAP_SCAN ground truth. `SAMEPAGE_STRESS_OPS` sets the operations per thread.
+//! Application threads write, read, read(2) from a pipe into, discard and move (mremap out and
+//! back) pages of merged regions while the engine merges and unmerges at full speed. A shadow
+//! copy proves that no byte was lost or changed, and whenever the engine is quiescent the
+//! zero-page count equals the PAGEMAP_SCAN ground truth. `SAMEPAGE_STRESS_OPS` sets the operations per thread.
 
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
@@ -90,10 +90,9 @@ fn app_thread(base: u64, shadow: &mut [Page], seed: u64, ops: usize) -> u64 {
                 sys::madvise(a, PS, libc::MADV_DONTNEED).unwrap();
                 shadow[p as usize] = fill(0);
             }
-            // mremap the page out of the region (to a page this thread just mapped) and back,
-            // if SAMEPAGE_STRESS_MREMAP is set: a move that lands during a merge transaction
-            // still loses the page's contents now and then (open issue 3, item 5).
-            93..=97 if std::env::var_os("SAMEPAGE_STRESS_MREMAP").is_some() => {
+            // mremap the page out of the region (to a page this thread just mapped) and back:
+            // moves that land during a merge transaction, before or after its mapping is made.
+            93..=97 => {
                 let park = sys::mmap_anon(PS).unwrap();
                 sys::mremap_fixed(a, PS, park).unwrap();
                 sys::mremap_fixed(park, PS, a).unwrap();
