@@ -71,3 +71,37 @@ fn merges_duplicates_and_places_zero_pages() {
     assert_eq!(ksm.stats().cow_merged, 1);
     assert!(ksm.verify().problems().is_empty());
 }
+
+fn maps() -> usize {
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().count()
+}
+
+/// Runs of duplicates (the same pages in the same order in two address spaces, as guests
+/// share an OS image) get consecutive offsets in the store, so their mappings coalesce: the
+/// mapping count grows by a handful, not by two per merged page.
+#[test]
+fn adjacent_duplicates_coalesce_into_few_mappings() {
+    let ksm = LiveKsm::new().expect("live engine");
+    ksm.set_knob("pages_to_scan", "10000").unwrap();
+    ksm.set_knob("sleep_millisecs", "0").unwrap();
+    let n = 256u64;
+    let (m1, m2) = (ksm.new_mm(), ksm.new_mm());
+    let a = ksm.create_region(m1, n * PS).unwrap();
+    let b = ksm.create_region(m2, n * PS).unwrap();
+    for i in 0..n {
+        let p = page(0xee, i);
+        ksm.write(a + i * PS, &p).unwrap();
+        ksm.write(b + i * PS, &p).unwrap();
+    }
+    let before = maps();
+    ksm.madvise_mergeable(m1, a, n * PS).unwrap();
+    ksm.madvise_mergeable(m2, b, n * PS).unwrap();
+    ksm.set_knob("run", "1").unwrap();
+    assert!(ksm.wait_full_scans(3, Duration::from_secs(30)));
+    ksm.set_knob("run", "0").unwrap();
+    let c = ksm.counters();
+    assert_eq!((c.pages_shared, c.pages_sharing), (n, n));
+    let added = maps() - before;
+    assert!(added <= 8, "{added} mappings for {} merged pages", 2 * n);
+    assert!(ksm.verify().problems().is_empty());
+}
