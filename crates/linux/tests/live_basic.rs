@@ -73,7 +73,10 @@ fn merges_duplicates_and_places_zero_pages() {
 }
 
 fn maps() -> usize {
-    std::fs::read_to_string("/proc/self/maps").unwrap().lines().count()
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
 }
 
 /// Runs of duplicates (the same pages in the same order in two address spaces, as guests
