@@ -10,25 +10,6 @@ use samepage_linux::LiveKsm;
 use samepage_workload::{parse_size, GenSpec, Workload};
 use std::time::{Duration, Instant};
 
-/// Restores vm.max_map_count when dropped, even on panic.
-struct MapCount(String);
-
-impl MapCount {
-    fn raise(to: u64) -> Self {
-        let old =
-            std::fs::read_to_string("/proc/sys/vm/max_map_count").expect("read max_map_count");
-        std::fs::write("/proc/sys/vm/max_map_count", to.to_string())
-            .expect("raise vm.max_map_count (root)");
-        MapCount(old.trim().to_string())
-    }
-}
-
-impl Drop for MapCount {
-    fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/vm/max_map_count", &self.0);
-    }
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -47,7 +28,8 @@ fn main() {
         seed: 1,
     };
     let w = Workload::generated(&spec).unwrap();
-    let _guard = MapCount::raise(1 << 20);
+    let _guard =
+        samepage_linux::host::MaxMapCount::raise(1 << 20).expect("raise vm.max_map_count (root)");
     let mut rows: Vec<[f64; 5]> = Vec::new();
     for run in 0..3 {
         let ksm = LiveKsm::new().expect("live engine");
