@@ -133,30 +133,21 @@ fn run_kernel(
             }
         }
     }
-    let report = Report {
-        engine: "kernel",
-        workload: info.to_vec(),
-        saved_bytes: counters.saved_pages() * PAGE_SIZE_U64 as i64,
-        ksm: (
-            counters,
-            host::tunables()
-                .into_iter()
-                .map(|(k, v)| (k, writable(&v)))
-                .collect(),
-        ),
-        ksm_stat: vec![ksm_stat],
-        full_scans_run: outcome.passes,
-        converged_seconds: outcome.converged_seconds,
-        cpu_seconds: Some(outcome.cpu_seconds),
-        run_seconds: Some(outcome.run_seconds),
-        pages_scanned_run: Some(outcome.pages_scanned),
-        rss_anon_kib_before: Some(before.anon),
-        rss_anon_kib_after: Some(after.anon),
-        pss_kib_before: Some(before.pss),
-        pss_kib_after: Some(after.pss),
-        live: None,
-        verification: None,
-    };
+    let tunables = host::tunables()
+        .into_iter()
+        .map(|(k, v)| (k, writable(&v)))
+        .collect();
+    let report = Report::live(
+        "kernel",
+        info.to_vec(),
+        (counters, tunables),
+        vec![ksm_stat],
+        &outcome,
+        before,
+        after,
+        None,
+        None,
+    );
     if let Some(p) = probe {
         p(&mems);
     }

@@ -220,24 +220,17 @@ pub fn run_samepage(
         crate::prom::write_file(path, &[("samepage", &counters, &ksm_stat)])
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
-    let report = Report {
-        saved_bytes: counters.saved_pages() * PAGE_SIZE_U64 as i64,
-        engine: "live",
+    let report = Report::live(
+        "live",
+        l.info.clone(),
+        (counters, tunables_of(|n| l.ksm.knob(n))),
         ksm_stat,
-        workload: l.info.clone(),
-        ksm: (counters, tunables_of(|n| l.ksm.knob(n))),
-        full_scans_run: outcome.passes,
-        converged_seconds: outcome.converged_seconds,
-        cpu_seconds: Some(outcome.cpu_seconds),
-        run_seconds: Some(outcome.run_seconds),
-        pages_scanned_run: Some(outcome.pages_scanned),
-        rss_anon_kib_before: Some(before.anon),
-        rss_anon_kib_after: Some(after.anon),
-        pss_kib_before: Some(before.pss),
-        pss_kib_after: Some(after.pss),
-        live: Some(l.ksm.stats()),
+        &outcome,
+        before,
+        after,
+        Some(l.ksm.stats()),
         verification,
-    };
+    );
     Ok(LiveRun {
         report,
         samples: outcome.samples,

@@ -58,7 +58,8 @@ pub struct SpaceInfo {
     pub pages: u64,
 }
 
-fn ser_ksm<S: serde::Serializer>(
+/// The `"ksm"` object: every counter and tunable by its sysfs name.
+pub(crate) fn ser_ksm<S: serde::Serializer>(
     v: &(KsmCounters, Vec<(String, String)>),
     s: S,
 ) -> Result<S::Ok, S::Error> {
@@ -74,6 +75,41 @@ fn ser_ksm<S: serde::Serializer>(
         m.insert(k.clone(), j);
     }
     Value::Object(m).serialize(s)
+}
+
+impl Report {
+    /// The report of a run of a live engine (samepage's or the kernel's).
+    #[allow(clippy::too_many_arguments)]
+    pub fn live(
+        engine: &'static str,
+        workload: Vec<SpaceInfo>,
+        ksm: (KsmCounters, Vec<(String, String)>),
+        ksm_stat: Vec<KsmStat>,
+        outcome: &crate::engines::Outcome,
+        before: crate::merge::MemoryKib,
+        after: crate::merge::MemoryKib,
+        live: Option<samepage_linux::LiveStats>,
+        verification: Option<samepage_linux::verify::Verification>,
+    ) -> Self {
+        Self {
+            engine,
+            workload,
+            saved_bytes: ksm.0.saved_pages() * samepage_engine::PAGE_SIZE_U64 as i64,
+            ksm,
+            ksm_stat,
+            full_scans_run: outcome.passes,
+            converged_seconds: outcome.converged_seconds,
+            cpu_seconds: Some(outcome.cpu_seconds),
+            run_seconds: Some(outcome.run_seconds),
+            pages_scanned_run: Some(outcome.pages_scanned),
+            rss_anon_kib_before: Some(before.anon),
+            rss_anon_kib_after: Some(after.anon),
+            pss_kib_before: Some(before.pss),
+            pss_kib_after: Some(after.pss),
+            live,
+            verification,
+        }
+    }
 }
 
 /// Tunables as (name, shown value), in `ls` order.

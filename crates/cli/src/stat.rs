@@ -57,30 +57,12 @@ pub fn derive(c: &KsmCounters) -> Derived {
 #[derive(Debug, Serialize)]
 pub struct State {
     pub engine: String,
-    #[serde(serialize_with = "ser_counters")]
+    #[serde(serialize_with = "crate::report::ser_ksm")]
     pub ksm: (KsmCounters, Vec<(String, String)>),
     pub derived: Derived,
     pub ksm_stat: Vec<KsmStat>,
 }
 
-fn ser_counters<S: serde::Serializer>(
-    v: &(KsmCounters, Vec<(String, String)>),
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    let mut m = match serde_json::to_value(&v.0).map_err(serde::ser::Error::custom)? {
-        serde_json::Value::Object(m) => m,
-        _ => serde_json::Map::new(),
-    };
-    for (k, val) in &v.1 {
-        m.insert(
-            k.clone(),
-            val.parse::<i64>()
-                .map(serde_json::Value::from)
-                .unwrap_or_else(|_| val.clone().into()),
-        );
-    }
-    serde::Serialize::serialize(&serde_json::Value::Object(m), s)
-}
 
 fn mib(b: i64) -> f64 {
     b as f64 / (1 << 20) as f64
