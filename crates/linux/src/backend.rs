@@ -634,6 +634,11 @@ impl LiveMemory {
     fn place_zero_run(&mut self, mm: MmId, start: u64, n: u64) {
         let fd = self.sh.fd();
         let end = start + n * PAGE;
+        // Room for the run and for every page of it going the one-page way: the scratch area
+        // must not be emptied while moved-out pages wait in it.
+        if self.scratch_used + 2 * n > SCRATCH_PAGES {
+            self.flush_scratch();
+        }
         if self
             .sh
             .retrying(|| sys::uffd_wp_range(fd, start, n * PAGE, true, false))
@@ -664,7 +669,8 @@ impl LiveMemory {
             }
             a += progress;
             if a < end {
-                let _ = r;
+                // Refused here (r says why): the one-page way decides (and counts a pin).
+                drop(r);
                 let _ = self.place_zero_claimed(mm, a);
                 a += PAGE;
             }
