@@ -63,7 +63,6 @@ pub struct State {
     pub ksm_stat: Vec<KsmStat>,
 }
 
-
 fn mib(b: i64) -> f64 {
     b as f64 / (1 << 20) as f64
 }

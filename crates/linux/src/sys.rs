@@ -362,23 +362,6 @@ pub fn pwrite_page(fd: &OwnedFd, buf: &[u8; PAGE_SIZE], off: u64) -> io::Result<
     Ok(())
 }
 
-/// `pread` of one page.
-pub fn pread_page(fd: &OwnedFd, buf: &mut [u8; PAGE_SIZE], off: u64) -> io::Result<()> {
-    // SAFETY: buf is a valid writable buffer of PAGE_SIZE bytes.
-    let n = unsafe {
-        libc::pread(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            PAGE_SIZE,
-            off as libc::off_t,
-        )
-    };
-    if n != PAGE_SIZE as isize {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Release the memory of a range of a memfd (`FALLOC_FL_PUNCH_HOLE`).
 pub fn punch_hole(fd: &OwnedFd, off: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain system call on an owned descriptor.
