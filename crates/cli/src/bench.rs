@@ -338,6 +338,13 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport, String> {
         let label = format!("{name}, {}", gib(a.size));
         rows.push(row(&label, &run_args(a.size, zero, dup, &a.set), a)?);
     }
+    // samepage's zero-only fast path against the kernel's rule, on the workloads with zeros.
+    let mut fast = a.set.clone();
+    fast.push("zero_pages_first_visit=1".into());
+    for &(name, zero, dup) in fixed.iter().filter(|w| w.1 > 0) {
+        let label = format!("{name}, {}, first visit", gib(a.size));
+        rows.push(row(&label, &run_args(a.size, zero, dup, &fast), a)?);
+    }
     let scaling = if a.what.contains(&Part::Scaling) {
         &a.scaling[..]
     } else {

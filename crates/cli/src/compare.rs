@@ -75,6 +75,10 @@ fn run_kernel(
     probe: Option<KernelProbe<'_>>,
 ) -> Result<(Report, Vec<Sample>), String> {
     for (k, v) in knobs {
+        // samepage's own knobs have no file on the host.
+        if samepage_engine::SAMEPAGE_ONLY_TUNABLES.contains(&k.as_str()) {
+            continue;
+        }
         if host::read_knob(k).map(|s| writable(&s)).ok().as_deref() != Some(v.as_str()) {
             guard
                 .set(k, v)

@@ -200,7 +200,15 @@ fn bench_reports_ratios_and_restores_the_host() {
         "vm.max_map_count was not restored"
     );
     let rows = v["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 6, "four workloads and two scaling sizes");
+    assert_eq!(
+        rows.len(),
+        8,
+        "four workloads, two with samepage's first-visit zero pages, two scaling sizes"
+    );
+    assert!(rows[4]["workload"]
+        .as_str()
+        .unwrap()
+        .ends_with("first visit"));
     for r in rows {
         assert_eq!(r["same_counters"], true, "{r}");
         for f in [

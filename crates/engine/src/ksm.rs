@@ -261,6 +261,7 @@ impl Ksm {
                 }
             }
             KnobValue::UseZeroPages(b) => self.tun.use_zero_pages = b,
+            KnobValue::ZeroPagesFirstVisit(b) => self.tun.zero_pages_first_visit = b,
             KnobValue::MaxPageSharing(n) => {
                 if n != self.tun.max_page_sharing {
                     if self.pages_shared != 0 || self.remove_all_stable_nodes(mem) {
@@ -1131,11 +1132,17 @@ impl Ksm {
             self.remove_rmap_item_from_tree(mem, it);
             hash = mem.page_hash(page.frame);
             let checksum = hash as u32;
+            let zero = self.tun.use_zero_pages && checksum == self.zero_checksum;
             if self.items[it].oldchecksum != checksum {
                 self.items[it].oldchecksum = checksum;
-                return;
+                // The volatility rule, unless zero pages go on their first visit: placing
+                // one is checked under write protection, and a write after it only costs
+                // the copy-on-write the page would have taken anyway.
+                if !(zero && self.tun.zero_pages_first_visit) {
+                    return;
+                }
             }
-            if self.tun.use_zero_pages && checksum == self.zero_checksum {
+            if zero {
                 match mem.merge(mm, addr, page.frame, MergeInto::ZeroPage) {
                     Ok(_) | Err(MergeError::Gone) => return,
                     Err(_) => {}

@@ -67,5 +67,5 @@ pub use counters::{KsmCounters, KsmStat, COUNTER_NAMES};
 pub use ksm::{Ksm, ScanBatch, RMAP_ITEM_BYTES};
 pub use memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
 pub use page::{calc_checksum, is_zero_page, page_hash, FrameId, MmId, PAGE_SIZE, PAGE_SIZE_U64};
-pub use tunables::{AdvisorMode, KnobError, Run, Tunables, TUNABLE_NAMES};
+pub use tunables::{AdvisorMode, KnobError, Run, Tunables, SAMEPAGE_ONLY_TUNABLES, TUNABLE_NAMES};
 pub use zero_pages::KsmZeroPages;

@@ -50,6 +50,10 @@ pub struct Tunables {
     pub advisor_min_pages_to_scan: u64,
     pub advisor_max_pages_to_scan: u64,
     pub advisor_target_scan_time: u64,
+    /// samepage's own knob, not the kernel's: with `use_zero_pages`, merge a zero-filled page
+    /// with the zero page on its first visit instead of waiting a full scan for its checksum
+    /// to hold still (the zero-only fast path). Off by default: the kernel's behaviour.
+    pub zero_pages_first_visit: bool,
 }
 
 impl Default for Tunables {
@@ -68,6 +72,7 @@ impl Default for Tunables {
             advisor_min_pages_to_scan: 500,
             advisor_max_pages_to_scan: 30000,
             advisor_target_scan_time: 200,
+            zero_pages_first_visit: false,
         }
     }
 }
@@ -87,7 +92,12 @@ pub const TUNABLE_NAMES: &[&str] = &[
     "smart_scan",
     "stable_node_chains_prune_millisecs",
     "use_zero_pages",
+    SAMEPAGE_ONLY_TUNABLES[0],
 ];
+
+/// Knobs samepage has and the kernel does not (listed after the kernel's in
+/// [`TUNABLE_NAMES`]); comparisons with the host's KSM leave them out on its side.
+pub const SAMEPAGE_ONLY_TUNABLES: &[&str] = &["zero_pages_first_visit"];
 
 /// Why a write to a knob was refused. The errno names are the kernel's.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -131,6 +141,7 @@ pub(crate) enum KnobValue {
     AdvisorMinPages(u64),
     AdvisorMaxPages(u64),
     AdvisorTargetScanTime(u64),
+    ZeroPagesFirstVisit(bool),
 }
 
 fn invalid(name: &str, value: &str, why: &'static str) -> KnobError {
@@ -205,6 +216,7 @@ pub(crate) fn parse_knob(name: &str, value: &str) -> Result<KnobValue, KnobError
             _ => return Err(invalid(name, value, "merge_across_nodes takes 0 or 1")),
         },
         "use_zero_pages" => KnobValue::UseZeroPages(parse_bool(name, value)?),
+        "zero_pages_first_visit" => KnobValue::ZeroPagesFirstVisit(parse_bool(name, value)?),
         "max_page_sharing" => {
             let v = parse_int(name, value)?;
             if v < 2 {
@@ -261,6 +273,7 @@ impl Tunables {
             "sleep_millisecs" => self.sleep_millisecs.to_string(),
             "merge_across_nodes" => u32::from(self.merge_across_nodes).to_string(),
             "use_zero_pages" => u32::from(self.use_zero_pages).to_string(),
+            "zero_pages_first_visit" => u32::from(self.zero_pages_first_visit).to_string(),
             "max_page_sharing" => self.max_page_sharing.to_string(),
             "stable_node_chains_prune_millisecs" => {
                 self.stable_node_chains_prune_millisecs.to_string()

@@ -522,3 +522,38 @@ fn khugepaged_collapse_uncounts_ksm_zero_pages() {
     assert!(matches!(sys.mem.pte(mm, huge), Some(Pte::Page(f)) if sys.mem.frame_is_ksm(f)));
     assert!(!sys.mem.collapse_huge(mm, huge).unwrap());
 }
+
+/// samepage's own `zero_pages_first_visit`: zero-filled pages go to the zero page on the first
+/// full scan; off (the default, the kernel's rule) they wait a full scan for their checksum to
+/// hold still. Duplicates wait either way.
+#[test]
+fn zero_pages_first_visit_places_zero_pages_in_the_first_full_scan() {
+    for (first, zero_after_one) in [("0", 0), ("1", 32)] {
+        let mut sys = SimSystem::new();
+        sys.write_knob("use_zero_pages", "1").unwrap();
+        sys.write_knob("zero_pages_first_visit", first).unwrap();
+        sys.write_knob("pages_to_scan", "1000").unwrap();
+        sys.spawn_with_pages(64, |i, buf| buf.fill(if i % 2 == 0 { 0 } else { 0x5a }))
+            .unwrap();
+        sys.write_knob("run", "1").unwrap();
+        assert!(sys.run_full_scans(1));
+        let c = sys.counters();
+        assert_eq!(
+            (c.ksm_zero_pages, c.pages_sharing),
+            (zero_after_one, 0),
+            "first={first}"
+        );
+        assert!(sys.run_full_scans(1));
+        let c = sys.counters();
+        assert_eq!(
+            (c.ksm_zero_pages, c.pages_sharing),
+            (32, 31),
+            "first={first}"
+        );
+        sys.ksm.check_invariants().unwrap();
+    }
+    assert!(matches!(
+        SimSystem::new().write_knob("zero_pages_first_visit", "2"),
+        Err(KnobError::Invalid { .. })
+    ));
+}
