@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     /// The thread that runs scan batches: a fault it takes on a page its own transaction owns
     /// (the page was discarded under it) must be resolved, not left for it to wake.
     pub scanner_tid: std::sync::atomic::AtomicI32,
+    /// The fault handler thread, which the scanner keeps on its own CPU during a batch.
+    pub handler_tid: std::sync::atomic::AtomicI32,
 }
 
 impl Shared {
@@ -133,6 +135,7 @@ impl Shared {
             budget: Mutex::new(Budget::new()?),
             stop: AtomicBool::new(false),
             scanner_tid: std::sync::atomic::AtomicI32::new(0),
+            handler_tid: std::sync::atomic::AtomicI32::new(0),
         })
     }
 
@@ -519,13 +522,23 @@ impl LiveMemory {
     /// application discarded or unmapped it. A destination that is no longer a registered hole
     /// refuses the move, which leaves nothing behind but scratch memory.
     fn put_back(&self, slot: u64, addr: u64) {
-        let to = match self.take_discard(addr) {
+        let mut to = match self.take_discard(addr) {
             None => addr,
             Some(Discard::Moved(d)) => d,
             Some(Discard::Removed | Discard::Unmapped) => return,
         };
         let fd = self.sh.fd();
-        let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, to));
+        // The application may move the page again while the contents go back (its event is
+        // read while the move waits): follow it to where it is now.
+        for _ in 0..8 {
+            if self.sh.retrying(|| sys::uffd_move(fd, slot, to)).is_ok() {
+                return;
+            }
+            match self.take_discard(addr) {
+                Some(Discard::Moved(d)) if d != to => to = d,
+                _ => return,
+            }
+        }
     }
 
     /// Does `addr` map canonical page `k` (the same physical page as the store's view)?

@@ -684,3 +684,36 @@ pub unsafe fn timed_store(addr: u64, v: u64) -> std::time::Duration {
     unsafe { user_store(addr, v) };
     t.elapsed()
 }
+
+/// The CPU the calling thread runs on.
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let c = unsafe { libc::sched_getcpu() };
+    (c >= 0).then_some(c as usize)
+}
+
+/// Restrict thread `tid` of this process to `cpu`, or let it run anywhere (`None`: every CPU
+/// the process may use, as `allowed` says).
+pub fn pin_thread(tid: i32, cpu: Option<usize>, allowed: &libc::cpu_set_t) -> io::Result<()> {
+    let mut set = *allowed;
+    if let Some(c) = cpu {
+        // SAFETY: CPU_ZERO and CPU_SET write into the cpu_set_t we own; c is below
+        // CPU_SETSIZE because the kernel reported it as a CPU of this machine.
+        unsafe {
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(c, &mut set);
+        }
+    }
+    // SAFETY: set is a valid cpu_set_t of the size passed; tid is a thread of this process.
+    cvt(unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) })
+        .map(drop)
+}
+
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> io::Result<libc::cpu_set_t> {
+    // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid cpu_set_t of the size passed; 0 is the calling thread.
+    cvt(unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) })?;
+    Ok(set)
+}
