@@ -604,7 +604,7 @@ fn scan_loop(eng: Arc<Mutex<EngineSide>>, kick: Arc<Kick>, sh: Arc<Shared>, tid:
         // causes: on one CPU that hand-off is a context switch, across CPUs of a VM it is a
         // wake-up of an idle vCPU (256 MiB of duplicates: 1.26 s on one CPU, 7.0 s across
         // two). Keep both threads on this CPU for the batch.
-        let pinned = allowed.as_ref().is_some_and(|a| pin_together(&sh, a));
+        let mut pinned = false;
         let sleep = loop {
             let mut g = eng.lock().unwrap_or_else(|e| e.into_inner());
             let EngineSide {
@@ -612,6 +612,9 @@ fn scan_loop(eng: Arc<Mutex<EngineSide>>, kick: Arc<Kick>, sh: Arc<Shared>, tid:
             } = &mut *g;
             if !ksm.ksmd_should_run() || sh.stop.load(Ordering::Acquire) {
                 break None;
+            }
+            if !pinned {
+                pinned = allowed.as_ref().is_some_and(|a| pin_together(&sh, a));
             }
             let todo = *left.get_or_insert(ksm.tunables().pages_to_scan as u64);
             let chunk = todo.min(CHUNK_PAGES);
@@ -642,9 +645,14 @@ fn pin_together(sh: &Shared, allowed: &libc::cpu_set_t) -> bool {
     let (Some(cpu), handler) = (sys::current_cpu(), sh.handler_tid.load(Ordering::Relaxed)) else {
         return false;
     };
-    handler != 0
-        && sys::pin_thread(0, Some(cpu), allowed).is_ok()
-        && sys::pin_thread(handler, Some(cpu), allowed).is_ok()
+    if handler == 0 || sys::pin_thread(0, Some(cpu), allowed).is_err() {
+        return false;
+    }
+    if sys::pin_thread(handler, Some(cpu), allowed).is_err() {
+        let _ = sys::pin_thread(0, None, allowed);
+        return false;
+    }
+    true
 }
 
 impl crate::state::State {
