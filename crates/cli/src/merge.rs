@@ -162,7 +162,7 @@ pub type Changed = HashMap<u64, Box<[u8; PAGE_SIZE]>>;
 /// it changed.
 pub type Application<'a> = &'a (dyn Fn(&Loaded, &AtomicBool) -> Changed + Sync);
 
-/// Mark the regions mergeable, run the engine as `args` says, verify, and report. `during`
+/// Mark the regions mergeable, run the engine until `until` says, verify, and report. `during`
 /// runs on its own thread while the engine runs (it must return when its flag is set) and
 /// returns the pages it changed.
 pub fn run_samepage(

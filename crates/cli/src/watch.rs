@@ -110,7 +110,8 @@ impl<'a> Watch<'a> {
             if force || self.last_prom.is_none_or(|t| now - t >= PROM_EVERY) {
                 self.last_prom = Some(now);
                 let stats = (self.ksm_stat)();
-                // A failed write is reported once at the end by `write_prometheus`.
+                // A failed write here is retried next second; the final write at the end of
+                // the run reports an error.
                 let _ = prom::write_file(path, &[(self.engine, c, &stats)]);
             }
         }
