@@ -117,6 +117,10 @@ pub(crate) struct Shared {
     /// The thread that runs scan batches: a fault it takes on a page its own transaction owns
     /// (the page was discarded under it) must be resolved, not left for it to wake.
     pub scanner_tid: std::sync::atomic::AtomicI32,
+    /// Held by the handler thread from reading events to having handled them: an unmap or
+    /// discard returns to the application when its event is read, so a count read after it
+    /// waits here for the event's effect.
+    pub events: Mutex<()>,
     /// The fault handler thread, which the scanner keeps on its own CPU during a batch.
     pub handler_tid: std::sync::atomic::AtomicI32,
 }
@@ -136,6 +140,7 @@ impl Shared {
             stop: AtomicBool::new(false),
             scanner_tid: std::sync::atomic::AtomicI32::new(0),
             handler_tid: std::sync::atomic::AtomicI32::new(0),
+            events: Mutex::new(()),
         })
     }
 
@@ -254,6 +259,7 @@ impl Shared {
     /// Recheck zero pages in ranges the application discarded: the count is exact once the
     /// discards have completed.
     pub fn reconcile(&self) {
+        drop(self.events.lock().unwrap_or_else(|e| e.into_inner()));
         let mut st = self.lock();
         if st.dirty.is_empty() {
             return;
@@ -1296,8 +1302,11 @@ pub(crate) fn handle_events(sh: Arc<Shared>) {
         if sys::poll_readable(fd, timeout).is_err() {
             break;
         }
-        while let Ok(Some(ev)) = sh.uffd.read_event() {
-            handle_event(&sh, ev, &mut retry);
+        {
+            let _handling = sh.events.lock().unwrap_or_else(|e| e.into_inner());
+            while let Ok(Some(ev)) = sh.uffd.read_event() {
+                handle_event(&sh, ev, &mut retry);
+            }
         }
         retry.retain(|&r| !resolve(&sh, r));
     }
