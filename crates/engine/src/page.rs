@@ -38,13 +38,18 @@ pub fn page_hash(page: &[u8]) -> u64 {
         touch |= *b;
     }
     std::hint::black_box(touch);
+    // A zero-filled page hashes to a known value: checking for zeros runs at memory speed and
+    // leaves other pages at their first non-zero 64 bytes, where XXH64 costs ~0.3 µs a page.
+    if page.len() == PAGE_SIZE && is_zero_page(page) {
+        return zero_page_hash();
+    }
     xxhash_rust::xxh64::xxh64(page, 0)
 }
 
 /// XXH64 of a zero-filled page; its low 32 bits are the kernel's `zero_checksum`.
 pub fn zero_page_hash() -> u64 {
-    static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-    page_hash(&ZERO)
+    static ZERO_HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ZERO_HASH.get_or_init(|| xxhash_rust::xxh64::xxh64(&[0u8; PAGE_SIZE], 0))
 }
 
 /// True if every byte of the page is zero. Exits at the first non-zero 64-byte chunk.
@@ -69,6 +74,16 @@ mod tests {
         let full = xxhash_rust::xxh64::xxh64(&p, 0);
         assert_eq!(calc_checksum(&p), (full & 0xffff_ffff) as u32);
         assert_ne!(calc_checksum(&p), zero_page_hash() as u32);
+    }
+
+    #[test]
+    fn zero_shortcut_gives_the_real_xxh64() {
+        let zero = [0u8; PAGE_SIZE];
+        assert_eq!(page_hash(&zero), xxhash_rust::xxh64::xxh64(&zero, 0));
+        assert_eq!(calc_checksum(&zero), xxhash_rust::xxh64::xxh64(&zero, 0) as u32);
+        let mut last = [0u8; PAGE_SIZE];
+        last[PAGE_SIZE - 1] = 1;
+        assert_eq!(page_hash(&last), xxhash_rust::xxh64::xxh64(&last, 0));
     }
 
     #[test]
