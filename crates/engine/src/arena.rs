@@ -5,7 +5,6 @@
 pub(crate) struct Arena<T> {
     slots: Vec<Option<T>>,
     free: Vec<u32>,
-    len: usize,
 }
 
 impl<T> Default for Arena<T> {
@@ -13,14 +12,12 @@ impl<T> Default for Arena<T> {
         Self {
             slots: Vec::new(),
             free: Vec::new(),
-            len: 0,
         }
     }
 }
 
 impl<T> Arena<T> {
     pub fn insert(&mut self, v: T) -> u32 {
-        self.len += 1;
         if let Some(i) = self.free.pop() {
             self.slots[i as usize] = Some(v);
             i
@@ -33,7 +30,6 @@ impl<T> Arena<T> {
     pub fn remove(&mut self, i: u32) -> T {
         let v = self.slots[i as usize].take().expect("arena slot in use");
         self.free.push(i);
-        self.len -= 1;
         v
     }
 
@@ -41,8 +37,9 @@ impl<T> Arena<T> {
         self.slots.get(i as usize).and_then(Option::as_ref)
     }
 
-    pub fn len(&self) -> usize {
-        self.len
+    /// Heap bytes of the slots and the free list.
+    pub fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<Option<T>>() + self.free.capacity() * 4
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u32, &T)> {

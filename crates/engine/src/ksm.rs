@@ -5,38 +5,15 @@ use crate::arena::Arena;
 use crate::counters::{KsmCounters, KsmStat};
 use crate::memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError};
 use crate::page::{zero_page_hash, FrameId, MmId, PAGE_SIZE_U64};
+use crate::rmap::{ItemState, Items, UnstableIndex, NIL};
 use crate::tunables::{parse_knob, AdvisorMode, KnobError, KnobValue, Run, Tunables};
 use rustc_hash::FxHashMap;
 
-/// Index key of both trees: the full XXH64 of the contents and the NUMA root
+pub use crate::rmap::RMAP_ITEM_BYTES;
+
+/// Key of the stable tree's index: the full XXH64 of the contents and the NUMA root
 /// (always 0 with `merge_across_nodes=1`).
 type Key = (u64, u32);
-
-/// Where an rmap item is (the kernel keeps this in the low bits of `rmap_item->address`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ItemState {
-    /// Not in a tree (volatile, or just visited).
-    Volatile,
-    /// In the unstable tree of the pass whose `seqnr & 0xff` is `seqnr`.
-    Unstable { key: Key, seqnr: u8 },
-    /// Mapped to the KSM page of stable node `node`.
-    Stable { node: u32 },
-}
-
-/// `struct ksm_rmap_item`: one per scanned virtual page.
-#[derive(Clone, Debug)]
-struct RmapItem {
-    mm: MmId,
-    address: u64,
-    oldchecksum: u32,
-    age: u8,
-    remaining_skips: u8,
-    state: ItemState,
-}
-
-/// Bytes of samepage's metadata per rmap item: the item itself plus its index in the per-mm
-/// list. This is the `sizeof(struct ksm_rmap_item)` of the profit formulas (64 in the kernel).
-pub const RMAP_ITEM_BYTES: usize = std::mem::size_of::<Option<RmapItem>>() + 4;
 
 #[derive(Clone, Debug)]
 enum NodeKind {
@@ -55,8 +32,10 @@ struct StableNode {
     key: Key,
     /// The KSM page (unused for chains).
     kpfn: FrameId,
-    /// rmap items mapping the page (`hlist`, `rmap_hlist_len` = its length).
-    items: Vec<u32>,
+    /// First rmap item mapping the page (`hlist`, chained through the items' links).
+    head: u32,
+    /// `rmap_hlist_len`.
+    len: u32,
 }
 
 /// Per-address-space state that the kernel keeps in `mm_struct`.
@@ -70,14 +49,13 @@ struct MmState {
     ksm_merging_pages: u64,
 }
 
-/// `struct ksm_mm_slot`. The sorted `rmap_list` is split at the scan cursor: `done` holds
-/// the items visited in this pass, `rest[pos..]` the ones not reached yet.
+/// `struct ksm_mm_slot`. Its `rmap_list` is the mm's items in [`Items`], by address; the
+/// items below `next` were visited in this pass, so any left between `next` and the page
+/// visited now belong to pages that are gone.
 #[derive(Clone, Debug)]
 struct MmSlot {
     mm: MmId,
-    done: Vec<u32>,
-    rest: Vec<u32>,
-    pos: usize,
+    next: u64,
 }
 
 /// What one call of [`Ksm::do_scan`] did.
@@ -110,9 +88,9 @@ pub struct Ksm {
     cur: Option<usize>,
     /// `ksm_scan.address`.
     address: u64,
-    items: Arena<RmapItem>,
+    items: Items,
     nodes: Arena<StableNode>,
-    unstable: FxHashMap<Key, u32>,
+    unstable: UnstableIndex,
     stable: FxHashMap<Key, u32>,
     /// `page_stable_node()`: which stable node a KSM page belongs to.
     frame_node: FxHashMap<FrameId, u32>,
@@ -143,9 +121,9 @@ impl Ksm {
             slots: Vec::new(),
             cur: None,
             address: 0,
-            items: Arena::default(),
+            items: Items::default(),
             nodes: Arena::default(),
-            unstable: FxHashMap::default(),
+            unstable: UnstableIndex::default(),
             stable: FxHashMap::default(),
             frame_node: FxHashMap::default(),
             advisor: AdvisorCtx::default(),
@@ -165,6 +143,31 @@ impl Ksm {
     /// Number of rmap items (`ksm_rmap_items`, not a sysfs file).
     pub fn rmap_items(&self) -> u64 {
         self.items.len() as u64
+    }
+
+    /// Bytes of memory the engine holds for its bookkeeping: rmap items, the unstable tree's
+    /// index, stable nodes and the stable tree's index, the scan list and per-mm records
+    /// (hash maps counted at their capacity, one control byte per bucket).
+    pub fn metadata_bytes(&self) -> usize {
+        fn map<K, V>(m: &FxHashMap<K, V>) -> usize {
+            m.capacity() * (std::mem::size_of::<(K, V)>() + 1)
+        }
+        let chains: usize = self
+            .nodes
+            .iter()
+            .map(|(_, n)| match &n.kind {
+                NodeKind::Chain { dups, .. } => dups.capacity() * 4,
+                _ => 0,
+            })
+            .sum();
+        self.items.heap_bytes()
+            + self.unstable.heap_bytes()
+            + self.nodes.heap_bytes()
+            + chains
+            + map(&self.stable)
+            + map(&self.frame_node)
+            + map(&self.mms)
+            + self.slots.capacity() * std::mem::size_of::<MmSlot>()
     }
 
     /// Every counter of `/sys/kernel/mm/ksm`.
@@ -307,12 +310,7 @@ impl Ksm {
             return;
         }
         self.mm_state(mm).registered = true;
-        let slot = MmSlot {
-            mm,
-            done: Vec::new(),
-            rest: Vec::new(),
-            pos: 0,
-        };
+        let slot = MmSlot { mm, next: 0 };
         match (self.tun.run, self.cur) {
             (Run::Unmerge, _) | (_, None) => self.slots.push(slot),
             (_, Some(i)) => {
@@ -475,8 +473,7 @@ impl Ksm {
         if self.cur == Some(j) {
             return;
         }
-        let s = &self.slots[j];
-        if s.done.is_empty() && s.pos >= s.rest.len() {
+        if !self.items.has_items(mm) {
             self.remove_slot(j);
             self.mms.remove(&mm);
             return;
@@ -494,7 +491,7 @@ impl Ksm {
 
     fn remove_slot(&mut self, j: usize) {
         let slot = self.slots.remove(j);
-        debug_assert!(slot.done.is_empty() && slot.pos >= slot.rest.len());
+        debug_assert!(!self.items.has_items(slot.mm));
         if let Some(c) = self.cur {
             if j < c {
                 self.cur = Some(c - 1);
@@ -570,6 +567,9 @@ impl Ksm {
                 }
                 // A new pass starts with an empty unstable tree; the old one is just dropped.
                 self.unstable.clear();
+                for s in &mut self.slots {
+                    s.next = 0;
+                }
                 self.cur = Some(0);
                 self.address = 0;
                 0
@@ -635,6 +635,9 @@ impl Ksm {
                     let pages = self.advisor.stop_scan(clock.now_ns(), clock.cpu_ns(), &k);
                     self.tun.pages_to_scan = pages.min(u32::MAX as u64) as u32;
                 }
+                // The pass's unstable tree goes with it (the kernel empties it when the next
+                // pass starts; nothing reads it in between).
+                self.unstable.clear();
                 self.seqnr += 1;
                 return None;
             }
@@ -643,71 +646,50 @@ impl Ksm {
         }
     }
 
-    /// `get_next_rmap_item`: the item for `addr`, freeing the items below it (their pages are
-    /// gone: unmapped, discarded, or replaced by a KSM zero page).
+    /// `get_next_rmap_item`: the item for `addr`, freeing the items between the last page
+    /// visited and it (their pages are gone: unmapped, discarded, or replaced by a KSM zero
+    /// page).
     fn get_next_rmap_item<M: Memory + ?Sized>(&mut self, mem: &mut M, si: usize, addr: u64) -> u32 {
-        loop {
-            let slot = &self.slots[si];
-            if slot.pos >= slot.rest.len() {
-                break;
-            }
-            let it = slot.rest[slot.pos];
-            let a = self.items[it].address;
-            if a > addr {
-                break;
-            }
-            self.slots[si].pos += 1;
-            if a == addr {
-                self.slots[si].done.push(it);
-                return it;
-            }
-            self.remove_rmap_item_from_tree(mem, it);
-            self.free_rmap_item(it);
+        let (mm, next) = (self.slots[si].mm, self.slots[si].next);
+        self.free_items_in(mem, mm, next, addr);
+        self.slots[si].next = addr + PAGE_SIZE_U64;
+        let (it, made) = self.items.get_or_insert(mm, addr);
+        if made {
+            self.mm_state(mm).ksm_rmap_items += 1;
         }
-        let mm = self.slots[si].mm;
-        let it = self.items.insert(RmapItem {
-            mm,
-            address: addr,
-            oldchecksum: 0,
-            age: 0,
-            remaining_skips: 0,
-            state: ItemState::Volatile,
-        });
-        self.mm_state(mm).ksm_rmap_items += 1;
-        self.slots[si].done.push(it);
         it
     }
 
+    fn free_items_in<M: Memory + ?Sized>(&mut self, mem: &mut M, mm: MmId, from: u64, to: u64) {
+        if from >= to {
+            return;
+        }
+        for it in self.items.ids_in(mm, from, to) {
+            self.remove_rmap_item_from_tree(mem, it);
+            self.free_rmap_item(it);
+        }
+    }
+
     fn free_rmap_item(&mut self, it: u32) {
-        let item = self.items.remove(it);
-        debug_assert_eq!(item.state, ItemState::Volatile);
-        if let Some(st) = self.mms.get_mut(&item.mm) {
+        debug_assert_eq!(self.items.state(it), ItemState::Volatile);
+        let mm = self.items.mm(it);
+        self.items.remove(it);
+        if let Some(st) = self.mms.get_mut(&mm) {
             st.ksm_rmap_items -= 1;
         }
     }
 
     /// `remove_trailing_rmap_items` at the end of an mm: free what the pass did not reach.
     fn remove_trailing_rmap_items<M: Memory + ?Sized>(&mut self, mem: &mut M, si: usize) {
-        let slot = &mut self.slots[si];
-        let rest = std::mem::take(&mut slot.rest);
-        let pos = slot.pos;
-        slot.rest = std::mem::take(&mut slot.done);
-        slot.pos = 0;
-        for &it in &rest[pos..] {
-            self.remove_rmap_item_from_tree(mem, it);
-            self.free_rmap_item(it);
-        }
+        let (mm, next) = (self.slots[si].mm, self.slots[si].next);
+        self.free_items_in(mem, mm, next, u64::MAX);
+        self.slots[si].next = 0;
     }
 
     fn free_all_items<M: Memory + ?Sized>(&mut self, mem: &mut M, si: usize) {
-        let slot = &mut self.slots[si];
-        let done = std::mem::take(&mut slot.done);
-        let rest = std::mem::take(&mut slot.rest);
-        let pos = std::mem::replace(&mut slot.pos, 0);
-        for &it in done.iter().chain(&rest[pos..]) {
-            self.remove_rmap_item_from_tree(mem, it);
-            self.free_rmap_item(it);
-        }
+        let mm = self.slots[si].mm;
+        self.free_items_in(mem, mm, 0, u64::MAX);
+        self.slots[si].next = 0;
     }
 
     /// Smart scan (`should_skip_rmap_item`): pages that keep failing to merge are visited less
@@ -721,22 +703,23 @@ impl Ksm {
         if !self.tun.smart_scan || page.ksm {
             return false;
         }
-        let item = &mut self.items[it];
-        let age = item.age;
-        item.age = item.age.saturating_add(1);
+        let (age, skips) = (self.items.age(it), self.items.remaining_skips(it));
+        let older = age.saturating_add(1);
         if age < 3 {
+            self.items.set_age_skips(it, older, skips);
             return false;
         }
-        if item.remaining_skips == 0 {
-            item.remaining_skips = match age {
+        if skips == 0 {
+            let skips = match age {
                 0..=3 => 1,
                 4..=5 => 2,
                 6..=8 => 4,
                 _ => 8,
             };
+            self.items.set_age_skips(it, older, skips);
             return false;
         }
-        item.remaining_skips -= 1;
+        self.items.set_age_skips(it, older, skips - 1);
         self.pages_skipped += 1;
         self.remove_rmap_item_from_tree(mem, it);
         true
@@ -744,7 +727,7 @@ impl Ksm {
 
     /// `remove_rmap_item_from_tree`.
     fn remove_rmap_item_from_tree<M: Memory + ?Sized>(&mut self, mem: &mut M, it: u32) {
-        match self.items[it].state {
+        match self.items.state(it) {
             ItemState::Volatile => {}
             ItemState::Stable { node } => {
                 if !mem.ksm_page_alive(self.nodes[node].kpfn) {
@@ -752,44 +735,70 @@ impl Ksm {
                     self.remove_node_from_stable_tree(node);
                     return;
                 }
-                let n = &mut self.nodes[node];
-                let pos = n
-                    .items
-                    .iter()
-                    .position(|&x| x == it)
-                    .expect("item on its node");
-                n.items.swap_remove(pos);
-                if n.items.is_empty() {
+                self.unlink_from_node(node, it);
+                if self.nodes[node].len == 0 {
                     self.pages_shared -= 1;
                 } else {
                     self.pages_sharing -= 1;
                 }
-                let mm = self.items[it].mm;
+                let mm = self.items.mm(it);
                 self.mm_state(mm).ksm_merging_pages -= 1;
             }
-            ItemState::Unstable { key, seqnr } => {
+            ItemState::Unstable { nid, seqnr } => {
                 let age = (self.seqnr as u8).wrapping_sub(seqnr);
                 debug_assert!(age <= 1, "unstable item from an older pass");
                 // Items of the previous pass were dropped with its tree.
-                if age == 0 && self.unstable.get(&key) == Some(&it) {
-                    self.unstable.remove(&key);
+                if age == 0 {
+                    self.unstable.remove(&mut self.items, it, nid);
                 }
                 self.pages_unshared -= 1;
             }
         }
-        self.items[it].state = ItemState::Volatile;
+        self.items.set_link(it, NIL);
+        self.items.set_state(it, ItemState::Volatile);
+    }
+
+    /// Take `it` off the `hlist` of `node`.
+    fn unlink_from_node(&mut self, node: u32, it: u32) {
+        let next = self.items.link(it);
+        let n = &mut self.nodes[node];
+        if n.head == it {
+            n.head = next;
+        } else {
+            let mut p = n.head;
+            while self.items.link(p) != it {
+                p = self.items.link(p);
+                assert!(p != NIL, "item {it} on the list of node {node}");
+            }
+            self.items.set_link(p, next);
+        }
+        self.nodes[node].len -= 1;
+        self.items.set_link(it, NIL);
+    }
+
+    /// The rmap items on `node`'s `hlist`.
+    fn node_items(&self, node: u32) -> Vec<u32> {
+        let mut v = Vec::with_capacity(self.nodes[node].len as usize);
+        let mut it = self.nodes[node].head;
+        while it != NIL {
+            v.push(it);
+            it = self.items.link(it);
+        }
+        v
     }
 
     /// `remove_node_from_stable_tree`: the KSM page is gone; uncount every item on the node.
     fn remove_node_from_stable_tree(&mut self, node: u32) {
+        let items = self.node_items(node);
         let n = self.nodes.remove(node);
-        if !n.items.is_empty() {
+        if n.len != 0 {
             self.pages_shared -= 1;
-            self.pages_sharing -= n.items.len() as u64 - 1;
+            self.pages_sharing -= n.len as u64 - 1;
         }
-        for &it in &n.items {
-            let mm = self.items[it].mm;
-            self.items[it].state = ItemState::Volatile;
+        for it in items {
+            let mm = self.items.mm(it);
+            self.items.set_link(it, NIL);
+            self.items.set_state(it, ItemState::Volatile);
             self.mm_state(mm).ksm_merging_pages -= 1;
         }
         match n.kind {
@@ -831,7 +840,7 @@ impl Ksm {
     }
 
     fn rmap_hlist_len(&self, node: u32) -> usize {
-        self.nodes[node].items.len()
+        self.nodes[node].len as usize
     }
 
     /// `__is_page_sharing_candidate(node, offset)`.
@@ -1008,7 +1017,8 @@ impl Ksm {
             kind: NodeKind::Regular,
             key,
             kpfn,
-            items: Vec::new(),
+            head: NIL,
+            len: 0,
         });
         self.frame_node.insert(kpfn, node);
         match chain_with {
@@ -1028,7 +1038,8 @@ impl Ksm {
                         },
                         key,
                         kpfn: FrameId(u64::MAX),
-                        items: Vec::new(),
+                        head: NIL,
+                        len: 0,
                     });
                     self.nodes[root].kind = NodeKind::Dup { chain };
                     self.stable.insert(key, chain);
@@ -1049,14 +1060,16 @@ impl Ksm {
     /// `stable_tree_append`.
     fn stable_tree_append(&mut self, it: u32, node: u32, _max_page_sharing_bypass: bool) {
         let n = &mut self.nodes[node];
-        if n.items.is_empty() {
+        if n.len == 0 {
             self.pages_shared += 1;
         } else {
             self.pages_sharing += 1;
         }
-        n.items.push(it);
-        self.items[it].state = ItemState::Stable { node };
-        let mm = self.items[it].mm;
+        self.items.set_link(it, n.head);
+        n.head = it;
+        n.len += 1;
+        self.items.set_state(it, ItemState::Stable { node });
+        let mm = self.items.mm(it);
         self.mm_state(mm).ksm_merging_pages += 1;
     }
 
@@ -1069,33 +1082,45 @@ impl Ksm {
         page: &PageRef,
         hash: u64,
     ) -> Option<(u32, PageRef)> {
-        let key = (hash, self.nid_root(page.nid));
-        if let Some(&t) = self.unstable.get(&key) {
-            let (tmm, taddr) = (self.items[t].mm, self.items[t].address);
-            let tree_page = mem.get_page(tmm, taddr)?;
-            if tree_page.frame == page.frame {
-                return None; // don't substitute a KSM page for a forked page
-            }
-            if mem.pages_identical(page.frame, tree_page.frame) {
-                if !self.tun.merge_across_nodes && tree_page.nid != page.nid {
-                    return None;
+        let nid = self.nid_root(page.nid);
+        let checksum = hash as u32;
+        let mut t = self.unstable.head(checksum, nid);
+        while t != NIL {
+            let next = self.items.link(t);
+            let in_root =
+                matches!(self.items.state(t), ItemState::Unstable { nid: n, .. } if n == nid);
+            if in_root && self.items.checksum(t) == checksum {
+                let (tmm, taddr) = (self.items.mm(t), self.items.address(t));
+                // As the kernel's tree walk: a node whose page is gone ends the search.
+                let tree_page = mem.get_page(tmm, taddr)?;
+                if tree_page.frame == page.frame {
+                    return None; // don't substitute a KSM page for a forked page
                 }
-                return Some((t, tree_page));
+                if mem.pages_identical(page.frame, tree_page.frame) {
+                    if !self.tun.merge_across_nodes && tree_page.nid != page.nid {
+                        return None;
+                    }
+                    return Some((t, tree_page));
+                }
+                // Same checksum, other contents (or the tree's page changed): keep looking.
             }
-            // The tree item changed since it was inserted: this page takes its slot.
+            t = next;
         }
-        self.unstable.insert(key, it);
-        self.items[it].state = ItemState::Unstable {
-            key,
-            seqnr: self.seqnr as u8,
-        };
+        self.items.set_state(
+            it,
+            ItemState::Unstable {
+                nid,
+                seqnr: self.seqnr as u8,
+            },
+        );
+        self.unstable.insert(&mut self.items, it, nid);
         self.pages_unshared += 1;
         None
     }
 
     /// `break_cow`: unshare one page that was left alone on a KSM page.
     fn break_cow<M: Memory + ?Sized>(&mut self, mem: &mut M, it: u32) {
-        let (mm, a) = (self.items[it].mm, self.items[it].address);
+        let (mm, a) = (self.items.mm(it), self.items.address(it));
         // A failure leaves a KSM page with a single mapping: harmless, and it is what the
         // kernel does when break_ksm fails here.
         let _ = mem.break_ksm(mm, a, a + PAGE_SIZE_U64);
@@ -1111,7 +1136,7 @@ impl Ksm {
         it: u32,
         page: PageRef,
     ) {
-        let (mm, addr) = (self.items[it].mm, self.items[it].address);
+        let (mm, addr) = (self.items.mm(it), self.items.address(it));
         let mut bypass = false;
         let page_node = if page.ksm {
             self.frame_node.get(&page.frame).copied()
@@ -1120,7 +1145,7 @@ impl Ksm {
         };
         let mut hash = 0;
         let found = if let Some(node) = page_node {
-            if self.items[it].state == (ItemState::Stable { node }) {
+            if self.items.state(it) == (ItemState::Stable { node }) {
                 return;
             }
             // A KSM page forked: this mapping may go over the sharing limit.
@@ -1133,8 +1158,8 @@ impl Ksm {
             hash = mem.page_hash(page.frame);
             let checksum = hash as u32;
             let zero = self.tun.use_zero_pages && checksum == self.zero_checksum;
-            if self.items[it].oldchecksum != checksum {
-                self.items[it].oldchecksum = checksum;
+            if self.items.checksum(it) != checksum {
+                self.items.set_checksum(it, checksum);
                 // The volatility rule, unless zero pages go on their first visit: placing
                 // one is checked under write protection, and a write after it only costs
                 // the copy-on-write the page would have taken anyway.
@@ -1151,7 +1176,7 @@ impl Ksm {
             self.stable_tree_search(mem, clock, &page, hash)
         };
         if let Some((kpfn, node)) = found {
-            if kpfn == page.frame && self.items[it].state == (ItemState::Stable { node }) {
+            if kpfn == page.frame && self.items.state(it) == (ItemState::Stable { node }) {
                 return;
             }
         }
@@ -1176,7 +1201,7 @@ impl Ksm {
         let Ok(kpfn) = mem.merge(mm, addr, page.frame, MergeInto::Promote) else {
             return;
         };
-        let (tmm, taddr) = (self.items[tree_it].mm, self.items[tree_it].address);
+        let (tmm, taddr) = (self.items.mm(tree_it), self.items.address(tree_it));
         if mem
             .merge(tmm, taddr, tree_page.frame, MergeInto::KsmPage(kpfn))
             .is_err()
@@ -1263,13 +1288,24 @@ impl Ksm {
         let (mut shared, mut sharing, mut unshared) = (0u64, 0u64, 0u64);
         let mut merging: FxHashMap<MmId, u64> = FxHashMap::default();
         let mut rmap: FxHashMap<MmId, u64> = FxHashMap::default();
-        for (_, item) in self.items.iter() {
-            *rmap.entry(item.mm).or_default() += 1;
-            match item.state {
-                ItemState::Unstable { .. } => unshared += 1,
-                ItemState::Stable { .. } => *merging.entry(item.mm).or_default() += 1,
+        let mut unstable_here = 0usize;
+        for it in self.items.iter() {
+            let mm = self.items.mm(it);
+            *rmap.entry(mm).or_default() += 1;
+            match self.items.state(it) {
+                ItemState::Unstable { seqnr, .. } => {
+                    unshared += 1;
+                    unstable_here += usize::from(seqnr == self.seqnr as u8);
+                }
+                ItemState::Stable { .. } => *merging.entry(mm).or_default() += 1,
                 ItemState::Volatile => {}
             }
+        }
+        if unstable_here != self.unstable.len() {
+            return Err(format!(
+                "{unstable_here} unstable items of this pass, {} in the unstable index",
+                self.unstable.len()
+            ));
         }
         let (mut chains, mut dups) = (0u64, 0u64);
         for (id, n) in self.nodes.iter() {
@@ -1278,12 +1314,20 @@ impl Ksm {
                 NodeKind::Dup { .. } => dups += 1,
                 NodeKind::Regular => {}
             }
-            if !n.items.is_empty() {
-                shared += 1;
-                sharing += n.items.len() as u64 - 1;
+            let items = self.node_items(id);
+            if items.len() != n.len as usize {
+                return Err(format!(
+                    "node {id}: rmap_hlist_len {} but {} items",
+                    n.len,
+                    items.len()
+                ));
             }
-            for &it in &n.items {
-                if self.items[it].state != (ItemState::Stable { node: id }) {
+            if !items.is_empty() {
+                shared += 1;
+                sharing += items.len() as u64 - 1;
+            }
+            for it in items {
+                if self.items.state(it) != (ItemState::Stable { node: id }) {
                     return Err(format!("item {it} on node {id} is not marked stable there"));
                 }
             }
@@ -1319,8 +1363,12 @@ impl Ksm {
     pub fn stable_mappings(&self) -> Vec<(MmId, u64, FrameId)> {
         self.items
             .iter()
-            .filter_map(|(_, it)| match it.state {
-                ItemState::Stable { node } => Some((it.mm, it.address, self.nodes[node].kpfn)),
+            .filter_map(|it| match self.items.state(it) {
+                ItemState::Stable { node } => Some((
+                    self.items.mm(it),
+                    self.items.address(it),
+                    self.nodes[node].kpfn,
+                )),
                 _ => None,
             })
             .collect()

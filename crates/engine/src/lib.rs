@@ -59,6 +59,7 @@ pub mod counters;
 mod ksm;
 pub mod memory;
 pub mod page;
+mod rmap;
 pub mod tunables;
 pub mod zero_pages;
 

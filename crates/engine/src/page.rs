@@ -80,7 +80,10 @@ mod tests {
     fn zero_shortcut_gives_the_real_xxh64() {
         let zero = [0u8; PAGE_SIZE];
         assert_eq!(page_hash(&zero), xxhash_rust::xxh64::xxh64(&zero, 0));
-        assert_eq!(calc_checksum(&zero), xxhash_rust::xxh64::xxh64(&zero, 0) as u32);
+        assert_eq!(
+            calc_checksum(&zero),
+            xxhash_rust::xxh64::xxh64(&zero, 0) as u32
+        );
         let mut last = [0u8; PAGE_SIZE];
         last[PAGE_SIZE - 1] = 1;
         assert_eq!(page_hash(&last), xxhash_rust::xxh64::xxh64(&last, 0));

@@ -16,7 +16,7 @@
 //! Faults and events are handled by [`handle_events`] on its own thread, which never maps,
 //! unmaps or discards memory itself.
 
-use crate::state::{Discard, LiveStats, PageState, Region, State};
+use crate::state::{Discard, LiveStats, PageState, Region, State, MAX_STORE_OFFSET};
 use crate::sys::{self, PAGE, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use samepage_engine::memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
 use samepage_engine::{page_hash, FrameId, MmId, PAGE_SIZE};
@@ -276,7 +276,7 @@ impl Shared {
                 let r_end = st.regions[ri].end().min(end);
                 while a < r_end {
                     let i = st.regions[ri].idx(a);
-                    if st.regions[ri].pages[i] == PageState::Zero && !self.is_marked_zero(a) {
+                    if st.regions[ri].pages.get(i) == PageState::Zero && !self.is_marked_zero(a) {
                         st.forget_page(ri, i, PageState::Anon);
                     }
                     a += PAGE;
@@ -495,8 +495,8 @@ impl LiveMemory {
             st.discarded.remove(&ri_addr);
             if let Some(ri) = st.region_at(ri_addr) {
                 let i = st.regions[ri].idx(ri_addr);
-                if st.regions[ri].pages[i] == PageState::InFlight {
-                    st.regions[ri].pages[i] = PageState::Anon;
+                if st.regions[ri].pages.get(i) == PageState::InFlight {
+                    st.regions[ri].pages.set(i, PageState::Anon);
                 }
             }
         }
@@ -513,7 +513,7 @@ impl LiveMemory {
         if !st.regions[ri].mergeable {
             return Err(MergeError::Gone);
         }
-        st.regions[ri].pages[i] = PageState::InFlight;
+        st.regions[ri].pages.set(i, PageState::InFlight);
         st.discarded.remove(&addr);
         Ok(())
     }
@@ -752,10 +752,10 @@ impl LiveMemory {
                 // Writers fault and wait for the wake below, so the scan still holds; a
                 // discard meanwhile is reconciled like any discard.
                 if is_marked(a) {
-                    st.regions[ri].pages[i] = PageState::Zero;
+                    st.regions[ri].pages.set(i, PageState::Zero);
                     st.zero.map_zero_page(mm);
                 } else {
-                    st.regions[ri].pages[i] = PageState::Anon;
+                    st.regions[ri].pages.set(i, PageState::Anon);
                     unprotect.push(a);
                 }
             }
@@ -786,11 +786,11 @@ impl LiveMemory {
             st.discarded.remove(&addr);
             let (ri, i, _) = st.page(mm, addr).expect("claimed page stays in its region");
             if placed {
-                st.regions[ri].pages[i] = PageState::Zero;
+                st.regions[ri].pages.set(i, PageState::Zero);
                 st.zero.map_zero_page(mm);
             } else {
                 // Written between the zeropage and the protection: the writer's page now.
-                st.regions[ri].pages[i] = PageState::Anon;
+                st.regions[ri].pages.set(i, PageState::Anon);
             }
             placed
         };
@@ -872,7 +872,7 @@ impl LiveMemory {
             // The page maps k but samepage cannot see writes to it: leave k mapped for good.
             st.escaped.insert(k);
             st.drop_store_ref(k, addr);
-            st.regions[ri].pages[i] = PageState::Anon;
+            st.regions[ri].pages.set(i, PageState::Anon);
             drop(st);
             self.sh.wake(addr);
             return Err(MergeError::Gone);
@@ -880,7 +880,7 @@ impl LiveMemory {
         if cats & PAGE_IS_PRESENT != 0 && cats & PAGE_IS_FILE == 0 {
             // Written (copied) in the moment between the mapping and its protection.
             st.drop_store_ref(k, addr);
-            st.regions[ri].pages[i] = PageState::Anon;
+            st.regions[ri].pages.set(i, PageState::Anon);
             drop(st);
             self.sh.unwp(addr, false);
             self.sh.wake(addr);
@@ -892,7 +892,7 @@ impl LiveMemory {
                 // The application discarded the page during the transaction: it must read
                 // zeros, not the canonical page. Discard the new mapping's page as well.
                 st.drop_store_ref(k, addr);
-                st.regions[ri].pages[i] = PageState::Anon;
+                st.regions[ri].pages.set(i, PageState::Anon);
                 drop(st);
                 let _ = sys::madvise(addr, PAGE, libc::MADV_DONTNEED);
                 self.sh.unwp(addr, false);
@@ -905,7 +905,7 @@ impl LiveMemory {
             Some(Discard::Moved(to)) if to == addr && self.maps_canonical(addr, k) => {
                 st.escaped.insert(k);
                 st.drop_store_ref(k, addr);
-                st.regions[ri].pages[i] = PageState::Anon;
+                st.regions[ri].pages.set(i, PageState::Anon);
                 drop(st);
                 self.sh.unwp(addr, false);
                 self.sh.wake(addr);
@@ -915,7 +915,7 @@ impl LiveMemory {
                 // Back before the mapping was made, which the move then replaced: put the
                 // contents back.
                 st.drop_store_ref(k, addr);
-                st.regions[ri].pages[i] = PageState::Anon;
+                st.regions[ri].pages.set(i, PageState::Anon);
                 drop(st);
                 let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, addr));
                 self.sh.unwp(addr, false);
@@ -926,28 +926,23 @@ impl LiveMemory {
                 // The application moved the page elsewhere or unmapped it while it was out. If
                 // that came after the mapping, the mapping of k went with it (k must then
                 // never be released) and the contents are safe; if it came before, the hole
-                // went and the contents go where it is now. Either way a mapping of k still
-                // at addr is samepage's alone: the application has nothing there any more.
+                // went and the contents go where it is now. A mapping of k left at addr is
+                // samepage's alone and stays: unmapping it could not be made atomic with the
+                // check, and the application may move a page back to addr in between (the
+                // stress test with moves crashed on exactly that).
                 st.escaped.insert(k);
                 st.drop_store_ref(k, addr);
-                st.regions[ri].pages[i] = PageState::Gone;
-                let stray = self.maps_canonical(addr, k);
-                if stray {
-                    st.own_unmaps.insert(addr);
-                }
+                st.regions[ri].pages.set(i, PageState::Gone);
                 drop(st);
                 if let Discard::Moved(to) = d {
                     // Refused (harmlessly) where the mapping of k went instead of the hole.
                     let _ = self.sh.retrying(|| sys::uffd_move(fd, slot, to));
                 }
-                if stray {
-                    let _ = sys::munmap(addr, PAGE);
-                }
                 self.sh.wake(addr);
                 return Err(MergeError::Gone);
             }
         }
-        st.regions[ri].pages[i] = PageState::Merged(k);
+        st.regions[ri].pages.set(i, PageState::Merged(k));
         drop(st);
         self.sh.wake(addr);
         Ok(store_frame(k))
@@ -999,7 +994,11 @@ impl LiveMemory {
         let k = {
             let mut st = self.sh.lock();
             let k = st.next_offset;
-            st.next_offset = k.checked_add(1).expect("fewer than 2^32 canonical pages");
+            assert!(
+                k < MAX_STORE_OFFSET,
+                "fewer than {MAX_STORE_OFFSET} canonical pages"
+            );
+            st.next_offset = k + 1;
             k
         };
         if self.sh.ensure_store_size(k).is_err()
@@ -1096,9 +1095,9 @@ impl Memory for LiveMemory {
             let last = r.idx(p.min(r.end() - PAGE));
             // Merged pages are KSM pages whether they are mapped in yet or not; ordinary pages
             // count only where PAGEMAP_SCAN saw one.
-            for (j, s) in r.pages[i..=last].iter().enumerate() {
+            for (j, s) in r.pages.range(i, last + 1).enumerate() {
                 let q = a + j as u64 * PAGE;
-                match *s {
+                match s {
                     PageState::Merged(k) => {
                         let frame = store_frame(k);
                         return Some((
@@ -1369,7 +1368,7 @@ fn handle_event(sh: &Shared, ev: Event, todo: &mut Vec<Resolve>) {
             let a = addr as u64 & !(PAGE - 1);
             let mut st = sh.lock();
             let at = st.region_at(a).map(|ri| (ri, st.regions[ri].idx(a)));
-            let s = at.map(|(ri, i)| st.regions[ri].pages[i]);
+            let s = at.map(|(ri, i)| st.regions[ri].pages.get(i));
             let by_scanner = thread_id.as_raw() == sh.scanner_tid.load(Ordering::Relaxed);
             if s == Some(PageState::InFlight) && !by_scanner {
                 // The scanner's transaction wakes it when done.
@@ -1417,7 +1416,7 @@ fn handle_event(sh: &Shared, ev: Event, todo: &mut Vec<Resolve>) {
                     let i = st.regions[ri].idx(a);
                     // A discarded merged page stops mapping its canonical page; its next
                     // access is a minor fault that maps zeros.
-                    match st.regions[ri].pages[i] {
+                    match st.regions[ri].pages.get(i) {
                         PageState::Merged(_) => st.forget_page(ri, i, PageState::Anon),
                         PageState::InFlight => {
                             st.discarded.insert(a, Discard::Removed);
@@ -1440,7 +1439,7 @@ fn handle_event(sh: &Shared, ev: Event, todo: &mut Vec<Resolve>) {
                 if !st.own_unmaps.remove(&a) {
                     if let Some(ri) = st.region_at(a) {
                         let i = st.regions[ri].idx(a);
-                        if st.regions[ri].pages[i] == PageState::InFlight {
+                        if st.regions[ri].pages.get(i) == PageState::InFlight {
                             st.discarded.insert(a, Discard::Unmapped);
                         } else {
                             st.forget_page(ri, i, PageState::Gone);
@@ -1460,21 +1459,22 @@ fn handle_event(sh: &Shared, ev: Event, todo: &mut Vec<Resolve>) {
                 let into = st.region_at(dst);
                 match st.region_at(src) {
                     Some(ri)
-                        if st.regions[ri].pages[st.regions[ri].idx(src)] == PageState::InFlight =>
+                        if st.regions[ri].pages.get(st.regions[ri].idx(src))
+                            == PageState::InFlight =>
                     {
                         // Moved away under the scanner's transaction: it must map nothing there.
                         st.discarded.insert(src, Discard::Moved(dst));
                     }
                     Some(ri) => {
                         let i = st.regions[ri].idx(src);
-                        let s = st.regions[ri].pages[i];
+                        let s = st.regions[ri].pages.get(i);
                         match into {
                             Some(rj) if st.regions[rj].mm == st.regions[ri].mm => {
                                 // Moved within samepage's regions: it stays what it is.
                                 let j = st.regions[rj].idx(dst);
                                 st.forget_page(rj, j, PageState::Gone);
-                                st.regions[rj].pages[j] = s;
-                                st.regions[ri].pages[i] = PageState::Gone;
+                                st.regions[rj].pages.set(j, s);
+                                st.regions[ri].pages.set(i, PageState::Gone);
                             }
                             _ => {
                                 // Moved out of samepage's sight: its mark comes off (so it is
@@ -1494,7 +1494,7 @@ fn handle_event(sh: &Shared, ev: Event, todo: &mut Vec<Resolve>) {
                         // Moved in from outside: an ordinary page of the application.
                         if let Some(rj) = into {
                             let j = st.regions[rj].idx(dst);
-                            if st.regions[rj].pages[j] == PageState::InFlight {
+                            if st.regions[rj].pages.get(j) == PageState::InFlight {
                                 // Moved back under the scanner's transaction.
                                 st.discarded.insert(dst, Discard::Moved(dst));
                             } else {

@@ -30,4 +30,4 @@ pub use state::LiveStats;
 
 /// Bytes of the live backend's state for every page of a region (besides the engine's rmap
 /// item for the pages it tracks).
-pub const PAGE_STATE_BYTES: usize = std::mem::size_of::<state::PageState>();
+pub const PAGE_STATE_BYTES: usize = state::PAGE_STATE_BYTES;

@@ -2,7 +2,7 @@
 //! its userfaultfd handler thread.
 
 use crate::backend::{self, LiveMemory, Shared};
-use crate::state::{LiveStats, PageState, Region};
+use crate::state::{LiveStats, PageState, PageStates, Region};
 use crate::sys::{self, PAGE};
 use samepage_engine::{Clock, KnobError, Ksm, KsmCounters, KsmStat, MmId, ScanBatch, UnmergeError};
 use std::io;
@@ -273,7 +273,7 @@ impl LiveKsm {
             Region {
                 mm,
                 start,
-                pages: vec![PageState::Anon; (len / PAGE) as usize],
+                pages: PageStates::new((len / PAGE) as usize),
                 mergeable: false,
                 owned,
                 registered: false,
@@ -295,7 +295,7 @@ impl LiveKsm {
             let st = self.sh.lock();
             st.region_at(addr).is_some_and(|ri| {
                 let r = &st.regions[ri];
-                r.owned && r.pages[r.idx(addr)] != PageState::Gone
+                r.owned && r.pages.get(r.idx(addr)) != PageState::Gone
             })
         };
         if !ok {

@@ -29,6 +29,75 @@ pub(crate) enum PageState {
     Gone,
 }
 
+const ANON: u32 = u32::MAX;
+const ZERO: u32 = u32::MAX - 1;
+const IN_FLIGHT: u32 = u32::MAX - 2;
+const GONE: u32 = u32::MAX - 3;
+/// Canonical page offsets stay below the values that encode the other states.
+pub(crate) const MAX_STORE_OFFSET: u32 = u32::MAX - 4;
+
+/// The states of a region's pages, 4 bytes each: a canonical page's offset for `Merged`, one
+/// of the values above [`MAX_STORE_OFFSET`] for the others.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PageStates(Vec<u32>);
+
+/// Bytes per page of [`PageStates`].
+pub(crate) const PAGE_STATE_BYTES: usize = std::mem::size_of::<u32>();
+
+impl PageState {
+    fn encode(self) -> u32 {
+        match self {
+            PageState::Anon => ANON,
+            PageState::Zero => ZERO,
+            PageState::InFlight => IN_FLIGHT,
+            PageState::Gone => GONE,
+            PageState::Merged(k) => {
+                debug_assert!(k <= MAX_STORE_OFFSET);
+                k
+            }
+        }
+    }
+
+    fn decode(v: u32) -> Self {
+        match v {
+            ANON => PageState::Anon,
+            ZERO => PageState::Zero,
+            IN_FLIGHT => PageState::InFlight,
+            GONE => PageState::Gone,
+            k => PageState::Merged(k),
+        }
+    }
+}
+
+impl PageStates {
+    /// `n` ordinary pages.
+    pub fn new(n: usize) -> Self {
+        Self(vec![ANON; n])
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn get(&self, i: usize) -> PageState {
+        PageState::decode(self.0[i])
+    }
+    pub fn set(&mut self, i: usize, s: PageState) {
+        self.0[i] = s.encode();
+    }
+    pub fn replace(&mut self, i: usize, s: PageState) -> PageState {
+        PageState::decode(std::mem::replace(&mut self.0[i], s.encode()))
+    }
+    pub fn split_off(&mut self, at: usize) -> Self {
+        Self(self.0.split_off(at))
+    }
+    /// The states of pages `from..to`.
+    pub fn range(&self, from: usize, to: usize) -> impl Iterator<Item = PageState> + '_ {
+        self.0[from..to].iter().map(|&v| PageState::decode(v))
+    }
+    pub fn iter(&self) -> impl Iterator<Item = PageState> + '_ {
+        self.range(0, self.len())
+    }
+}
+
 /// What the application did to a page while the scanner's transaction owned it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Discard {
@@ -45,7 +114,7 @@ pub(crate) enum Discard {
 pub(crate) struct Region {
     pub mm: MmId,
     pub start: u64,
-    pub pages: Vec<PageState>,
+    pub pages: PageStates,
     /// `VM_MERGEABLE`: the scanner visits it.
     pub mergeable: bool,
     /// samepage mapped it (and unmaps it when it is dropped).
@@ -123,7 +192,7 @@ impl State {
         let r = &self.regions[ri];
         (r.mm == mm).then(|| {
             let i = r.idx(addr);
-            (ri, i, r.pages[i])
+            (ri, i, r.pages.get(i))
         })
     }
 
@@ -145,12 +214,39 @@ impl State {
     pub fn forget_page(&mut self, ri: usize, i: usize, new: PageState) {
         let addr = self.regions[ri].start + i as u64 * PAGE;
         let mm = self.regions[ri].mm;
-        match std::mem::replace(&mut self.regions[ri].pages[i], new) {
+        match self.regions[ri].pages.replace(i, new) {
             PageState::Zero => {
                 self.zero.might_unmap_zero_page(mm, true);
             }
             PageState::Merged(k) => self.drop_store_ref(k, addr),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_states_round_trip_in_four_bytes() {
+        let all = [
+            PageState::Anon,
+            PageState::Zero,
+            PageState::InFlight,
+            PageState::Gone,
+            PageState::Merged(0),
+            PageState::Merged(MAX_STORE_OFFSET),
+        ];
+        let mut p = PageStates::new(all.len());
+        assert!(p.iter().all(|s| s == PageState::Anon));
+        for (i, s) in all.iter().enumerate() {
+            p.set(i, *s);
+        }
+        assert_eq!(p.iter().collect::<Vec<_>>(), all);
+        assert_eq!(p.replace(4, PageState::Anon), PageState::Merged(0));
+        let tail = p.split_off(3);
+        assert_eq!((p.len(), tail.len()), (3, 3));
+        assert_eq!(tail.get(0), PageState::Gone);
     }
 }

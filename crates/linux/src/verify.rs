@@ -4,7 +4,7 @@
 //! physical page per canonical page, which `/proc/self/pagemap` shows.
 
 use crate::live::LiveKsm;
-use crate::state::PageState;
+use crate::state::{PageState, PageStates};
 use crate::sys::{self, PAGE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use rustc_hash::FxHashMap;
 use samepage_engine::{Memory, MmId, PAGE_SIZE};
@@ -60,7 +60,7 @@ impl Verification {
 }
 
 /// A region's address space, bounds and page states, copied out of the lock.
-type RegionCopy = (MmId, u64, u64, Vec<PageState>);
+type RegionCopy = (MmId, u64, u64, PageStates);
 
 impl LiveKsm {
     /// Compare the page tables with the counters while no scan batch runs. Merged pages are
@@ -106,7 +106,7 @@ impl LiveKsm {
                 .sum();
                 *v.marked_zero_pages.entry(mm.0).or_default() += marked as i64;
                 for (i, s) in pages.iter().enumerate() {
-                    let PageState::Merged(k) = *s else { continue };
+                    let PageState::Merged(k) = s else { continue };
                     let a = start + i as u64 * PAGE;
                     v.merged_pages += 1;
                     let _ = sys::read_self(a, &mut buf);
