@@ -220,7 +220,8 @@ pub fn run_samepage(
         crate::prom::write_file(path, &[("samepage", &counters, &ksm_stat)])
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
-    let report = Report::live(
+    let (engine_bytes, rmap_items, state_bytes) = l.ksm.metadata_bytes();
+    let mut report = Report::live(
         "live",
         l.info.clone(),
         (counters, tunables_of(|n| l.ksm.knob(n))),
@@ -231,6 +232,11 @@ pub fn run_samepage(
         Some(l.ksm.stats()),
         verification,
     );
+    report.metadata = Some(crate::report::MetadataBytes::new(
+        engine_bytes,
+        rmap_items,
+        Some(state_bytes),
+    ));
     Ok(LiveRun {
         report,
         samples: outcome.samples,

@@ -48,6 +48,40 @@ pub struct Report {
     /// The page tables checked against the counters (live only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verification: Option<samepage_linux::verify::Verification>,
+    /// samepage's own bookkeeping at the end of the run (not for the kernel's engine).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<MetadataBytes>,
+}
+
+/// Bytes samepage spends on bookkeeping.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MetadataBytes {
+    /// The engine's: rmap items, the unstable tree's index, stable nodes and their index,
+    /// the scan list and per-process records.
+    pub engine_bytes: u64,
+    /// rmap items (`ksm_rmap_items` of every process).
+    pub rmap_items: u64,
+    /// `engine_bytes / rmap_items`, to set against the kernel's 64-byte `ksm_rmap_item` (the
+    /// kernel's figure leaves its stable nodes out; this one counts everything).
+    pub engine_bytes_per_rmap_item: f64,
+    /// The live backend's state of every page of its regions (live only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_state_bytes: Option<u64>,
+}
+
+impl MetadataBytes {
+    pub fn new(engine_bytes: u64, rmap_items: u64, page_state_bytes: Option<u64>) -> Self {
+        Self {
+            engine_bytes,
+            rmap_items,
+            engine_bytes_per_rmap_item: if rmap_items > 0 {
+                engine_bytes as f64 / rmap_items as f64
+            } else {
+                0.0
+            },
+            page_state_bytes,
+        }
+    }
 }
 
 /// One address space of the workload.
@@ -108,6 +142,7 @@ impl Report {
             pss_kib_after: Some(after.pss),
             live,
             verification,
+            metadata: None,
         }
     }
 }
@@ -195,6 +230,18 @@ impl Report {
                     l.budget_refused
                 );
             }
+        }
+        if let Some(m) = &self.metadata {
+            out += &format!(
+                "samepage metadata: {:.1} KiB in the engine for {} rmap items ({:.1} bytes each; the kernel's are 64){}\n",
+                m.engine_bytes as f64 / 1024.0,
+                m.rmap_items,
+                m.engine_bytes_per_rmap_item,
+                match m.page_state_bytes {
+                    Some(b) => format!(", {:.1} KiB of page states", b as f64 / 1024.0),
+                    None => String::new(),
+                }
+            );
         }
         if let Some(v) = &self.verification {
             out += &format!(

@@ -99,6 +99,11 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         pss_kib_after: None,
         live: None,
         verification: None,
+        metadata: Some(crate::report::MetadataBytes::new(
+            sys.ksm.metadata_bytes() as u64,
+            sys.ksm.rmap_items(),
+            None,
+        )),
     };
     report.print(args.json)
 }

@@ -638,6 +638,7 @@ impl Ksm {
                 // The pass's unstable tree goes with it (the kernel empties it when the next
                 // pass starts; nothing reads it in between).
                 self.unstable.clear();
+                self.items.trim();
                 self.seqnr += 1;
                 return None;
             }

@@ -187,6 +187,28 @@ impl Items {
         }
     }
 
+    /// Give back the memory of free chunks at the end of the chunk list (ids stay valid: only
+    /// chunks after the last one in use go). Called between passes, as the kernel's slab
+    /// would shrink.
+    pub fn trim(&mut self) {
+        if self.free_chunks.len() * 4 < self.chunks.len() {
+            return;
+        }
+        // Descending: the trailing chunks come first, and `pop` reuses the lowest index,
+        // which keeps the tail free for the next trim.
+        self.free_chunks.sort_unstable_by(|a, b| b.cmp(a));
+        let mut k = 0;
+        while k < self.free_chunks.len() && self.free_chunks[k] as usize + 1 == self.chunks.len() {
+            self.chunks.pop();
+            k += 1;
+        }
+        self.free_chunks.drain(..k);
+        if self.chunks.capacity() > 2 * self.chunks.len() {
+            self.chunks.shrink_to_fit();
+            self.free_chunks.shrink_to_fit();
+        }
+    }
+
     /// The items of `mm` at addresses in `[from, to)`, in address order.
     pub fn ids_in(&self, mm: MmId, from: u64, to: u64) -> Vec<u32> {
         let mut out = Vec::new();
@@ -449,6 +471,25 @@ mod tests {
         assert!(new2);
         assert_eq!((items.age(i2), items.checksum(i2)), (0, 0));
         assert_eq!(items.iter().collect::<Vec<_>>(), vec![i2]);
+    }
+
+    #[test]
+    fn trim_gives_back_trailing_free_chunks() {
+        let mut items = Items::default();
+        let ids: Vec<u32> = (0..10u64)
+            .map(|c| items.get_or_insert(MmId(1), c * CHUNK_SPAN).0)
+            .collect();
+        for &it in &ids[3..] {
+            items.remove(it);
+        }
+        items.remove(ids[1]);
+        items.trim();
+        assert_eq!(items.chunks.len(), 3);
+        assert_eq!(items.free_chunks, vec![1]);
+        // The hole is reused first.
+        let (it, _) = items.get_or_insert(MmId(1), 99 * CHUNK_SPAN);
+        assert_eq!(split(it).0, 1);
+        assert_eq!(items.address(ids[2]), 2 * CHUNK_SPAN);
     }
 
     #[test]

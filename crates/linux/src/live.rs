@@ -469,6 +469,17 @@ impl LiveKsm {
         g.ksm.ksm_stat(&g.mem, mm)
     }
 
+    /// Bytes of samepage's bookkeeping: the engine's (rmap items, trees, stable nodes, scan
+    /// list), its rmap items, and the backend's state of every page of the regions.
+    pub fn metadata_bytes(&self) -> (u64, u64, u64) {
+        let (engine, items) = {
+            let g = self.engine();
+            (g.ksm.metadata_bytes() as u64, g.ksm.rmap_items())
+        };
+        let pages: usize = self.sh.lock().regions.iter().map(|r| r.pages.len()).sum();
+        (engine, items, (pages * crate::PAGE_STATE_BYTES) as u64)
+    }
+
     /// Copy-on-write, pin and budget statistics.
     pub fn stats(&self) -> LiveStats {
         backend::stats(&self.sh)
