@@ -20,6 +20,7 @@ mod backend;
 mod eligibility;
 pub mod host;
 mod live;
+mod prefetch;
 mod state;
 pub mod sys;
 pub mod verify;

@@ -485,10 +485,12 @@ impl LiveKsm {
         backend::stats(&self.sh)
     }
 
-    /// CPU time of the engine's threads (scanning and fault handling) so far, in seconds.
+    /// CPU time of the engine's threads (scanning, fault handling, reading ahead) so far, in
+    /// seconds.
     pub fn cpu_seconds(&self) -> f64 {
         (sys::thread_cpu_ns(self.scan_tid.load(Ordering::Relaxed))
-            + sys::thread_cpu_ns(self.handler_tid.load(Ordering::Relaxed))) as f64
+            + sys::thread_cpu_ns(self.handler_tid.load(Ordering::Relaxed))
+            + sys::thread_cpu_ns(self.sh.reader_tid.load(Ordering::Relaxed))) as f64
             / 1e9
     }
 
