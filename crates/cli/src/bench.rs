@@ -77,6 +77,9 @@ pub struct Row {
     pub same_counters: bool,
     pub saved_bytes: i64,
     pub kernel_saved_bytes: i64,
+    /// samepage's engine metadata at the end, per rmap item, everything counted (trees,
+    /// stable nodes); the kernel's 64-byte rmap item leaves its stable nodes out.
+    pub samepage_metadata_bytes_per_rmap_item: f64,
 }
 
 /// First-write latencies in microseconds.
@@ -94,7 +97,8 @@ pub struct Latency {
 /// Metadata per page samepage tracks, against the kernel's.
 #[derive(Debug, Clone, Serialize)]
 pub struct Metadata {
-    /// The engine's rmap item, as `general_profit` charges it.
+    /// The engine's rmap item (a dense 64-page chunk's bytes per page, rounded up), as
+    /// `general_profit` charges it.
     pub samepage_rmap_item_bytes: usize,
     /// The live backend's state of every page of a region.
     pub samepage_page_state_bytes: usize,
@@ -194,6 +198,11 @@ fn row(name: &str, run: &RunArgs, a: &BenchArgs) -> Result<Row, String> {
             .all(|c| c.samepage.ksm.0.merge_state() == c.kernel.ksm.0.merge_state()),
         saved_bytes: cmps[0].samepage.saved_bytes,
         kernel_saved_bytes: cmps[0].kernel.saved_bytes,
+        samepage_metadata_bytes_per_rmap_item: m(&|c| {
+            c.samepage
+                .metadata
+                .map_or(f64::NAN, |x| x.engine_bytes_per_rmap_item)
+        }),
     })
 }
 
@@ -380,7 +389,7 @@ impl BenchReport {
             self.machine
         );
         out += &format!(
-            "{:<56}{:>9}{:>9}{:>7}{:>8}{:>8}{:>7}{:>11}{:>11}{:>7}{:>6}\n",
+            "{:<56}{:>9}{:>9}{:>7}{:>8}{:>8}{:>7}{:>11}{:>11}{:>7}{:>6}{:>8}\n",
             "workload",
             "conv sp",
             "conv k",
@@ -391,11 +400,12 @@ impl BenchReport {
             "scan/s sp",
             "scan/s k",
             "ratio",
-            "same"
+            "same",
+            "B/item"
         );
         for r in &self.rows {
             out += &format!(
-                "{:<56}{:>9.3}{:>9.3}{:>7.2}{:>8.3}{:>8.3}{:>7.2}{:>11.0}{:>11.0}{:>7.2}{:>6}\n",
+                "{:<56}{:>9.3}{:>9.3}{:>7.2}{:>8.3}{:>8.3}{:>7.2}{:>11.0}{:>11.0}{:>7.2}{:>6}{:>8.1}\n",
                 r.workload,
                 r.samepage_converged_seconds,
                 r.kernel_converged_seconds,
@@ -406,7 +416,8 @@ impl BenchReport {
                 r.samepage_scan_pages_per_second,
                 r.kernel_scan_pages_per_second,
                 r.scan_rate_ratio,
-                if r.same_counters { "yes" } else { "no" }
+                if r.same_counters { "yes" } else { "no" },
+                r.samepage_metadata_bytes_per_rmap_item
             );
         }
         out += "\nfirst write (µs)            engine       pages      p50      p90      p99      max\n";
@@ -418,7 +429,8 @@ impl BenchReport {
         }
         let m = &self.metadata;
         out += &format!(
-            "\nmetadata per tracked page: samepage {} bytes (rmap item {} + page state {}), kernel {} bytes\n",
+            "\nmetadata per tracked page: samepage {} bytes (rmap item {} + page state {}), kernel {} bytes (rmap item)\n\
+             B/item: samepage's engine metadata at the end of a run over its rmap items, trees and stable nodes included\n",
             m.samepage_bytes_per_page, m.samepage_rmap_item_bytes, m.samepage_page_state_bytes, m.kernel_bytes_per_page
         );
         out

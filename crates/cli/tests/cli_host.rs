@@ -229,6 +229,11 @@ fn bench_reports_ratios_and_restores_the_host() {
         assert!(l["p50_us"].as_f64().unwrap() <= l["p99_us"].as_f64().unwrap());
     }
     assert_eq!(v["metadata"]["kernel_bytes_per_page"], 64);
+    // All unique: the items and the unstable tree, measured on the live engine.
+    let per = rows[1]["samepage_metadata_bytes_per_rmap_item"]
+        .as_f64()
+        .unwrap();
+    assert!(per > 13.0 && per <= 16.0, "{}", rows[1]);
     let e = err(&["bench", "--runs", "0"]);
     assert!(e.contains("--runs must be at least 1"), "{e}");
 }

@@ -7,6 +7,25 @@ use std::io::Write;
 use samepage_engine::COUNTER_NAMES as COUNTERS;
 
 #[test]
+fn metadata_per_rmap_item_is_measured_and_small() {
+    // All unique: every page keeps an rmap item in the unstable tree.
+    let v = json(&["simulate", "--size", "16M", "--zero", "0", "--dup", "0"]);
+    let m = &v["metadata"];
+    assert_eq!(m["rmap_items"], 4096);
+    let per = m["engine_bytes_per_rmap_item"].as_f64().unwrap();
+    assert!(per > 13.0 && per <= 16.0, "{m}");
+    assert_eq!(
+        m["engine_bytes"].as_f64().unwrap(),
+        per * 4096.0,
+        "bytes per item is the total over the items"
+    );
+    assert!(
+        m["page_state_bytes"].is_null(),
+        "the simulator has no live page states"
+    );
+}
+
+#[test]
 fn generated_workload_converges_to_the_expected_counters() {
     // 2048 pages: 614 zero, 51 groups of 16 (816 pages), 618 unique.
     for (zero, shared, sharing, zeros) in [("1", 51, 765, 614), ("0", 51 + 3, 765 + 611, 0)] {
