@@ -624,6 +624,7 @@ fn scan_loop(eng: Arc<Mutex<EngineSide>>, kick: Arc<Kick>, sh: Arc<Shared>, tid:
                 ksm, mem, clock, ..
             } = &mut *g;
             if !ksm.ksmd_should_run() || sh.stop.load(Ordering::Acquire) {
+                mem.end_batch();
                 break None;
             }
             if !pinned {
@@ -636,6 +637,7 @@ fn scan_loop(eng: Arc<Mutex<EngineSide>>, kick: Arc<Kick>, sh: Arc<Shared>, tid:
             g.after_batch(b);
             let rest = todo - b.scanned.min(todo);
             if rest == 0 || b.full_scan_done || b.scanned < chunk {
+                g.mem.end_batch();
                 break Some(ms);
             }
             left = Some(rest);
