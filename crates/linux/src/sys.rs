@@ -717,3 +717,11 @@ pub fn allowed_cpus() -> io::Result<libc::cpu_set_t> {
     cvt(unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) })?;
     Ok(set)
 }
+
+/// Run the calling thread only on CPU time no other thread wants (`SCHED_IDLE`): any thread
+/// that wakes on its CPU (an application thread, the fault handler) runs at once.
+pub fn set_idle_priority() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: param is a valid sched_param; 0 is the calling thread.
+    cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }).map(drop)
+}
