@@ -122,7 +122,7 @@ pub(crate) struct Shared {
     pub events: Mutex<()>,
     /// The fault handler thread, which the scanner keeps on its own CPU during a batch.
     pub handler_tid: std::sync::atomic::AtomicI32,
-    /// The thread that reads and hashes pages ahead of the scan.
+    /// The thread that reads pages ahead of the scan.
     pub reader_tid: Arc<std::sync::atomic::AtomicI32>,
 }
 
@@ -171,6 +171,26 @@ impl Shared {
 
     fn fd(&self) -> std::os::fd::RawFd {
         self.uffd.as_raw_fd()
+    }
+
+    /// Let the handler read and handle what is already queued on the userfaultfd. A
+    /// transaction about to decide looks at what the application did to its page meanwhile,
+    /// and an event the handler has not read yet would go unseen: an mremap that took the
+    /// page away before the transaction's mapping was made, for one (the handler shares the
+    /// scanner's CPU during a batch, so it reads nothing until the scanner lets it run). What
+    /// remains is an event its system call has not queued yet.
+    fn settle_events(&self) {
+        let fd = self.fd();
+        for _ in 0..64 {
+            if !sys::poll_readable(fd, 0).unwrap_or(false) {
+                // Wait for the handling of what was read last.
+                drop(self.events.lock().unwrap_or_else(|e| e.into_inner()));
+                if !sys::poll_readable(fd, 0).unwrap_or(false) {
+                    return;
+                }
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// Run a userfaultfd ioctl, retrying while it answers EAGAIN: a non-cooperative event (an
@@ -586,6 +606,7 @@ impl LiveMemory {
                 // A discard whose event was read before the contents came back may have
                 // zapped the empty hole first: discard them now. Nothing the application did
                 // after its discard is lost: its faults on the page wait for the wake.
+                self.sh.settle_events();
                 if let Some(Discard::Removed) = self.take_discard(addr) {
                     let _ = sys::madvise(to, PAGE, libc::MADV_DONTNEED);
                 }
@@ -917,6 +938,7 @@ impl LiveMemory {
             let protected = self.sh.wp(addr).is_ok();
             (protected, self.sh.categories(addr).unwrap_or(0))
         };
+        self.sh.settle_events();
         let mut st = self.sh.lock();
         let (ri, i, _) = st.page(mm, addr).expect("claimed page stays in its region");
         if !protected {

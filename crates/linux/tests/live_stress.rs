@@ -1,6 +1,6 @@
-//! Application threads write, read, read(2) from a pipe into and discard pages of merged
-//! regions (and move them out and back with mremap, with SAMEPAGE_STRESS_MREMAP set) while the
-//! engine merges and unmerges at full speed. A shadow copy proves that no byte was lost or
+//! Application threads write, read, read(2) from a pipe into, discard and (a few) unmap pages
+//! of merged regions (and move them out and back with mremap, with SAMEPAGE_STRESS_MREMAP set)
+//! while the engine merges and unmerges at full speed. A shadow copy proves that no byte was lost or
 //! changed, and whenever the engine is quiescent the zero-page count equals the PAGEMAP_SCAN
 //! ground truth. `SAMEPAGE_STRESS_OPS` sets the operations per thread.
 
@@ -36,7 +36,8 @@ fn as_bytes(p: &Page) -> Vec<u8> {
 }
 
 /// One application thread's ops on its own pages; returns the number of page operations.
-fn app_thread(base: u64, shadow: &mut [Page], seed: u64, ops: usize) -> u64 {
+/// `None` in the shadow: the thread unmapped the page (and never touches it again).
+fn app_thread(base: u64, shadow: &mut [Option<Page>], seed: u64, ops: usize) -> u64 {
     let mut rng = Pcg64Mcg::seed_from_u64(seed);
     let (pr, pw) = sys::pipe().unwrap();
     let n = shadow.len() as u64;
@@ -46,6 +47,9 @@ fn app_thread(base: u64, shadow: &mut [Page], seed: u64, ops: usize) -> u64 {
         let p = rng.random_range(0..n);
         let a = base + p * PS;
         let k: u32 = rng.random_range(0..100);
+        let Some(page) = shadow[p as usize].as_mut() else {
+            continue;
+        };
         hist[p as usize].push(k);
         let h = hist[p as usize].clone();
         match k {
@@ -56,18 +60,17 @@ fn app_thread(base: u64, shadow: &mut [Page], seed: u64, ops: usize) -> u64 {
                 // SAFETY: `a` is a page of this thread's part of the region, mapped and
                 // writable (moved pages are moved back before this thread goes on).
                 unsafe { sys::user_store(a + w as u64 * 8, v) };
-                shadow[p as usize][w] = v;
+                page[w] = v;
             }
             // Fill a whole page (a kernel-mode write).
             40..=54 => {
                 let v = rng.random_range(0..4u64);
-                let page = fill(v);
-                sys::write_self(a, &as_bytes(&page)).unwrap();
-                shadow[p as usize] = page;
+                *page = fill(v);
+                sys::write_self(a, &as_bytes(page)).unwrap();
             }
             // Read it back with user-mode loads.
             55..=74 => {
-                for (w, &want) in shadow[p as usize].iter().enumerate() {
+                for (w, &want) in page.iter().enumerate() {
                     // SAFETY: as above.
                     let got = unsafe { sys::user_load(a + w as u64 * 8) };
                     assert_eq!(got, want, "page {p} word {w} changed; ops {h:?}");
@@ -83,13 +86,13 @@ fn app_thread(base: u64, shadow: &mut [Page], seed: u64, ops: usize) -> u64 {
                     sys::read_fd_into(pr.as_raw_fd(), a + w as u64 * 8, 16).unwrap(),
                     16
                 );
-                shadow[p as usize][w] = v[0];
-                shadow[p as usize][w + 1] = v[1];
+                page[w] = v[0];
+                page[w + 1] = v[1];
             }
             // MADV_DONTNEED: reads zeros afterwards.
             85..=92 => {
                 sys::madvise(a, PS, libc::MADV_DONTNEED).unwrap();
-                shadow[p as usize] = fill(0);
+                *page = fill(0);
             }
             // mremap the page out of the region (to a page this thread just mapped) and back,
             // with SAMEPAGE_STRESS_MREMAP set: a move that lands during a merge transaction
@@ -99,14 +102,16 @@ fn app_thread(base: u64, shadow: &mut [Page], seed: u64, ops: usize) -> u64 {
                 sys::mremap_fixed(a, PS, park).unwrap();
                 sys::mremap_fixed(park, PS, a).unwrap();
             }
+            // munmap, rarely (about 6% of the pages by the end): the page is gone for good.
+            98 if rng.random_range(0..100) == 0 => {
+                sys::munmap(a, PS).unwrap();
+                shadow[p as usize] = None;
+            }
             // Compare with read(2)-like kernel reads.
             _ => {
                 let mut buf = [0u8; 4096];
                 sys::read_self(a, &mut buf).unwrap();
-                assert!(
-                    buf[..] == as_bytes(&shadow[p as usize])[..],
-                    "page {p} changed"
-                );
+                assert!(buf[..] == as_bytes(page)[..], "page {p} changed");
             }
         }
         done += 1;
@@ -127,13 +132,13 @@ fn stress_merging_under_application_load() {
     let mm = ksm.new_mm();
     let total = THREADS as u64 * PAGES_PER_THREAD;
     let base = ksm.create_region(mm, total * PS).unwrap();
-    let mut shadows: Vec<Vec<Page>> = Vec::new();
+    let mut shadows: Vec<Vec<Option<Page>>> = Vec::new();
     for t in 0..THREADS as u64 {
         let mut sh = Vec::new();
         for p in 0..PAGES_PER_THREAD {
             let page = fill((t * PAGES_PER_THREAD + p) % 4);
             sys::write_self(base + (t * PAGES_PER_THREAD + p) * PS, &as_bytes(&page)).unwrap();
-            sh.push(page);
+            sh.push(Some(page));
         }
         shadows.push(sh);
     }
@@ -217,6 +222,7 @@ fn stress_merging_under_application_load() {
     let mut buf = [0u8; 4096];
     for (t, shadow) in shadows.iter().enumerate() {
         for (p, page) in shadow.iter().enumerate() {
+            let Some(page) = page else { continue };
             let a = base + (t as u64 * PAGES_PER_THREAD + p as u64) * PS;
             sys::read_self(a, &mut buf).unwrap();
             assert!(buf[..] == as_bytes(page)[..], "thread {t} page {p} changed");
