@@ -210,9 +210,31 @@ impl Items {
     }
 
     /// The items of `mm` at addresses in `[from, to)`, in address order.
-    pub fn ids_in(&self, mm: MmId, from: u64, to: u64) -> Vec<u32> {
+    pub fn ids_in(&mut self, mm: MmId, from: u64, to: u64) -> Vec<u32> {
         let mut out = Vec::new();
         if from >= to {
+            return out;
+        }
+        let base = from & !(CHUNK_SPAN - 1);
+        if to - 1 < base + CHUNK_SPAN {
+            // Within one chunk (the scan stepping over a few pages): no tree walk.
+            let Some(c) = self.chunk_of(mm, base) else {
+                return out;
+            };
+            let (lo, hi) = (
+                (from - base) / PAGE_SIZE_U64,
+                (to - base).div_ceil(PAGE_SIZE_U64),
+            );
+            let span = if hi - lo >= 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            let mut bits = self.chunks[c as usize].present & span;
+            while bits != 0 {
+                out.push(c << CHUNK_SHIFT | bits.trailing_zeros());
+                bits &= bits - 1;
+            }
             return out;
         }
         let Some(m) = self.by_mm.get(&mm) else {
@@ -471,6 +493,26 @@ mod tests {
         assert!(new2);
         assert_eq!((items.age(i2), items.checksum(i2)), (0, 0));
         assert_eq!(items.iter().collect::<Vec<_>>(), vec![i2]);
+    }
+
+    #[test]
+    fn ids_within_one_chunk() {
+        let mut items = Items::default();
+        let mm = MmId(3);
+        let a = 0x1000_0000u64;
+        let ids: Vec<u32> = [3u64, 5, 9, 63]
+            .iter()
+            .map(|&s| items.get_or_insert(mm, a + s * PAGE_SIZE_U64).0)
+            .collect();
+        let p = PAGE_SIZE_U64;
+        assert_eq!(items.ids_in(mm, a + 4 * p, a + 9 * p), vec![ids[1]]);
+        assert_eq!(
+            items.ids_in(mm, a + 4 * p, a + 10 * p),
+            vec![ids[1], ids[2]]
+        );
+        assert_eq!(items.ids_in(mm, a, a + 64 * p), ids);
+        assert_eq!(items.ids_in(mm, a + 10 * p, a + 63 * p), vec![]);
+        assert_eq!(items.ids_in(MmId(4), a, a + 64 * p), vec![]);
     }
 
     #[test]

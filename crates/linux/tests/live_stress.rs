@@ -95,8 +95,8 @@ fn app_thread(base: u64, shadow: &mut [Option<Page>], seed: u64, ops: usize) -> 
                 *page = fill(0);
             }
             // mremap the page out of the region (to a page this thread just mapped) and back,
-            // with SAMEPAGE_STRESS_MREMAP set: a move that lands during a merge transaction
-            // still loses or resurrects a page's contents in some runs (open issue 3).
+            // with SAMEPAGE_STRESS_MREMAP set: a move whose event is not queued yet when a
+            // merge decides can still lose a page's contents (README, known limitations).
             93..=97 if std::env::var_os("SAMEPAGE_STRESS_MREMAP").is_some() => {
                 let park = sys::mmap_anon(PS).unwrap();
                 sys::mremap_fixed(a, PS, park).unwrap();
