@@ -2,7 +2,7 @@
 //! indexes one window of 64 pages, a helper thread reads the next two with
 //! `process_vm_readv`. The copy out of the application's pages is most of what a scan of
 //! ordinary pages costs; XXH64 and the engine's work are the rest, so the two overlap well
-//! (an all-unique 1 GiB scan: about 1.4 times as fast). Hashes are computed where they are
+//! (an all-unique 1 GiB scan: about 1.3 times as fast). Hashes are computed where they are
 //! used, on the scanning thread: splitting the hashing between the threads gained nothing.
 //! The helper runs at `SCHED_IDLE`, and only while the scan merges nothing (see
 //! `LiveMemory::end_chunk`).
