@@ -899,7 +899,7 @@ impl LiveMemory {
             }
             // Hold a reference so k is not released while the mapping is being built.
             *st.store_refs.entry(k).or_insert(0) += 1;
-            st.own_unmaps.insert(addr);
+            st.own_unmaps.insert(addr, false);
         }
         if let Err(e) = sys::mmap_fixed_file(addr, PAGE, self.sh.store.as_raw_fd(), k as u64 * PAGE)
         {
@@ -939,6 +939,20 @@ impl LiveMemory {
             (protected, self.sh.categories(addr).unwrap_or(0))
         };
         self.sh.settle_events();
+        // The mapping replaced the application's page if its UNMAP event came. If not, the
+        // application had moved or unmapped the page first, and the event that says where it
+        // went may not be queued yet (its system call runs on): wait for one or the other.
+        for _ in 0..200 {
+            {
+                let st = self.sh.lock();
+                if st.own_unmaps.get(&addr) == Some(&true) || st.discarded.contains_key(&addr) {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_micros(100));
+            self.sh.settle_events();
+        }
+        self.sh.lock().own_unmaps.remove(&addr);
         let mut st = self.sh.lock();
         let (ri, i, _) = st.page(mm, addr).expect("claimed page stays in its region");
         if !protected {
@@ -1495,7 +1509,14 @@ fn handle_event(sh: &Shared, ev: Event, todo: &mut Vec<Resolve>) {
             let (mut a, e) = (start as u64, end as u64);
             while a < e {
                 // The scanner's own MAP_FIXED over a page it owns is not an unmap.
-                if !st.own_unmaps.remove(&a) {
+                let own = match st.own_unmaps.get_mut(&a) {
+                    Some(seen @ false) => {
+                        *seen = true;
+                        true
+                    }
+                    _ => false,
+                };
+                if !own {
                     if let Some(ri) = st.region_at(a) {
                         let i = st.regions[ri].idx(a);
                         if st.regions[ri].pages.get(i) == PageState::InFlight {

@@ -167,9 +167,10 @@ pub(crate) struct State {
     /// their memory is never released.
     pub escaped: BTreeSet<u32>,
     pub next_offset: u32,
-    /// Pages the scanner is about to replace with `MAP_FIXED`: the UNMAP event that causes is
-    /// samepage's own and may be handled after the transaction finished.
-    pub own_unmaps: rustc_hash::FxHashSet<u64>,
+    /// Pages the scanner is replacing with `MAP_FIXED`, and whether the UNMAP event that
+    /// causes has come: the first UNMAP of such a page is samepage's own. None coming means
+    /// the mapping replaced nothing of the application's (it had moved or unmapped the page).
+    pub own_unmaps: FxHashMap<u64, bool>,
     /// Pages the application discarded or unmapped while a transaction of the scanner owned
     /// them: the transaction must leave them reading zeros (or not map them at all).
     pub discarded: FxHashMap<u64, Discard>,
