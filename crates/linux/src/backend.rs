@@ -1380,7 +1380,26 @@ pub(crate) fn handle_events(sh: Arc<Shared>) {
                 handle_event(&sh, ev, &mut retry);
             }
         }
-        retry.retain(|&r| !resolve(&sh, r));
+        retry.retain(|&r| !resolve(&sh, recheck(&sh, r)));
+    }
+}
+
+/// A resolution put off (EAGAIN: the application was changing its mappings) is decided again,
+/// since events handled meanwhile may have changed the page: a merged page the application
+/// discarded in between must read zeros, not its canonical page.
+fn recheck(sh: &Shared, r: Resolve) -> Resolve {
+    let Resolve::Continue(a) = r else {
+        return r;
+    };
+    let st = sh.lock();
+    let merged = st.region_at(a).is_some_and(|ri| {
+        let reg = &st.regions[ri];
+        matches!(reg.pages.get(reg.idx(a)), PageState::Merged(_))
+    });
+    if merged {
+        r
+    } else {
+        Resolve::Zero(a)
     }
 }
 

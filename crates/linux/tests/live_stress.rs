@@ -1,6 +1,6 @@
-//! Application threads write, read, read(2) from a pipe into, discard and (a few) unmap pages
-//! of merged regions (and move them out and back with mremap, with SAMEPAGE_STRESS_MREMAP set)
-//! while the engine merges and unmerges at full speed. A shadow copy proves that no byte was lost or
+//! Application threads write, read, read(2) from a pipe into, discard, move out and back with
+//! mremap and (a few) unmap pages of merged regions while the engine merges and unmerges at
+//! full speed. A shadow copy proves that no byte was lost or
 //! changed, and whenever the engine is quiescent the zero-page count equals the PAGEMAP_SCAN
 //! ground truth. `SAMEPAGE_STRESS_OPS` sets the operations per thread.
 
@@ -94,10 +94,8 @@ fn app_thread(base: u64, shadow: &mut [Option<Page>], seed: u64, ops: usize) -> 
                 sys::madvise(a, PS, libc::MADV_DONTNEED).unwrap();
                 *page = fill(0);
             }
-            // mremap the page out of the region (to a page this thread just mapped) and back,
-            // with SAMEPAGE_STRESS_MREMAP set: a move whose event is not queued yet when a
-            // merge decides can still lose a page's contents (README, known limitations).
-            93..=97 if std::env::var_os("SAMEPAGE_STRESS_MREMAP").is_some() => {
+            // mremap the page out of the region (to a page this thread just mapped) and back.
+            93..=97 => {
                 let park = sys::mmap_anon(PS).unwrap();
                 sys::mremap_fixed(a, PS, park).unwrap();
                 sys::mremap_fixed(park, PS, a).unwrap();
