@@ -100,7 +100,7 @@ fn app_thread(base: u64, shadow: &mut [Option<Page>], seed: u64, ops: usize) -> 
                 sys::mremap_fixed(a, PS, park).unwrap();
                 sys::mremap_fixed(park, PS, a).unwrap();
             }
-            // munmap, rarely (about 6% of the pages by the end): the page is gone for good.
+            // munmap, one operation in 10 000: the page is gone for good.
             98 if rng.random_range(0..100) == 0 => {
                 sys::munmap(a, PS).unwrap();
                 shadow[p as usize] = None;
