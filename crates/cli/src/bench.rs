@@ -254,10 +254,10 @@ fn latencies(a: &BenchArgs) -> Result<Vec<Latency>, String> {
     let w = run.workload()?;
     let (zero, dup) = pages_by_kind(&w, a.latency_pages);
     let time_sp = |l: &Loaded, pages: &[u64]| -> Vec<f64> {
-        let (_, base, _) = l.regions[0];
+        let r = &l.regions[0];
         pages
             .iter()
-            .filter_map(|&i| l.ksm.timed_store(base + i * PAGE_SIZE_U64 + 8, 0xfeed).ok())
+            .filter_map(|&i| r.timed_store(i * PAGE_SIZE_U64 + 8, 0xfeed).ok())
             .map(|d| d.as_secs_f64() * 1e6)
             .collect()
     };

@@ -187,9 +187,7 @@ pub fn compare(
     if let Some(p) = probes.samepage {
         p(&l);
     }
-    for (_, a, _) in &l.regions {
-        l.ksm.drop_region(*a).map_err(|e| e.to_string())?;
-    }
+    // Dropping the regions gives their memory back before the kernel's copy is made.
     drop(l);
     let (kernel, ksamples) = run_kernel(&mut guard, &workload, &info, &knobs, args, probes.kernel)?;
     drop(guard);
@@ -321,17 +319,6 @@ impl Comparison {
             "\nsame merge counters (pages_shared, pages_sharing, ksm_zero_pages, chains, dups): {}\n",
             if same { "yes" } else { "no" }
         );
-        if let Some(l) = s.live.filter(|l| l.budget_exhausted) {
-            out += &format!(
-                "samepage's mapping budget ran out ({} merges refused): every isolated merged page \
-                 costs mappings, and vm.max_map_count ({}) caps them; raise it (sysctl \
-                 vm.max_map_count=1048576) to merge everything\n",
-                l.budget_refused,
-                std::fs::read_to_string("/proc/sys/vm/max_map_count")
-                    .map(|v| v.trim().to_string())
-                    .unwrap_or_default()
-            );
-        }
         out += "(anonymous RSS counts a KSM page once per mapping; PSS divides it among them. \
                 samepage's merged pages are file pages of its store, so only PSS compares both.)\n";
         out

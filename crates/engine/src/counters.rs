@@ -46,6 +46,14 @@ pub struct KsmCounters {
 }
 
 impl KsmCounters {
+    /// These counters with `ksm_zero_pages` replaced by `z` (counted elsewhere), and
+    /// `general_profit` adjusted to match.
+    pub fn with_ksm_zero_pages(mut self, z: i64) -> Self {
+        self.general_profit += (z - self.ksm_zero_pages) * crate::PAGE_SIZE as i64;
+        self.ksm_zero_pages = z;
+        self
+    }
+
     /// The value of one sysfs counter file.
     pub fn get(&self, name: &str) -> Option<i64> {
         Some(match name {
@@ -105,6 +113,16 @@ pub struct KsmStat {
     pub ksm_process_profit: i64,
     pub ksm_merge_any: bool,
     pub ksm_mergeable: bool,
+}
+
+impl KsmStat {
+    /// This `ksm_stat` with `ksm_zero_pages` replaced by `z` (counted elsewhere), and
+    /// `ksm_process_profit` adjusted to match.
+    pub fn with_ksm_zero_pages(mut self, z: i64) -> Self {
+        self.ksm_process_profit += (z - self.ksm_zero_pages) * crate::PAGE_SIZE as i64;
+        self.ksm_zero_pages = z;
+        self
+    }
 }
 
 fn yes_no(b: bool) -> &'static str {

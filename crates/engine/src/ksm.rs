@@ -3,7 +3,7 @@
 use crate::advisor::{AdvisorCtx, AdvisorKnobs, Clock};
 use crate::arena::Arena;
 use crate::counters::{KsmCounters, KsmStat};
-use crate::memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError};
+use crate::memory::{FailedMerge, Memory, MergeError, MergeInto, PageRef, UnmergeError};
 use crate::page::{zero_page_hash, FrameId, MmId, PAGE_SIZE_U64};
 use crate::rmap::{ItemState, Items, UnstableIndex, NIL};
 use crate::tunables::{parse_knob, AdvisorMode, KnobError, KnobValue, Run, Tunables};
@@ -45,6 +45,8 @@ struct MmState {
     merge_any: bool,
     /// `MMF_VM_MERGEABLE`: the mm has a slot on the scan list.
     registered: bool,
+    /// Security domain: pages of different domains are never merged.
+    domain: u32,
     ksm_rmap_items: u64,
     ksm_merging_pages: u64,
 }
@@ -57,6 +59,10 @@ struct MmSlot {
     mm: MmId,
     next: u64,
 }
+
+/// A security domain: pages of different domains are never compared or merged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DomainId(pub u32);
 
 /// What one call of [`Ksm::do_scan`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,6 +101,9 @@ pub struct Ksm {
     /// `page_stable_node()`: which stable node a KSM page belongs to.
     frame_node: FxHashMap<FrameId, u32>,
     advisor: AdvisorCtx,
+    /// The domain of the page `cmp_and_merge_page` is working on (the index root).
+    cur_domain: u32,
+    failed: Vec<FailedMerge>,
 }
 
 impl Default for Ksm {
@@ -127,7 +136,20 @@ impl Ksm {
             stable: FxHashMap::default(),
             frame_node: FxHashMap::default(),
             advisor: AdvisorCtx::default(),
+            cur_domain: 0,
+            failed: Vec::new(),
         }
+    }
+
+    /// Put `mm` in security domain `d` (before its pages are scanned).
+    pub fn set_domain(&mut self, mm: MmId, d: DomainId) {
+        self.mm_state(mm).domain = d.0;
+    }
+
+    /// Whether the engine holds nothing of `mm` any more (no slot on the scan list, no
+    /// rmap item).
+    pub fn mm_released(&self, mm: MmId) -> bool {
+        !self.slots.iter().any(|s| s.mm == mm) && !self.items.has_items(mm)
     }
 
     /// The current tunables.
@@ -539,15 +561,21 @@ impl Ksm {
                 }
             }
         }
+        // Merges the backend carried out at the end of the batch and that failed: undo.
+        let mut failed = std::mem::take(&mut self.failed);
+        mem.take_failed_merges(&mut failed);
+        for f in failed.drain(..) {
+            if let Some(it) = self.items.find(f.mm, f.addr) {
+                self.remove_rmap_item_from_tree(mem, it);
+            }
+        }
+        self.failed = failed;
         batch
     }
 
     fn nid_root(&self, nid: u32) -> u32 {
-        if self.tun.merge_across_nodes {
-            0
-        } else {
-            nid
-        }
+        let n = if self.tun.merge_across_nodes { 0 } else { nid };
+        (self.cur_domain << 10) | n
     }
 
     /// `scan_get_next_rmap_item`.
@@ -1138,6 +1166,7 @@ impl Ksm {
         page: PageRef,
     ) {
         let (mm, addr) = (self.items.mm(it), self.items.address(it));
+        self.cur_domain = self.mms.get(&mm).map_or(0, |s| s.domain);
         let mut bypass = false;
         let page_node = if page.ksm {
             self.frame_node.get(&page.frame).copied()
@@ -1156,7 +1185,10 @@ impl Ksm {
             Some((page.frame, node))
         } else {
             self.remove_rmap_item_from_tree(mem, it);
-            hash = mem.page_hash(page.frame);
+            let Some(h) = mem.page_hash(page.frame) else {
+                return; // gone meanwhile: the next visit drops it
+            };
+            hash = h;
             let checksum = hash as u32;
             let zero = self.tun.use_zero_pages && checksum == self.zero_checksum;
             if self.items.checksum(it) != checksum {

@@ -55,6 +55,7 @@
 
 mod advisor;
 mod arena;
+mod convergence;
 pub mod counters;
 mod ksm;
 pub mod memory;
@@ -64,9 +65,10 @@ pub mod tunables;
 pub mod zero_pages;
 
 pub use advisor::Clock;
+pub use convergence::{Convergence, Until};
 pub use counters::{KsmCounters, KsmStat, COUNTER_NAMES};
-pub use ksm::{Ksm, ScanBatch, RMAP_ITEM_BYTES};
-pub use memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
+pub use ksm::{DomainId, Ksm, ScanBatch, RMAP_ITEM_BYTES};
+pub use memory::{FailedMerge, Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
 pub use page::{calc_checksum, is_zero_page, page_hash, FrameId, MmId, PAGE_SIZE, PAGE_SIZE_U64};
 pub use tunables::{AdvisorMode, KnobError, Run, Tunables, SAMEPAGE_ONLY_TUNABLES, TUNABLE_NAMES};
 pub use zero_pages::KsmZeroPages;

@@ -71,15 +71,34 @@ pub enum MergeError {
     NoBudget,
 }
 
-/// Why an unmerge failed.
-#[derive(Clone, Debug, Error, PartialEq, Eq)]
+/// Why an unmerge ([`Memory::break_ksm`]) failed. The pages unshared before the failure stay
+/// unshared; the others stay merged.
+#[derive(Debug, Error)]
 pub enum UnmergeError {
-    /// No memory for the private copies (the kernel returns -ENOMEM, or the OOM killer acts).
-    #[error("not enough memory to unshare the merged pages")]
+    /// No memory for the private copies: the kernel's `break_ksm` returns -ENOMEM when the
+    /// unsharing fault ends in `VM_FAULT_OOM`.
+    #[error("not enough memory to unshare the merged pages (ENOMEM)")]
     NoMemory,
-    /// The backend failed for another reason.
-    #[error("unmerge failed: {0}")]
-    Backend(String),
+    /// The backend failed for another reason; the source says why.
+    #[error("the memory backend could not unshare the merged pages")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl UnmergeError {
+    /// An [`UnmergeError::Backend`] with `source` as its cause.
+    pub fn backend(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        UnmergeError::Backend(source.into())
+    }
+}
+
+/// A merge the backend accepted (returned `Ok`) but could not carry out at the end of the
+/// batch: the engine undoes its bookkeeping for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailedMerge {
+    /// The address space of the page.
+    pub mm: MmId,
+    /// Its address.
+    pub addr: u64,
 }
 
 /// A memory manager that KSM can scan and merge.
@@ -101,8 +120,9 @@ pub trait Memory {
     /// (`get_mergeable_page`).
     fn get_page(&mut self, mm: MmId, addr: u64) -> Option<PageRef>;
 
-    /// XXH64 with seed 0 over the frame's contents.
-    fn page_hash(&mut self, frame: FrameId) -> u64;
+    /// XXH64 with seed 0 over the frame's contents; `None` if the page cannot be read (it
+    /// went away): the scan then skips it this time.
+    fn page_hash(&mut self, frame: FrameId) -> Option<u64>;
 
     /// Full comparison of two frames' contents (`pages_identical`).
     fn pages_identical(&mut self, a: FrameId, b: FrameId) -> bool;
@@ -128,6 +148,13 @@ pub trait Memory {
     /// Set or clear `VM_MERGEABLE` on the compatible areas in `[start, end)`, splitting areas at
     /// the boundaries. Incompatible areas are left alone, as `ksm_madvise` does.
     fn set_mergeable(&mut self, mm: MmId, start: u64, end: u64, on: bool);
+
+    /// The merges accepted during this batch that did not happen, if the backend carries
+    /// merges out at the end of a batch (the default: every merge is done when `merge`
+    /// returns).
+    fn take_failed_merges(&mut self, out: &mut Vec<FailedMerge>) {
+        let _ = out;
+    }
 
     /// `ksm_zero_pages` of one address space, or the global count for `None`.
     fn ksm_zero_pages(&self, mm: Option<MmId>) -> i64;

@@ -115,6 +115,14 @@ impl Items {
         Some(c)
     }
 
+    /// The item for `(mm, addr)`, if there is one.
+    pub fn find(&mut self, mm: MmId, addr: u64) -> Option<u32> {
+        let base = addr & !(CHUNK_SPAN - 1);
+        let slot = ((addr - base) / PAGE_SIZE_U64) as usize;
+        let c = self.chunk_of(mm, base)?;
+        (self.chunks[c as usize].present & 1 << slot != 0).then_some(c << CHUNK_SHIFT | slot as u32)
+    }
+
     /// The item for `(mm, addr)`, made (volatile, checksum 0, age 0) if there is none; the
     /// flag says whether it was made.
     pub fn get_or_insert(&mut self, mm: MmId, addr: u64) -> (u32, bool) {

@@ -5,7 +5,7 @@
 //! through [`KnobGuard`] gets every knob restored when the guard is dropped (also on a panic),
 //! and `run` is never left at 1.
 
-use crate::sys::{self, PAGE};
+use crate::sys::{Mapping, PAGE};
 use samepage_engine::{KsmCounters, KsmStat, COUNTER_NAMES, TUNABLE_NAMES};
 use std::io;
 use std::time::Duration;
@@ -259,51 +259,36 @@ impl Drop for KnobGuard {
 /// workload handed to the host's KSM with `MADV_MERGEABLE`.
 #[derive(Debug)]
 pub struct AnonMemory {
-    addr: u64,
-    len: u64,
+    m: Mapping,
 }
 
 impl AnonMemory {
     /// `len` bytes (a multiple of the page size) of fresh anonymous memory.
     pub fn new(len: u64) -> io::Result<Self> {
-        if len == 0 || !len.is_multiple_of(PAGE) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "length must be a non-zero multiple of the page size",
-            ));
-        }
-        let addr = sys::mmap_anon(len)?;
+        let m = Mapping::anon(len)?;
         // Huge pages would hide the 4 KiB pages from KSM until they are split.
-        let _ = sys::madvise(addr, len, libc::MADV_NOHUGEPAGE);
-        Ok(Self { addr, len })
+        let _ = m.advise(libc::MADV_NOHUGEPAGE);
+        Ok(Self { m })
     }
 
+    /// First address.
     pub fn addr(&self) -> u64 {
-        self.addr
+        self.m.addr()
     }
 
+    /// Length in bytes.
     pub fn len(&self) -> u64 {
-        self.len
+        self.m.len()
     }
 
+    /// Never empty; for clippy's sake.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn check(&self, off: u64, n: u64) -> io::Result<()> {
-        if off.checked_add(n).is_none_or(|e| e > self.len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "range outside the memory",
-            ));
-        }
-        Ok(())
+        self.m.is_empty()
     }
 
     /// Copy `data` in at byte offset `off`.
     pub fn write(&self, off: u64, data: &[u8]) -> io::Result<()> {
-        self.check(off, data.len() as u64)?;
-        sys::write_self(self.addr + off, data)
+        self.m.write(off, data)
     }
 
     /// Read the page at byte offset `off` (page aligned).
@@ -312,34 +297,35 @@ impl AnonMemory {
         off: u64,
         buf: &mut [u8; samepage_engine::PAGE_SIZE],
     ) -> io::Result<()> {
-        self.check(off, PAGE)?;
-        sys::read_self(self.addr + off, buf)
+        self.m.read(off, buf)
     }
 
     /// `madvise(MADV_MERGEABLE)` or `MADV_UNMERGEABLE` on all of it.
     pub fn set_mergeable(&self, on: bool) -> io::Result<()> {
-        let advice = if on {
+        self.m.advise(if on {
             libc::MADV_MERGEABLE
         } else {
             libc::MADV_UNMERGEABLE
-        };
-        sys::madvise(self.addr, self.len, advice)
+        })
     }
 
     /// Store one word into the page at byte offset `off` with a user-mode write, as the
     /// application would, and return how long the store took (the first write to a merged
     /// or zero page includes the copy-on-write fault).
     pub fn timed_store(&self, off: u64, v: u64) -> io::Result<Duration> {
-        self.check(off, 8)?;
+        if off.checked_add(8).is_none_or(|e| e > self.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range outside the memory",
+            ));
+        }
+        let a = self.addr() + (off & !7);
+        let t = std::time::Instant::now();
         // SAFETY: the word lies inside this mapping, which lives as long as `self` and to
-        // which no Rust reference points; it is aligned by construction.
-        Ok(unsafe { sys::timed_store(self.addr + (off & !7), v) })
-    }
-}
-
-impl Drop for AnonMemory {
-    fn drop(&mut self) {
-        let _ = sys::munmap(self.addr, self.len);
+        // which no Rust reference points; it is aligned.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(a as *mut u64) }
+            .store(v, std::sync::atomic::Ordering::Relaxed);
+        Ok(t.elapsed())
     }
 }
 

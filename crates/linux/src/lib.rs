@@ -1,34 +1,58 @@
-//! # samepage-linux: KSM for real memory of this process
+//! # samepage-linux: KSM for real memory, in this process or across processes
 //!
-//! [`LiveKsm`] runs the samepage engine over regions of the calling process: duplicate pages
-//! end up on one physical page (a canonical page in a memfd, mapped copy-on-write), zero-filled
-//! pages on the kernel's shared zero page, and `ksm_zero_pages` counts the latter exactly. It
-//! needs a userfaultfd that handles faults of system calls too (root, CAP_SYS_PTRACE or access
-//! to `/dev/userfaultfd`) and Linux 6.8+ (write-protect, `WP_UNPOPULATED`, `UFFDIO_MOVE`,
-//! `PAGEMAP_SCAN`).
+//! The live backend of samepage. Two parts cooperate:
 //!
-//! The mark of a KSM-placed zero page is the userfaultfd write-protect bit on its zero-page
-//! entry: a write to it arrives as a fault before the copy-on-write, and the count falls then.
-//! Ordinary zero pages (the application reading untouched memory) carry no mark.
+//! - the **agent** runs inside every process whose memory is merged. It owns that
+//!   process's userfaultfd (asynchronous write-protect, missing-page faults, and the
+//!   unmap/discard/move events), a state per page of the regions it manages, a fault
+//!   handler thread, and the executor that carries out merges. Every change to a page
+//!   happens here, because `UFFDIO_MOVE`, samepage's pin-safe way to take a page away,
+//!   refuses callers from another address space.
+//! - **ksmd** runs the engine (`samepage-engine`): the scan, the rmap items, the stable and
+//!   unstable indexes, and the stores of canonical pages (one memfd per security domain).
+//!   It reads the targets' pages (`process_vm_readv`) and page tables (`PAGEMAP_SCAN`)
+//!   itself, decides, and sends each agent one batch of operations per scan chunk.
 //!
-//! Layout: [`sys`] holds every system call and nearly every `unsafe` block; `state` what is
-//! known of each page; `backend` the `Memory` implementation and the fault handler;
-//! [`LiveKsm`] the threads and the API; [`verify`] checks the page tables against the
-//! counters; [`host`] reads and drives the host kernel's KSM, for comparisons.
+//! [`LiveKsm`] puts both in one process. With `samepage daemon`, ksmd runs in the daemon
+//! and each client process has an agent; the same [`LiveKsm`] calls work there through
+//! [`LiveKsm::connect`].
+//!
+//! How pages are represented. A **merged page** is a hole in the application's mapping
+//! that stands for a canonical page: its memory is freed, it costs no mapping (so
+//! `vm.max_map_count` caps nothing), and its first access copies the canonical page in,
+//! making it an ordinary page again that later scans merge again. A **KSM-placed zero
+//! page** is the kernel's shared zero page mapped with the userfaultfd write-protect bit,
+//! samepage's "placed by KSM" mark; with `WP_ASYNC` a write to it is an ordinary
+//! copy-on-write resolved in the kernel, and `ksm_zero_pages` is read from the page tables
+//! with `PAGEMAP_SCAN`, exact at the moment it is read. Ordinary zero pages (the
+//! application reading untouched memory) carry no mark and are never counted.
+//!
+//! It needs a userfaultfd that also handles faults taken by system calls (root,
+//! `CAP_SYS_PTRACE`, or access to `/dev/userfaultfd`) and Linux 6.8 or later.
+//!
+//! Layout: `sys` holds the system calls and nearly every `unsafe` block; `agent` the agent
+//! (its states, fault handler and executor); `ksmd` the engine's side (the `Memory`
+//! implementation, the stores, the scanning thread); [`ops`] what they tell each other;
+//! [`verify`] checks the page tables against the counters; [`host`] reads and drives the
+//! host kernel's KSM, for comparisons.
 
-mod backend;
+pub mod agent;
 mod eligibility;
 pub mod host;
+pub mod ksmd;
 mod live;
-mod prefetch;
-mod state;
-pub mod sys;
+pub mod ops;
+pub(crate) mod sys;
 pub mod verify;
 
-pub use backend::LiveMemory;
-pub use live::{LiveError, LiveKsm};
-pub use state::LiveStats;
+pub use agent::{AgentError, AgentStats};
+pub use ksmd::{Ksmd, KsmdStats, Snapshot};
+pub use live::{LiveError, LiveKsm, LiveStats, Metadata, PageInfo, PageKind, Region};
+pub use samepage_engine::{
+    KnobError, KsmCounters, KsmStat, MmId, ScanBatch, UnmergeError, Until, PAGE_SIZE,
+};
+pub use verify::Verification;
 
-/// Bytes of the live backend's state for every page of a region (besides the engine's rmap
-/// item for the pages it tracks).
-pub const PAGE_STATE_BYTES: usize = state::PAGE_STATE_BYTES;
+/// Bytes of the live backend's state for every page of a region, besides the engine's
+/// rmap item for the pages it tracks: the agent's state and ksmd's mirror of it.
+pub const PAGE_STATE_BYTES: usize = 2 * agent::state::PAGE_STATE_BYTES;

@@ -1,594 +1,570 @@
-//! [`LiveKsm`]: the engine merging real memory of this process, with its scanning thread and
-//! its userfaultfd handler thread.
+//! [`LiveKsm`]: samepage merging real memory of this process, and the [`Region`] handles
+//! through which a program reads and writes the memory it gave samepage.
 
-use crate::backend::{self, LiveMemory, Shared};
-use crate::state::{LiveStats, PageState, PageStates, Region};
-use crate::sys::{self, PAGE};
-use samepage_engine::{Clock, KnobError, Ksm, KsmCounters, KsmStat, MmId, ScanBatch, UnmergeError};
+use crate::agent::state::PageState;
+use crate::agent::{Agent, AgentError, AgentStats};
+use crate::ksmd::{Ksmd, KsmdStats, LocalLink};
+use crate::sys::pagemap::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
+use crate::sys::{self, Mapping, PAGE};
+use samepage_engine::{Convergence, KnobError, KsmCounters, KsmStat, MmId, UnmergeError, Until};
+use serde::Serialize;
 use std::io;
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use userfaultfd::{FeatureFlags, RegisterMode, UffdBuilder};
 
-/// Why the live engine cannot start or cannot take a range.
+/// Why a live operation failed.
 #[derive(Debug, Error)]
 pub enum LiveError {
-    /// No userfaultfd with kernel-mode fault handling.
-    #[error(
-        "samepage cannot open a userfaultfd that handles faults from system calls ({detail}). \
-         Run it as root, give it CAP_SYS_PTRACE, or grant it read-write access to \
-         /dev/userfaultfd. It will not run in user-mode-only mode: system calls that write \
-         into merged memory (read(2) into a buffer, for example) would fail with EFAULT"
-    )]
-    NoUserfaultfd { detail: String },
-    /// The kernel lacks a userfaultfd feature samepage needs.
-    #[error(
-        "this kernel's userfaultfd lacks a feature samepage needs (write-protect, \
-         WP_UNPOPULATED, UFFDIO_MOVE, or the remove/unmap/remap events): Linux 6.8 or later \
-         is required ({detail})"
-    )]
-    MissingFeature { detail: String },
-    /// The range cannot be managed by samepage.
+    /// The agent (userfaultfd, fault handler) could not start or take the range.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The range is not page aligned, or empty.
+    #[error("{start:#x} (+{len:#x} bytes) is not a page-aligned, non-empty range")]
+    Unaligned {
+        /// First address given.
+        start: u64,
+        /// Length given.
+        len: u64,
+    },
+    /// An access outside a region.
+    #[error("{len} bytes at offset {offset:#x} do not fit in a region of {region_len:#x} bytes")]
+    OutOfRange {
+        /// Offset given.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// The region's length.
+        region_len: u64,
+    },
+    /// The range cannot be merged (not private anonymous memory, locked, ...).
     #[error("{start:#x}-{end:#x} cannot be merged: {reason}")]
     Ineligible {
+        /// First address.
         start: u64,
+        /// One past the last.
         end: u64,
+        /// Why, as a sentence fragment.
         reason: String,
     },
-    /// The range is not page aligned or empty.
-    #[error("{start:#x} (+{len:#x}) is not a page-aligned, non-empty range")]
-    Unaligned { start: u64, len: u64 },
+    /// Unsharing merged pages failed (no memory for the copies, or the agent is gone).
+    #[error("unmerging failed")]
+    Unmerge(#[from] UnmergeError),
     /// A system call failed.
     #[error("{what}: {source}")]
     Io {
+        /// What samepage was doing.
         what: &'static str,
+        /// The error.
+        #[source]
         source: io::Error,
     },
 }
 
-fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> LiveError {
-    move |source| LiveError::Io { what, source }
+impl LiveError {
+    pub(crate) fn io(what: &'static str) -> impl FnOnce(io::Error) -> Self {
+        move |source| Self::Io { what, source }
+    }
 }
 
-/// The features samepage asks its userfaultfd for.
-const FEATURES: u64 = sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP
-    | sys::UFFD_FEATURE_EVENT_REMAP
-    | sys::UFFD_FEATURE_EVENT_REMOVE
-    | sys::UFFD_FEATURE_EVENT_UNMAP
-    | sys::UFFD_FEATURE_THREAD_ID
-    | sys::UFFD_FEATURE_MINOR_SHMEM
-    | sys::UFFD_FEATURE_WP_UNPOPULATED
-    | sys::UFFD_FEATURE_MOVE;
+/// Keeps the agent alive: it stops its handler only when the last region and the engine
+/// that use it are gone (a merged page with no handler would wait forever).
+pub(crate) struct AgentOwner(pub(crate) Arc<Agent>);
 
-fn open_uffd() -> Result<userfaultfd::Uffd, LiveError> {
-    UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(true)
-        .user_mode_only(false)
-        .require_features(FeatureFlags::from_bits_retain(FEATURES))
-        .create()
-        .map_err(|e| match e {
-            userfaultfd::Error::OpenDevUserfaultfd(err) => LiveError::NoUserfaultfd {
-                detail: format!("/dev/userfaultfd: {err}"),
-            },
-            userfaultfd::Error::SystemError(errno) if errno as i32 == libc::EPERM => {
-                LiveError::NoUserfaultfd {
-                    detail: "userfaultfd(2): EPERM".into(),
-                }
+impl Drop for AgentOwner {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// A range of memory samepage manages: the handle a program reads and writes it through.
+///
+/// Dropping a region gives samepage's hold on it up: a region samepage mapped is unmapped;
+/// an adopted one gets private copies of its merged and zero pages and is plain anonymous
+/// memory again.
+pub struct Region {
+    agent: Arc<AgentOwner>,
+    mm: MmId,
+    start: u64,
+    len: u64,
+    /// The memory, if samepage mapped it.
+    owned: Option<Mapping>,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("mm", &self.mm)
+            .field("start", &format_args!("{:#x}", self.start))
+            .field("len", &self.len)
+            .field("owned", &self.owned.is_some())
+            .finish()
+    }
+}
+
+impl Region {
+    /// First address.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Regions are never empty; for clippy's sake.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The address space it belongs to.
+    pub fn mm(&self) -> MmId {
+        self.mm
+    }
+
+    /// `[start, end)` of `len` bytes from byte `offset`, page aligned and inside.
+    fn range(&self, offset: u64, len: u64) -> Result<(u64, u64), LiveError> {
+        if !offset.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || len == 0 {
+            return Err(LiveError::Unaligned {
+                start: self.start.wrapping_add(offset),
+                len,
+            });
+        }
+        let a = self.check(offset, len as usize)?;
+        Ok((a, a + len))
+    }
+
+    fn check(&self, offset: u64, n: usize) -> Result<u64, LiveError> {
+        match offset.checked_add(n as u64) {
+            Some(e) if e <= self.len => Ok(self.start + offset),
+            _ => Err(LiveError::OutOfRange {
+                offset,
+                len: n as u64,
+                region_len: self.len,
+            }),
+        }
+    }
+
+    /// Store `data` at byte `offset`, as the application would (a write to a merged page
+    /// gives it a private copy first).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), LiveError> {
+        let a = self.check(offset, data.len())?;
+        sys::write_self(a, data).map_err(LiveError::io("writing region memory"))
+    }
+
+    /// Load `buf.len()` bytes from byte `offset`, as the application would (reading a
+    /// merged page gives it a private copy: it is an ordinary page again until a later
+    /// scan merges it).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), LiveError> {
+        let a = self.check(offset, buf.len())?;
+        match sys::read_process(0, a, buf) {
+            Ok(n) if n == buf.len() => Ok(()),
+            Ok(_) => Err(LiveError::io("reading region memory")(
+                io::Error::from_raw_os_error(libc::EFAULT),
+            )),
+            Err(e) => Err(LiveError::io("reading region memory")(e)),
+        }
+    }
+
+    /// The page at byte `offset` (page aligned) as it reads, without touching it: a merged
+    /// page is read from its canonical page, so looking does not unmerge it.
+    pub fn peek_page(&self, offset: u64, buf: &mut [u8; PAGE as usize]) -> Result<(), LiveError> {
+        if !offset.is_multiple_of(PAGE) {
+            return Err(LiveError::Unaligned {
+                start: self.start + offset,
+                len: PAGE,
+            });
+        }
+        let a = self.check(offset, PAGE as usize)?;
+        if let Some(PageState::Merged(k)) = self.agent.0.page_state(a) {
+            if self.agent.0.read_canonical(k, buf) {
+                return Ok(());
             }
-            other => LiveError::MissingFeature {
-                detail: other.to_string(),
-            },
-        })
-}
-
-/// The scanning thread's clock: wall time since start and the thread's own CPU time.
-struct LiveClock {
-    start: Instant,
-    tid: Arc<AtomicI32>,
-}
-
-impl Clock for LiveClock {
-    fn now_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
-    }
-    fn cpu_ns(&self) -> u64 {
-        sys::thread_cpu_ns(self.tid.load(Ordering::Relaxed))
-    }
-}
-
-struct EngineSide {
-    ksm: Ksm,
-    mem: LiveMemory,
-    clock: LiveClock,
-    /// The merge counters after the last batch, and when they last changed.
-    last_state: [i64; 5],
-    last_change: Option<Instant>,
-}
-
-/// The counters that settle when merging has converged (as in the simulator).
-fn merge_state(c: &KsmCounters) -> [i64; 5] {
-    c.merge_state()
-}
-
-impl EngineSide {
-    fn after_batch(&mut self, b: ScanBatch) {
-        self.mem.end_chunk();
-        if b.full_scan_done {
-            self.mem.flush_scratch();
         }
-        let now = merge_state(&self.ksm.counters(&self.mem));
-        if now != self.last_state {
-            self.last_state = now;
-            self.last_change = Some(Instant::now());
-        }
+        self.read(offset, buf)
+    }
+
+    /// Store one word at byte `offset` (rounded down to 8) with a user-mode store and
+    /// return how long it took: a first write to a merged page includes its fault, one to
+    /// a KSM-placed zero page its copy-on-write.
+    pub fn timed_store(&self, offset: u64, v: u64) -> Result<Duration, LiveError> {
+        let a = self.check(offset & !7, 8)?;
+        // SAFETY: the word lies inside this region, which stays mapped while the handle
+        // lives (samepage never unmaps it; the application would have to, and then the
+        // handle's owner broke the contract of adopt_region); no Rust reference points
+        // into region memory.
+        Ok(unsafe { timed_store(a, v) })
     }
 }
 
-/// Wakes the scanning thread when `run` or the regions change.
-#[derive(Default)]
-struct Kick {
-    flag: Mutex<bool>,
-    cv: Condvar,
+/// Time one user-mode store.
+///
+/// # Safety
+/// `addr` must be 8-byte aligned inside a mapped, writable page for the whole call.
+unsafe fn timed_store(addr: u64, v: u64) -> Duration {
+    let t = Instant::now();
+    // SAFETY: the caller guarantees the address is mapped, writable and aligned.
+    unsafe { std::sync::atomic::AtomicU64::from_ptr(addr as *mut u64) }
+        .store(v, std::sync::atomic::Ordering::Relaxed);
+    t.elapsed()
 }
 
-impl Kick {
-    fn kick(&self) {
-        *self.flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.cv.notify_all();
-    }
-    fn wait(&self, timeout: Duration) {
-        let g = self.flag.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut g, _) = self
-            .cv
-            .wait_timeout_while(g, timeout, |k| !*k)
-            .unwrap_or_else(|e| e.into_inner());
-        *g = false;
+impl Drop for Region {
+    fn drop(&mut self) {
+        // Unshare and unregister first: an adopted range must be plain memory again, and an
+        // owned one must have no page that only samepage's handler can resolve when it goes.
+        let _ = self.agent.0.unregister(self.start, self.start + self.len);
+        // `owned` unmaps when it drops after this.
     }
 }
 
-/// KSM over real memory of this process.
+/// What one page of a region is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum PageKind {
+    /// An ordinary page of the application (or a hole that reads zeros).
+    Ordinary,
+    /// Merged: its contents are canonical page `canonical` of the store, and it has no
+    /// memory of its own.
+    Merged {
+        /// The canonical page's offset in the store, in pages.
+        canonical: u32,
+    },
+    /// A zero page samepage placed (counted in `ksm_zero_pages`).
+    KsmZero,
+    /// A transaction is merging it right now.
+    Merging,
+    /// Not in a region samepage manages.
+    NotManaged,
+}
+
+/// What samepage knows of one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PageInfo {
+    /// What it is.
+    pub kind: PageKind,
+    /// A page is mapped there (merged pages are holes until touched).
+    pub present: bool,
+}
+
+/// Statistics of the live backend: the agent's and ksmd's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LiveStats {
+    /// What happened in the agent (faults, pins, races).
+    pub agent: AgentStats,
+    /// What ksmd did (batches, operations, canonical pages released).
+    pub ksmd: KsmdStats,
+}
+
+/// Bytes samepage keeps for its bookkeeping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Metadata {
+    /// The engine's: rmap items, both trees' indexes, stable nodes, per-mm records.
+    pub engine_bytes: u64,
+    /// rmap items the engine holds.
+    pub rmap_items: u64,
+    /// The page states of the agent and of ksmd's mirror (4 bytes a page each).
+    pub page_state_bytes: u64,
+}
+
+/// KSM for real memory of this process: duplicates end up as holes standing for one
+/// canonical page in a memfd (their memory is freed), zero-filled pages on the kernel's
+/// shared zero page, and `ksm_zero_pages` counts the latter exactly.
 ///
 /// ```no_run
 /// use samepage_linux::LiveKsm;
+/// use std::time::Duration;
 /// let ksm = LiveKsm::new().expect("userfaultfd");
 /// let mm = ksm.new_mm();
-/// let a = ksm.create_region(mm, 64 * 4096).unwrap();
+/// let r = ksm.create_region(mm, 64 * 4096).unwrap();
 /// for i in 0..64 {
-///     ksm.write(a + i * 4096, &[0xcf; 4096]).unwrap();
+///     r.write(i * 4096, &[0xcf; 4096]).unwrap();
 /// }
-/// ksm.madvise_mergeable(mm, a, 64 * 4096).unwrap();
+/// ksm.madvise_mergeable(&r).unwrap();
 /// ksm.set_knob("run", "1").unwrap();
-/// ksm.wait_full_scans(2, std::time::Duration::from_secs(10));
+/// assert!(ksm.wait_full_scans(2, Duration::from_secs(10)));
 /// assert_eq!(ksm.counters().pages_sharing, 63);
 /// ```
 pub struct LiveKsm {
-    sh: Arc<Shared>,
-    eng: Arc<Mutex<EngineSide>>,
-    kick: Arc<Kick>,
-    scan_tid: Arc<AtomicI32>,
-    handler_tid: Arc<AtomicI32>,
-    threads: Vec<JoinHandle<()>>,
-    next_mm: Mutex<u32>,
+    ksmd: Ksmd,
+    agent: Arc<AgentOwner>,
+    target: usize,
+    next_mm: AtomicU32,
 }
 
 impl LiveKsm {
-    /// Open the userfaultfd, start the handler and scanning threads (with `run=0`).
+    /// An engine in this process, with `run=0`: the agent (userfaultfd and fault handler)
+    /// and ksmd (the scanning thread).
     pub fn new() -> Result<Self, LiveError> {
-        let uffd = open_uffd()?;
-        let sh = Arc::new(Shared::new(uffd).map_err(io_err("setting up the live backend"))?);
-        let mem = LiveMemory::new(sh.clone()).map_err(io_err("setting up the scratch area"))?;
-        let scan_tid = Arc::new(AtomicI32::new(0));
-        let eng = Arc::new(Mutex::new(EngineSide {
-            ksm: Ksm::new(),
-            mem,
-            clock: LiveClock {
-                start: Instant::now(),
-                tid: scan_tid.clone(),
-            },
-            last_state: [0; 5],
-            last_change: None,
-        }));
-        let kick = Arc::new(Kick::default());
-        let handler_tid = Arc::new(AtomicI32::new(0));
-        let mut threads = Vec::new();
-        let (h, ht) = (sh.clone(), handler_tid.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name("samepage-uffd".into())
-                .spawn(move || {
-                    ht.store(sys::gettid(), Ordering::Relaxed);
-                    h.handler_tid.store(sys::gettid(), Ordering::Relaxed);
-                    backend::handle_events(h)
-                })
-                .map_err(io_err("starting the fault handler thread"))?,
-        );
-        let (e, k, s, t) = (eng.clone(), kick.clone(), sh.clone(), scan_tid.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name("samepage-ksmd".into())
-                .spawn(move || scan_loop(e, k, s, t))
-                .map_err(io_err("starting the scanning thread"))?,
-        );
+        let agent = Agent::start(None)?;
+        let ksmd = Ksmd::new().map_err(LiveError::io("starting ksmd"))?;
+        let (target, store) = ksmd
+            .add_target(0, 0, Box::new(LocalLink(agent.clone())))
+            .map_err(LiveError::io("setting up the store of canonical pages"))?;
+        agent
+            .attach_store(store)
+            .map_err(LiveError::io("mapping the store of canonical pages"))?;
+        let k = ksmd.changes_notifier();
+        agent.set_notify(Box::new(move || k()));
         Ok(Self {
-            sh,
-            eng,
-            kick,
-            scan_tid,
-            handler_tid,
-            threads,
-            next_mm: Mutex::new(1),
+            ksmd,
+            agent: Arc::new(AgentOwner(agent)),
+            target,
+            next_mm: AtomicU32::new(1),
         })
-    }
-
-    fn engine(&self) -> MutexGuard<'_, EngineSide> {
-        self.eng.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A new address space: a group of regions with its own `ksm_stat`.
     pub fn new_mm(&self) -> MmId {
-        let mut n = self.next_mm.lock().unwrap_or_else(|e| e.into_inner());
-        let mm = MmId(*n);
-        *n += 1;
-        self.sh.lock().mms.insert(mm);
+        let mm = MmId(self.next_mm.fetch_add(1, Ordering::Relaxed));
+        // Cannot fail for an agent of this process.
+        let _ = self
+            .ksmd
+            .bind_mm(mm, self.target, 0, Some(self.agent.0.clone()));
         mm
     }
 
-    /// Map `len` bytes of private anonymous memory for `mm`. It is merged once
-    /// [`LiveKsm::madvise_mergeable`] is called on it (after filling it, typically).
-    pub fn create_region(&self, mm: MmId, len: u64) -> Result<u64, LiveError> {
+    /// Map `len` bytes of private anonymous memory for `mm`, managed by samepage. It is
+    /// merged once [`LiveKsm::madvise_mergeable`] is called on it (after filling it,
+    /// typically).
+    pub fn create_region(&self, mm: MmId, len: u64) -> Result<Region, LiveError> {
         check_range(0, len)?;
-        let a = sys::mmap_anon(len).map_err(io_err("mapping a region"))?;
-        let _ = sys::madvise(a, len, libc::MADV_NOHUGEPAGE);
-        self.insert_region(mm, a, len, true);
-        Ok(a)
+        let m = Mapping::anon(len).map_err(LiveError::io("mapping a region"))?;
+        // Huge pages would hide the 4 KiB pages until split; a region made to be merged
+        // does without them.
+        let _ = m.advise(libc::MADV_NOHUGEPAGE);
+        let start = m.addr();
+        self.agent.0.register(mm, start, len, false)?;
+        self.ksmd
+            .add_region(self.target, mm, start, start + len, false);
+        Ok(Region {
+            agent: self.agent.clone(),
+            mm,
+            start,
+            len,
+            owned: Some(m),
+        })
     }
 
-    /// Take an existing private anonymous range of this process (the `MADV_MERGEABLE`
-    /// analogue for memory samepage did not map). Shared, file-backed, hugetlb, locked,
-    /// already userfaultfd-registered or kernel-KSM ranges are refused with the reason.
-    pub fn adopt_region(&self, mm: MmId, start: u64, len: u64) -> Result<(), LiveError> {
+    /// Manage `[start, start + len)`, private anonymous memory of this process that
+    /// samepage did not map (a VMM's guest RAM). It is merged once
+    /// [`LiveKsm::madvise_mergeable`] is called on it. Shared, file-backed, hugetlb,
+    /// locked, already userfaultfd-registered or kernel-KSM ranges are refused with the
+    /// reason.
+    ///
+    /// # Safety
+    /// The range must be memory the caller owns and keeps mapped while the region lives (an
+    /// unmap by the program is followed, but the region handle then refers to memory that
+    /// is gone), and no Rust reference may point into it while the handle is used to write
+    /// it.
+    pub unsafe fn adopt_region(&self, mm: MmId, start: u64, len: u64) -> Result<Region, LiveError> {
         check_range(start, len)?;
         crate::eligibility::check(start, start + len)?;
-        if self.sh.lock().region_at_any(start, start + len) {
-            return Err(LiveError::Ineligible {
-                start,
-                end: start + len,
-                reason: "samepage already manages part of it".into(),
-            });
-        }
-        self.insert_region(mm, start, len, false);
-        Ok(())
+        self.agent.0.register(mm, start, len, false)?;
+        self.ksmd
+            .add_region(self.target, mm, start, start + len, false);
+        Ok(Region {
+            agent: self.agent.clone(),
+            mm,
+            start,
+            len,
+            owned: None,
+        })
     }
 
-    fn insert_region(&self, mm: MmId, start: u64, len: u64, owned: bool) {
-        let mut st = self.sh.lock();
-        st.mms.insert(mm);
-        let i = st.regions.partition_point(|r| r.start < start);
-        st.regions.insert(
-            i,
-            Region {
-                mm,
-                start,
-                pages: PageStates::new((len / PAGE) as usize),
-                mergeable: false,
-                owned,
-                registered: false,
-            },
-        );
+    /// `MADV_MERGEABLE` on the region: the scan visits it.
+    pub fn madvise_mergeable(&self, r: &Region) -> Result<(), LiveError> {
+        self.madvise_mergeable_range(r, 0, r.len)
     }
 
-    /// Store `data` at `addr` of a region, as the application would (faults included).
-    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), LiveError> {
-        sys::write_self(addr, data).map_err(io_err("writing region memory"))
-    }
-
-    /// Store one word at `addr` with a user-mode write, as the application would, and return
-    /// how long the store took: the first write to a KSM-placed zero page or a merged page
-    /// includes the write-protect fault and the copy-on-write. Only pages of regions samepage
-    /// created ([`LiveKsm::create_region`]) and that are still mapped are accepted.
-    pub fn timed_store(&self, addr: u64, v: u64) -> Result<Duration, LiveError> {
-        let ok = {
-            let st = self.sh.lock();
-            st.region_at(addr).is_some_and(|ri| {
-                let r = &st.regions[ri];
-                r.owned && r.pages.get(r.idx(addr)) != PageState::Gone
-            })
-        };
-        if !ok {
-            return Err(LiveError::Ineligible {
-                start: addr,
-                end: addr + 8,
-                reason: "not a mapped page of a region samepage created".into(),
-            });
-        }
-        // SAFETY: the word is inside a region samepage mapped and still maps (regions it owns
-        // are unmapped only by drop_region); no Rust reference points into region memory.
-        Ok(unsafe { sys::timed_store(addr & !7, v) })
-    }
-
-    /// Load `buf.len()` bytes from `addr`.
-    pub fn read(
+    /// `MADV_MERGEABLE` on `len` bytes of the region from byte `offset` (page aligned).
+    pub fn madvise_mergeable_range(
         &self,
-        addr: u64,
-        buf: &mut [u8; samepage_engine::PAGE_SIZE],
+        r: &Region,
+        offset: u64,
+        len: u64,
     ) -> Result<(), LiveError> {
-        sys::read_self(addr, buf).map_err(io_err("reading region memory"))
-    }
-
-    /// `MADV_MERGEABLE`: register the range's regions with the userfaultfd and let the scan
-    /// visit them.
-    pub fn madvise_mergeable(&self, mm: MmId, start: u64, len: u64) -> Result<(), LiveError> {
-        check_range(start, len)?;
-        let end = start + len;
-        let ranges: Vec<(u64, u64)> = {
-            let st = self.sh.lock();
-            st.regions
-                .iter()
-                .filter(|r| r.mm == mm && r.start < end && r.end() > start && !r.registered)
-                .map(|r| (r.start, r.end()))
-                .collect()
-        };
-        if ranges.is_empty() && !self.sh.lock().region_at_any(start, end) {
-            return Err(LiveError::Ineligible {
-                start,
-                end,
-                reason: "it is not a region samepage manages (create or adopt it first)".into(),
-            });
-        }
-        for (s, e) in ranges {
-            self.sh
-                .uffd
-                .register_with_mode(
-                    s as *mut libc::c_void,
-                    (e - s) as usize,
-                    RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
-                )
-                .map_err(|err| LiveError::Ineligible {
-                    start: s,
-                    end: e,
-                    reason: format!(
-                        "userfaultfd registration failed ({err}); another userfaultfd may own it"
-                    ),
-                })?;
-            let mut st = self.sh.lock();
-            for r in st
-                .regions
-                .iter_mut()
-                .filter(|r| r.start >= s && r.end() <= e)
-            {
-                r.registered = true;
-            }
-        }
-        let mut g = self.engine();
-        let EngineSide { ksm, mem, .. } = &mut *g;
-        ksm.madvise_mergeable(mem, mm, start, end);
-        drop(g);
-        self.kick.kick();
+        let (s, e) = r.range(offset, len)?;
+        self.agent.0.set_mergeable(s, e, true)?;
+        self.ksmd.madvise(r.mm, s, e, true)?;
         Ok(())
     }
 
-    /// `MADV_UNMERGEABLE`: unshare every merged and KSM-placed zero page in the range.
-    pub fn madvise_unmergeable(&self, mm: MmId, start: u64, len: u64) -> Result<(), UnmergeError> {
-        let mut g = self.engine();
-        let EngineSide { ksm, mem, .. } = &mut *g;
-        ksm.madvise_unmergeable(mem, mm, start, start + len)
+    /// `MADV_UNMERGEABLE` on the region: every merged page and KSM-placed zero page in it
+    /// gets a private copy, and the scan leaves it alone.
+    pub fn madvise_unmergeable(&self, r: &Region) -> Result<(), LiveError> {
+        self.madvise_unmergeable_range(r, 0, r.len)
     }
 
-    /// `PR_SET_MEMORY_MERGE` for one address space: all its regions.
+    /// `MADV_UNMERGEABLE` on `len` bytes of the region from byte `offset` (page aligned).
+    pub fn madvise_unmergeable_range(
+        &self,
+        r: &Region,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), LiveError> {
+        let (s, e) = r.range(offset, len)?;
+        // The scan must not merge the range again while it is being unshared.
+        self.agent.0.set_mergeable(s, e, false)?;
+        self.ksmd.madvise(r.mm, s, e, false)?;
+        Ok(())
+    }
+
+    /// `prctl(PR_SET_MEMORY_MERGE)` for `mm`: all its regions (and those it gets later) are
+    /// mergeable; turning it off unmerges them all.
     pub fn set_memory_merge(&self, mm: MmId, on: bool) -> Result<(), LiveError> {
         if on {
-            let ranges: Vec<(u64, u64)> = {
-                let st = self.sh.lock();
-                st.regions
-                    .iter()
-                    .filter(|r| r.mm == mm)
-                    .map(|r| (r.start, r.end()))
-                    .collect()
-            };
-            for (s, e) in ranges {
-                self.madvise_mergeable(mm, s, e - s)?;
+            for (_, s, e, _) in self.agent.0.regions(Some(mm)) {
+                self.agent.0.set_mergeable(s, e, true)?;
             }
-        }
-        let mut g = self.engine();
-        let EngineSide { ksm, mem, .. } = &mut *g;
-        ksm.prctl_set_memory_merge(mem, mm, on)
-            .map_err(|e| LiveError::Io {
-                what: "unmerging",
-                source: io::Error::other(e.to_string()),
-            })
-    }
-
-    /// Unmerge and forget a region; unmap it if samepage mapped it.
-    pub fn drop_region(&self, start: u64) -> Result<(), LiveError> {
-        let (mm, end, owned) = {
-            let st = self.sh.lock();
-            let ri = st.region_at(start).ok_or(LiveError::Ineligible {
-                start,
-                end: start + PAGE,
-                reason: "no region starts there".into(),
-            })?;
-            let r = &st.regions[ri];
-            (r.mm, r.end(), r.owned)
-        };
-        self.madvise_unmergeable(mm, start, end - start)
-            .map_err(|e| LiveError::Io {
-                what: "unmerging",
-                source: io::Error::other(e.to_string()),
-            })?;
-        // Hold the engine so that no transaction is under way in the range.
-        let g = self.engine();
-        let _ = self.sh.uffd.remove_write_protection(
-            start as *mut libc::c_void,
-            (end - start) as usize,
-            true,
-        );
-        let _ = self
-            .sh
-            .uffd
-            .unregister(start as *mut libc::c_void, (end - start) as usize);
-        {
-            let mut st = self.sh.lock();
-            st.regions.retain(|r| r.end() <= start || r.start >= end);
-        }
-        drop(g);
-        if owned {
-            sys::munmap(start, end - start).map_err(io_err("unmapping a region"))?;
+            self.ksmd.set_memory_merge(mm, true)?;
+        } else {
+            self.ksmd.set_memory_merge(mm, false)?;
+            for (_, s, e, _) in self.agent.0.regions(Some(mm)) {
+                self.agent.0.set_mergeable(s, e, false)?;
+            }
         }
         Ok(())
     }
 
-    /// `echo value > /sys/kernel/mm/ksm/name` for this engine.
+    /// `prctl(PR_GET_MEMORY_MERGE)` for `mm`.
+    pub fn memory_merge(&self, mm: MmId) -> bool {
+        self.ksmd.memory_merge(mm)
+    }
+
+    /// `echo value > /sys/kernel/mm/ksm/name` for this engine, with the kernel's validation
+    /// (`run=2` unmerges everything).
     pub fn set_knob(&self, name: &str, value: &str) -> Result<(), KnobError> {
-        let mut g = self.engine();
-        let EngineSide { ksm, mem, .. } = &mut *g;
-        let r = ksm.write_knob(mem, name, value);
-        drop(g);
-        self.kick.kick();
-        r
+        self.ksmd.write_knob(name, value)
     }
 
     /// `cat /sys/kernel/mm/ksm/name`.
     pub fn knob(&self, name: &str) -> Option<String> {
-        let g = self.engine();
-        g.ksm.show(&g.mem, name)
+        self.ksmd.knob(name)
     }
 
-    /// The counters of `/sys/kernel/mm/ksm`.
+    /// The counters of `/sys/kernel/mm/ksm`. Never waits for the scanner: `ksm_zero_pages`
+    /// is read from the page tables now, the others are as of the last scan chunk.
     pub fn counters(&self) -> KsmCounters {
-        let g = self.engine();
-        g.ksm.counters(&g.mem)
+        self.ksmd.counters()
     }
 
-    /// `/proc/<pid>/ksm_stat` of one address space.
+    /// `/proc/<pid>/ksm_stat` of one address space (same rules as [`LiveKsm::counters`]).
     pub fn ksm_stat(&self, mm: MmId) -> KsmStat {
-        let g = self.engine();
-        g.ksm.ksm_stat(&g.mem, mm)
+        self.ksmd.ksm_stat(mm)
     }
 
-    /// Bytes of samepage's bookkeeping: the engine's (rmap items, trees, stable nodes, scan
-    /// list), its rmap items, and the backend's state of every page of the regions.
-    pub fn metadata_bytes(&self) -> (u64, u64, u64) {
-        let (engine, items) = {
-            let g = self.engine();
-            (g.ksm.metadata_bytes() as u64, g.ksm.rmap_items())
+    /// Wait until `full_scans` has grown by `n`; false if `timeout` passed first.
+    pub fn wait_full_scans(&self, n: u64, timeout: Duration) -> bool {
+        self.ksmd.wait_full_scans(n, timeout)
+    }
+
+    /// Wait until merging has converged as `until` says (it does not start or stop the
+    /// scanner: set `run=1` first). Returns the full scans waited, or `None` on timeout.
+    pub fn wait_until(&self, until: Until, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        let mut conv = Convergence::new(until, &self.counters());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !self.wait_full_scans(1, left) {
+                return None;
+            }
+            if conv.observe(&self.counters()) {
+                return Some(conv.passes());
+            }
+        }
+    }
+
+    /// Wait until the scanner has published the counters of another scan chunk (at most
+    /// `timeout`); false on timeout.
+    pub fn wait_chunk(&self, timeout: Duration) -> bool {
+        let c = self.ksmd.snapshot().chunks;
+        self.ksmd.wait_chunk_after(c, timeout)
+    }
+
+    /// What samepage knows of the page at `addr`.
+    pub fn page(&self, addr: u64) -> PageInfo {
+        let a = addr & !(PAGE - 1);
+        let agent = &self.agent.0;
+        let present = agent
+            .pagemap
+            .count(a, a + PAGE, PAGE_IS_PRESENT, 0)
+            .unwrap_or(0)
+            > 0;
+        let kind = match agent.page_state(a) {
+            None => PageKind::NotManaged,
+            Some(PageState::Merged(k)) => PageKind::Merged { canonical: k },
+            Some(PageState::InFlight) => PageKind::Merging,
+            Some(PageState::Gone) => PageKind::NotManaged,
+            Some(PageState::Anon | PageState::Zero) => {
+                let marked = agent
+                    .pagemap
+                    .count(
+                        a,
+                        a + PAGE,
+                        PAGE_IS_PRESENT | PAGE_IS_PFNZERO,
+                        PAGE_IS_WRITTEN,
+                    )
+                    .unwrap_or(0)
+                    > 0;
+                if marked {
+                    PageKind::KsmZero
+                } else {
+                    PageKind::Ordinary
+                }
+            }
         };
-        let pages: usize = self.sh.lock().regions.iter().map(|r| r.pages.len()).sum();
-        (engine, items, (pages * crate::PAGE_STATE_BYTES) as u64)
+        PageInfo { kind, present }
     }
 
-    /// Copy-on-write, pin and budget statistics.
+    /// Statistics of the agent and of ksmd.
     pub fn stats(&self) -> LiveStats {
-        backend::stats(&self.sh)
+        LiveStats {
+            agent: self.agent.0.stats(),
+            ksmd: self.ksmd.stats(),
+        }
     }
 
-    /// CPU time of the engine's threads (scanning, fault handling, reading ahead) so far, in
+    /// Bytes of samepage's bookkeeping.
+    pub fn metadata(&self) -> Metadata {
+        let (engine_bytes, rmap_items, mirror) = self.ksmd.quiescent(|ksm, mem| {
+            (
+                ksm.metadata_bytes() as u64,
+                ksm.rmap_items(),
+                mem.state_bytes() as u64,
+            )
+        });
+        Metadata {
+            engine_bytes,
+            rmap_items,
+            page_state_bytes: mirror + self.agent.0.state_bytes() as u64,
+        }
+    }
+
+    /// CPU time of samepage's threads so far (scanning, reading ahead, fault handling), in
     /// seconds.
     pub fn cpu_seconds(&self) -> f64 {
-        (sys::thread_cpu_ns(self.scan_tid.load(Ordering::Relaxed))
-            + sys::thread_cpu_ns(self.handler_tid.load(Ordering::Relaxed))
-            + sys::thread_cpu_ns(self.sh.reader_tid.load(Ordering::Relaxed))) as f64
-            / 1e9
+        self.ksmd.cpu_seconds() + sys::thread_cpu_ns(self.agent.0.handler_tid()) as f64 / 1e9
     }
 
-    /// When the merge counters (`pages_shared`, `pages_sharing`, `ksm_zero_pages`, chains,
-    /// dups) last changed after a scan batch.
+    /// When the merge counters last changed after a scan chunk.
     pub fn last_change(&self) -> Option<Instant> {
-        self.engine().last_change
+        self.ksmd.snapshot().last_change
     }
 
-    /// Run ksmd until merging has converged: at least `min_passes` full scans, then one full
-    /// scan that changes none of the merge counters. Returns the full scans run, or `None` on
-    /// timeout.
-    pub fn run_until_stable(&self, min_passes: u64, timeout: Duration) -> Option<u64> {
-        let t0 = Instant::now();
-        let _ = self.set_knob("run", "1");
-        let mut prev = merge_state(&self.counters());
-        let mut passes = 0;
-        let result = loop {
-            let left = timeout.saturating_sub(t0.elapsed());
-            if left.is_zero() || !self.wait_full_scans(1, left) {
-                break None;
-            }
-            passes += 1;
-            let now = merge_state(&self.counters());
-            if passes > min_passes && now == prev {
-                break Some(passes);
-            }
-            prev = now;
-        };
-        let _ = self.set_knob("run", "0");
-        result
+    /// Scan `n` pages on the calling thread, whatever `run` says (for tests that want a
+    /// deterministic pace).
+    pub fn scan(&self, n: u64) -> samepage_engine::ScanBatch {
+        self.ksmd.scan(n)
     }
 
-    /// Wait until `full_scans` grows by `n`; false on timeout.
-    pub fn wait_full_scans(&self, n: u64, timeout: Duration) -> bool {
-        let target = self.engine().ksm.full_scans() + n;
-        let t0 = Instant::now();
-        while self.engine().ksm.full_scans() < target {
-            if t0.elapsed() > timeout {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
+    pub(crate) fn ksmd(&self) -> &Ksmd {
+        &self.ksmd
     }
 
-    /// Run one batch on the calling thread (for tests that want a deterministic pace; the
-    /// scanning thread does the same with `run=1`).
-    pub fn scan_batch(&self, n: u64) -> ScanBatch {
-        let mut g = self.engine();
-        let EngineSide {
-            ksm, mem, clock, ..
-        } = &mut *g;
-        let b = ksm.do_scan(mem, clock, n);
-        g.after_batch(b);
-        b
-    }
-
-    /// Run `f` with the engine and its backend while no scan batch is under way, e.g. to
-    /// verify the page tables against the counters.
-    pub fn quiescent<R>(&self, f: impl FnOnce(&Ksm, &LiveMemory) -> R) -> R {
-        let g = self.engine();
-        f(&g.ksm, &g.mem)
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.sh
-    }
-}
-
-impl Drop for LiveKsm {
-    /// Stop scanning, take the write protection off every region and stop the handler. Merged
-    /// pages stay merged and valid (the canonical pages live as long as they are mapped).
-    fn drop(&mut self) {
-        {
-            let mut g = self.engine();
-            let EngineSide { ksm, mem, .. } = &mut *g;
-            let _ = ksm.write_knob(mem, "run", "0");
-            mem.flush_scratch();
-        }
-        let ranges: Vec<(u64, u64)> = {
-            let st = self.sh.lock();
-            st.regions.iter().map(|r| (r.start, r.end())).collect()
-        };
-        for (s, e) in ranges {
-            let _ = self.sh.uffd.remove_write_protection(
-                s as *mut libc::c_void,
-                (e - s) as usize,
-                true,
-            );
-        }
-        self.sh.stop.store(true, Ordering::Release);
-        self.kick.kick();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        // Closing the userfaultfd (when Shared drops) unregisters everything and wakes any
-        // thread still waiting on a fault.
+    pub(crate) fn agent(&self) -> &Arc<Agent> {
+        &self.agent.0
     }
 }
 
@@ -597,84 +573,4 @@ fn check_range(start: u64, len: u64) -> Result<(), LiveError> {
         return Err(LiveError::Unaligned { start, len });
     }
     Ok(())
-}
-
-/// Pages scanned per hold of the engine lock: a batch of `pages_to_scan` runs in chunks of
-/// this many, so that counters and knobs stay readable during a large batch and the time of
-/// the last change is known to within a chunk.
-const CHUNK_PAGES: u64 = 1024;
-
-/// The scanning thread: ksmd's loop, paced by `pages_to_scan` and `sleep_millisecs`.
-fn scan_loop(eng: Arc<Mutex<EngineSide>>, kick: Arc<Kick>, sh: Arc<Shared>, tid: Arc<AtomicI32>) {
-    tid.store(sys::gettid(), Ordering::Relaxed);
-    sh.scanner_tid.store(sys::gettid(), Ordering::Relaxed);
-    let allowed = sys::allowed_cpus().ok();
-    while !sh.stop.load(Ordering::Acquire) {
-        // ksm_do_scan(pages_to_scan), a chunk at a time; it ends early at the end of a full
-        // scan, as the kernel's does.
-        let mut left: Option<u64> = None;
-        // Each merge's MAP_FIXED waits until the handler thread has read the UNMAP event it
-        // causes: on one CPU that hand-off is a context switch, across CPUs of a VM it is a
-        // wake-up of an idle vCPU (256 MiB of duplicates: 1.26 s on one CPU, 7.0 s across
-        // two). Keep both threads on this CPU for the batch.
-        let mut pinned = false;
-        let sleep = loop {
-            let mut g = eng.lock().unwrap_or_else(|e| e.into_inner());
-            let EngineSide {
-                ksm, mem, clock, ..
-            } = &mut *g;
-            if !ksm.ksmd_should_run() || sh.stop.load(Ordering::Acquire) {
-                mem.end_batch();
-                break None;
-            }
-            if !pinned {
-                pinned = allowed.as_ref().is_some_and(|a| pin_together(&sh, a));
-            }
-            let todo = *left.get_or_insert(ksm.tunables().pages_to_scan as u64);
-            let chunk = todo.min(CHUNK_PAGES);
-            let b = ksm.do_scan(mem, clock, chunk);
-            let ms = ksm.tunables().sleep_millisecs;
-            g.after_batch(b);
-            let rest = todo - b.scanned.min(todo);
-            if rest == 0 || b.full_scan_done || b.scanned < chunk {
-                g.mem.end_batch();
-                break Some(ms);
-            }
-            left = Some(rest);
-        };
-        if let (true, Some(a)) = (pinned, allowed.as_ref()) {
-            let _ = sys::pin_thread(sh.handler_tid.load(Ordering::Relaxed), None, a);
-            let _ = sys::pin_thread(0, None, a);
-        }
-        match sleep {
-            // Let callers waiting for the engine (counters, knobs) in between batches.
-            Some(0) => std::thread::sleep(Duration::from_micros(20)),
-            Some(ms) => kick.wait(Duration::from_millis(ms as u64)),
-            None => kick.wait(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// Put the scanning thread and the fault handler thread on the scanner's current CPU.
-fn pin_together(sh: &Shared, allowed: &libc::cpu_set_t) -> bool {
-    let (Some(cpu), handler) = (sys::current_cpu(), sh.handler_tid.load(Ordering::Relaxed)) else {
-        return false;
-    };
-    if handler == 0 || sys::pin_thread(0, Some(cpu), allowed).is_err() {
-        return false;
-    }
-    if sys::pin_thread(handler, Some(cpu), allowed).is_err() {
-        let _ = sys::pin_thread(0, None, allowed);
-        return false;
-    }
-    true
-}
-
-impl crate::state::State {
-    /// Does any region overlap `[start, end)`?
-    pub(crate) fn region_at_any(&self, start: u64, end: u64) -> bool {
-        self.regions
-            .iter()
-            .any(|r| r.start < end && r.end() > start)
-    }
 }

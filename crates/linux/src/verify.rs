@@ -1,17 +1,17 @@
-//! Checks of the page tables against samepage's counters: the ground truth of
-//! `ksm_zero_pages` is the number of zero-page entries that carry samepage's mark (the
-//! userfaultfd write-protect bit), which PAGEMAP_SCAN reports; merged pages must share one
-//! physical page per canonical page, which `/proc/self/pagemap` shows.
+//! Checks of the page tables against what samepage believes: `ksm_zero_pages` is the
+//! number of zero-page entries carrying samepage's mark (the userfaultfd write-protect bit)
+//! as `PAGEMAP_SCAN` reads them, and every mark must be one samepage placed; every merged
+//! page must be a hole (its memory freed, its contents in the canonical page), and ksmd's
+//! mirror must agree with the agent on which canonical page it stands for.
 
+use crate::agent::state::PageState;
 use crate::live::LiveKsm;
-use crate::state::{PageState, PageStates};
-use crate::sys::{self, PAGE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
-use rustc_hash::FxHashMap;
-use samepage_engine::{Memory, MmId, PAGE_SIZE};
+use crate::sys::pagemap::{PageRegion, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
+use crate::sys::PAGE;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// What the page tables say, next to what the counters say.
+/// What the page tables say, next to what the counters and the bookkeeping say.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Verification {
     /// Zero-page entries with samepage's mark, per address space.
@@ -20,14 +20,16 @@ pub struct Verification {
     pub counted_zero_pages: BTreeMap<u32, i64>,
     /// Global `ksm_zero_pages`.
     pub counted_zero_pages_global: i64,
-    /// Pages mapped from canonical pages.
+    /// Marked zero pages where the agent did not place one.
+    pub stray_marks: u64,
+    /// Merged pages (holes standing for a canonical page).
     pub merged_pages: u64,
-    /// Distinct canonical pages they map.
+    /// Distinct canonical pages they stand for.
     pub canonical_pages: u64,
-    /// Merged pages whose physical page differs from the others of their canonical page.
-    pub pfn_mismatches: u64,
-    /// Whether physical page numbers were visible (root).
-    pub pfns_checked: bool,
+    /// Merged pages that have memory of their own (a page is mapped there).
+    pub present_merged: u64,
+    /// Pages where ksmd's mirror and the agent disagree on the canonical page.
+    pub mirror_mismatches: u64,
 }
 
 impl Verification {
@@ -49,86 +51,94 @@ impl Verification {
                 ));
             }
         }
-        if self.pfn_mismatches > 0 {
+        if self.stray_marks > 0 {
             p.push(format!(
-                "{} merged pages do not map the physical page of their canonical page",
-                self.pfn_mismatches
+                "{} zero-page entries carry samepage's mark where it placed no zero page",
+                self.stray_marks
+            ));
+        }
+        if self.present_merged > 0 {
+            p.push(format!(
+                "{} merged pages still have memory of their own",
+                self.present_merged
+            ));
+        }
+        if self.mirror_mismatches > 0 {
+            p.push(format!(
+                "{} pages are merged into different canonical pages in ksmd's view and the \
+                 agent's",
+                self.mirror_mismatches
             ));
         }
         p
     }
 }
 
-/// A region's address space, bounds and page states, copied out of the lock.
-type RegionCopy = (MmId, u64, u64, PageStates);
-
 impl LiveKsm {
-    /// Compare the page tables with the counters while no scan batch runs. Merged pages are
-    /// read once (which maps them in, still write-protected) so that their physical pages can
-    /// be compared.
+    /// Compare the page tables with the counters and the bookkeeping, between two chunks
+    /// of a scan (and with the fault handler holding still).
     pub fn verify(&self) -> Verification {
-        let sh = self.shared().clone();
-        self.quiescent(|_, mem| {
-            sh.reconcile();
-            let mut v = Verification {
-                counted_zero_pages_global: mem.ksm_zero_pages(None),
-                ..Verification::default()
-            };
-            let (regions, mms): (Vec<RegionCopy>, Vec<MmId>) = {
-                let st = sh.lock();
-                (
-                    st.regions
-                        .iter()
-                        .map(|r| (r.mm, r.start, r.end(), r.pages.clone()))
-                        .collect(),
-                    st.mms.iter().copied().collect(),
-                )
-            };
-            for mm in mms {
-                v.counted_zero_pages
-                    .insert(mm.0, mem.ksm_zero_pages(Some(mm)));
-                v.marked_zero_pages.insert(mm.0, 0);
-            }
-            let mut buf = [0u8; PAGE_SIZE];
-            let mut pfn_of: FxHashMap<u32, u64> = FxHashMap::default();
-            for (mm, start, end, pages) in regions {
-                let marked: u64 = sys::pagemap_scan(
-                    &sh.pagemap,
-                    start,
-                    end,
+        let agent = self.agent().clone();
+        self.ksmd().quiescent(|_, mem| {
+            let st = agent.lock();
+            let mut v = Verification::default();
+            let mut canonical = std::collections::BTreeSet::new();
+            let mut runs: Vec<PageRegion> = Vec::new();
+            for r in &st.regions {
+                runs.clear();
+                let _ = agent.pagemap.scan(
+                    r.start,
+                    r.end(),
                     PAGE_IS_PRESENT | PAGE_IS_PFNZERO,
                     PAGE_IS_WRITTEN,
-                    PAGE_IS_PFNZERO,
-                )
-                .unwrap_or_default()
-                .iter()
-                .map(|r| (r.end - r.start) / PAGE)
-                .sum();
-                *v.marked_zero_pages.entry(mm.0).or_default() += marked as i64;
-                for (i, s) in pages.iter().enumerate() {
-                    let PageState::Merged(k) = s else { continue };
-                    let a = start + i as u64 * PAGE;
-                    v.merged_pages += 1;
-                    let _ = sys::read_self(a, &mut buf);
-                    let e = sys::pagemap_entry(&sh.pagemap, a).unwrap_or(0);
-                    let pfn = e & sys::PM_PFN_MASK;
-                    if pfn == 0 {
-                        continue; // not visible without CAP_SYS_ADMIN
-                    }
-                    v.pfns_checked = true;
-                    match pfn_of.get(&k) {
-                        Some(&p) if p != pfn => v.pfn_mismatches += 1,
-                        Some(_) => {}
-                        None => {
-                            pfn_of.insert(k, pfn);
+                    PAGE_IS_PRESENT,
+                    &mut runs,
+                );
+                let marked: u64 = runs.iter().map(|x| (x.end - x.start) / PAGE).sum();
+                *v.marked_zero_pages.entry(r.mm.0).or_default() += marked as i64;
+                for x in &runs {
+                    let mut a = x.start;
+                    while a < x.end {
+                        if r.pages.get(r.idx(a)) != PageState::Zero {
+                            v.stray_marks += 1;
                         }
+                        a += PAGE;
+                    }
+                }
+                runs.clear();
+                let _ = agent.pagemap.scan(
+                    r.start,
+                    r.end(),
+                    PAGE_IS_PRESENT,
+                    0,
+                    PAGE_IS_PRESENT,
+                    &mut runs,
+                );
+                for (i, s) in r.pages.iter().enumerate() {
+                    let a = r.start + i as u64 * PAGE;
+                    let agent_k = match s {
+                        PageState::Merged(k) => Some(k),
+                        _ => None,
+                    };
+                    if let Some(k) = agent_k {
+                        v.merged_pages += 1;
+                        canonical.insert(k);
+                        if runs.iter().any(|x| x.start <= a && a < x.end) {
+                            v.present_merged += 1;
+                        }
+                    }
+                    if mem.merged_at(a) != agent_k {
+                        v.mirror_mismatches += 1;
                     }
                 }
             }
-            v.canonical_pages = {
-                let st = sh.lock();
-                st.store_refs.len() as u64
-            };
+            v.canonical_pages = canonical.len() as u64;
+            drop(st);
+            for &mm in v.marked_zero_pages.keys() {
+                v.counted_zero_pages
+                    .insert(mm, self.ksm_stat(samepage_engine::MmId(mm)).ksm_zero_pages);
+            }
+            v.counted_zero_pages_global = self.counters().ksm_zero_pages;
             v
         })
     }

@@ -2,12 +2,15 @@
 //! stop the device, so samepage detects the pin (UFFDIO_MOVE answers EBUSY) and skips it. The
 //! I/O into it after the merge pass lands where the application reads it.
 
+mod common;
+
+use common::full_scans;
 use samepage_linux::LiveKsm;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-const PS: u64 = 4096;
+use common::PS;
 
 #[test]
 fn pinned_page_is_skipped_and_its_io_is_not_lost() {
@@ -15,11 +18,11 @@ fn pinned_page_is_skipped_and_its_io_is_not_lost() {
     ksm.set_knob("pages_to_scan", "1000").unwrap();
     ksm.set_knob("sleep_millisecs", "0").unwrap();
     let mm = ksm.new_mm();
-    let a = ksm.create_region(mm, 8 * PS).unwrap();
+    let r = ksm.create_region(mm, 8 * PS).unwrap();
     for i in 0..8 {
-        ksm.write(a + i * PS, &[0x77; 4096]).unwrap();
+        r.write(i * PS, &[0x77; 4096]).unwrap();
     }
-    let pinned = a + 3 * PS;
+    let pinned = r.start() + 3 * PS;
     let mut ring = io_uring::IoUring::new(4).expect("io_uring");
     let iov = libc::iovec {
         iov_base: pinned as *mut libc::c_void,
@@ -29,13 +32,11 @@ fn pinned_page_is_skipped_and_its_io_is_not_lost() {
     // unregistered below.
     unsafe { ring.submitter().register_buffers(&[iov]) }.expect("register_buffers");
 
-    ksm.madvise_mergeable(mm, a, 8 * PS).unwrap();
-    ksm.set_knob("run", "1").unwrap();
-    assert!(ksm.wait_full_scans(3, Duration::from_secs(30)));
-    ksm.set_knob("run", "0").unwrap();
+    ksm.madvise_mergeable(&r).unwrap();
+    full_scans(&ksm, 3);
     let c = ksm.counters();
     assert_eq!((c.pages_shared, c.pages_sharing), (1, 6), "{c:?}");
-    assert!(ksm.stats().pinned_skipped > 0);
+    assert!(ksm.stats().agent.pinned_skipped > 0);
 
     // The device writes into the pinned page now; the application must see it.
     let path = std::env::temp_dir().join(format!("samepage-pinned-{}", std::process::id()));
@@ -58,7 +59,7 @@ fn pinned_page_is_skipped_and_its_io_is_not_lost() {
     let cqe = ring.completion().next().expect("completion");
     assert_eq!(cqe.result(), 8);
     let mut buf = [0u8; 4096];
-    ksm.read(pinned, &mut buf).unwrap();
+    r.read(3 * PS, &mut buf).unwrap();
     assert_eq!(&buf[..8], b"NEWDATA!");
     assert_eq!(buf[8], 0x77);
     std::fs::remove_file(&path).unwrap();
@@ -67,7 +68,7 @@ fn pinned_page_is_skipped_and_its_io_is_not_lost() {
     // Unpinned and identical again: it merges (once smart scan, which has been skipping the
     // page it could not merge for more and more passes, looks at it again).
     ring.submitter().unregister_buffers().unwrap();
-    ksm.write(pinned, &[0x77; 8]).unwrap();
+    r.write(3 * PS, &[0x77; 8]).unwrap();
     ksm.set_knob("run", "1").unwrap();
     let mut scans = 0;
     while ksm.counters().pages_sharing < 7 && scans < 64 {

@@ -4,15 +4,16 @@
 //! changed, and whenever the engine is quiescent the zero-page count equals the PAGEMAP_SCAN
 //! ground truth. `SAMEPAGE_STRESS_OPS` sets the operations per thread.
 
+mod common;
+
+use common::{discard, mmap_anon, read_into, unmap, PS};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
-use samepage_linux::{sys, LiveKsm};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use samepage_linux::LiveKsm;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-const PS: u64 = 4096;
 const WORDS: usize = 512;
 const THREADS: usize = 2;
 const PAGES_PER_THREAD: u64 = 1024;
@@ -35,11 +36,86 @@ fn as_bytes(p: &Page) -> Vec<u8> {
     p.iter().flat_map(|w| w.to_ne_bytes()).collect()
 }
 
+/// A word of the page at `a` as the application reads and writes it.
+fn word(a: u64) -> &'static AtomicU64 {
+    // SAFETY: callers pass an 8-byte-aligned address inside a page of the region, which
+    // stays mapped for as long as its thread uses it (pages moved away come back first,
+    // unmapped ones are never touched again).
+    unsafe { AtomicU64::from_ptr(a as *mut u64) }
+}
+
+/// Copy `data` to `a` with process_vm_writev (a kernel-mode write).
+fn write_kernel(a: u64, data: &[u8]) {
+    let local = libc::iovec {
+        iov_base: data.as_ptr() as *mut _,
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: a as *mut _,
+        iov_len: data.len(),
+    };
+    // SAFETY: local is a readable buffer; the kernel checks the remote range.
+    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+    assert_eq!(n as usize, data.len());
+}
+
+/// Read the page at `a` with process_vm_readv (a kernel-mode read).
+fn read_kernel(a: u64, buf: &mut [u8; 4096]) {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut _,
+        iov_len: 4096,
+    };
+    let remote = libc::iovec {
+        iov_base: a as *mut _,
+        iov_len: 4096,
+    };
+    // SAFETY: local is a writable buffer; the kernel checks the remote range.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    assert_eq!(n, 4096);
+}
+
+/// Map the parking page again where the move back left a gap.
+fn remap_park(park: u64) {
+    // SAFETY: `park` is this thread's parking page, unmapped by the move back; nothing else
+    // maps there (no thread maps memory while the test runs).
+    let p = unsafe {
+        libc::mmap(
+            park as *mut libc::c_void,
+            PS as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as u64, park, "mmap: {}", std::io::Error::last_os_error());
+}
+
+/// `mremap(old -> new)` of one page.
+fn move_page(old: u64, new: u64) {
+    // SAFETY: both are pages this test's thread owns; nothing refers into them.
+    let p = unsafe {
+        libc::mremap(
+            old as *mut libc::c_void,
+            PS as usize,
+            PS as usize,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            new as *mut libc::c_void,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mremap: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// One application thread's ops on its own pages; returns the number of page operations.
 /// `None` in the shadow: the thread unmapped the page (and never touches it again).
 fn app_thread(base: u64, shadow: &mut [Option<Page>], seed: u64, ops: usize) -> u64 {
     let mut rng = Pcg64Mcg::seed_from_u64(seed);
-    let (pr, pw) = sys::pipe().unwrap();
+    let park = mmap_anon(PS);
     let n = shadow.len() as u64;
     let mut done = 0;
     let mut hist: Vec<Vec<u32>> = vec![Vec::new(); n as usize];
@@ -57,22 +133,19 @@ fn app_thread(base: u64, shadow: &mut [Option<Page>], seed: u64, ops: usize) -> 
             0..=39 => {
                 let w = rng.random_range(0..WORDS);
                 let v = rng.random_range(0..4u64);
-                // SAFETY: `a` is a page of this thread's part of the region, mapped and
-                // writable (moved pages are moved back before this thread goes on).
-                unsafe { sys::user_store(a + w as u64 * 8, v) };
+                word(a + w as u64 * 8).store(v, Ordering::Relaxed);
                 page[w] = v;
             }
             // Fill a whole page (a kernel-mode write).
             40..=54 => {
                 let v = rng.random_range(0..4u64);
                 *page = fill(v);
-                sys::write_self(a, &as_bytes(page)).unwrap();
+                write_kernel(a, &as_bytes(page));
             }
             // Read it back with user-mode loads.
             55..=74 => {
                 for (w, &want) in page.iter().enumerate() {
-                    // SAFETY: as above.
-                    let got = unsafe { sys::user_load(a + w as u64 * 8) };
+                    let got = word(a + w as u64 * 8).load(Ordering::Relaxed);
                     assert_eq!(got, want, "page {p} word {w} changed; ops {h:?}");
                 }
             }
@@ -81,34 +154,32 @@ fn app_thread(base: u64, shadow: &mut [Option<Page>], seed: u64, ops: usize) -> 
                 let w = rng.random_range(0..WORDS - 2);
                 let v = [rng.random_range(0..4u64), rng.random_range(0..4u64)];
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
-                sys::write_fd(pw.as_raw_fd(), &bytes).unwrap();
-                assert_eq!(
-                    sys::read_fd_into(pr.as_raw_fd(), a + w as u64 * 8, 16).unwrap(),
-                    16
-                );
+                assert_eq!(read_into(a + w as u64 * 8, &bytes), 16);
                 page[w] = v[0];
                 page[w + 1] = v[1];
             }
             // MADV_DONTNEED: reads zeros afterwards.
             85..=92 => {
-                sys::madvise(a, PS, libc::MADV_DONTNEED).unwrap();
+                discard(a, PS);
                 *page = fill(0);
             }
-            // mremap the page out of the region (to a page this thread just mapped) and back.
+            // mremap the page out of the region (to this thread's parking page) and back.
+            // No thread maps anything else meanwhile: a new mapping could land in the gap
+            // the move leaves, which the move back would then replace.
             93..=97 => {
-                let park = sys::mmap_anon(PS).unwrap();
-                sys::mremap_fixed(a, PS, park).unwrap();
-                sys::mremap_fixed(park, PS, a).unwrap();
+                move_page(a, park);
+                move_page(park, a);
+                remap_park(park);
             }
             // munmap, one operation in 10 000: the page is gone for good.
             98 if rng.random_range(0..100) == 0 => {
-                sys::munmap(a, PS).unwrap();
+                unmap(a, PS);
                 shadow[p as usize] = None;
             }
             // Compare with read(2)-like kernel reads.
             _ => {
                 let mut buf = [0u8; 4096];
-                sys::read_self(a, &mut buf).unwrap();
+                read_kernel(a, &mut buf);
                 assert!(buf[..] == as_bytes(page)[..], "page {p} changed");
             }
         }
@@ -129,31 +200,34 @@ fn stress_merging_under_application_load() {
     }
     let mm = ksm.new_mm();
     let total = THREADS as u64 * PAGES_PER_THREAD;
-    let base = ksm.create_region(mm, total * PS).unwrap();
+    let region = Arc::new(ksm.create_region(mm, total * PS).unwrap());
+    let base = region.start();
     let mut shadows: Vec<Vec<Option<Page>>> = Vec::new();
     for t in 0..THREADS as u64 {
         let mut sh = Vec::new();
         for p in 0..PAGES_PER_THREAD {
             let page = fill((t * PAGES_PER_THREAD + p) % 4);
-            sys::write_self(base + (t * PAGES_PER_THREAD + p) * PS, &as_bytes(&page)).unwrap();
+            region
+                .write((t * PAGES_PER_THREAD + p) * PS, &as_bytes(&page))
+                .unwrap();
             sh.push(Some(page));
         }
         shadows.push(sh);
     }
-    ksm.madvise_mergeable(mm, base, total * PS).unwrap();
+    ksm.madvise_mergeable(&region).unwrap();
     ksm.set_knob("run", "1").unwrap();
     // The engine merges and unmerges at full speed while the application runs.
     let stop = Arc::new(AtomicBool::new(false));
     let toggler = {
-        let (ksm, stop) = (ksm.clone(), stop.clone());
+        let (ksm, stop, region) = (ksm.clone(), stop.clone(), region.clone());
         std::thread::spawn(move || {
             let mut rng = Pcg64Mcg::seed_from_u64(99);
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let p = rng.random_range(0..total - 64);
                 let len = rng.random_range(1..64) * PS;
-                ksm.madvise_unmergeable(mm, base + p * PS, len).unwrap();
-                ksm.madvise_mergeable(mm, base, total * PS).unwrap();
+                ksm.madvise_unmergeable_range(&region, p * PS, len).unwrap();
+                ksm.madvise_mergeable(&region).unwrap();
                 if n % 50 == 49 {
                     ksm.set_knob("run", "2").unwrap();
                     ksm.set_knob("run", "1").unwrap();
@@ -222,7 +296,7 @@ fn stress_merging_under_application_load() {
         for (p, page) in shadow.iter().enumerate() {
             let Some(page) = page else { continue };
             let a = base + (t as u64 * PAGES_PER_THREAD + p as u64) * PS;
-            sys::read_self(a, &mut buf).unwrap();
+            region.peek_page(a - base, &mut buf).unwrap();
             assert!(buf[..] == as_bytes(page)[..], "thread {t} page {p} changed");
         }
     }
@@ -233,8 +307,9 @@ fn stress_merging_under_application_load() {
         s,
         ksm.counters()
     );
+    assert_eq!(s.agent.lost_put_backs, 0);
     assert!(
-        s.cow_zero + s.cow_merged > 0,
-        "the application broke no merged page: the test did not exercise merging"
+        s.agent.cow_merged + s.agent.read_merged > 0 && s.ksmd.zero_placed > 0,
+        "the application touched no merged page: the test did not exercise merging"
     );
 }

@@ -682,8 +682,8 @@ impl Memory for SimMemory {
         }
     }
 
-    fn page_hash(&mut self, frame: FrameId) -> u64 {
-        self.frames.hash(frame)
+    fn page_hash(&mut self, frame: FrameId) -> Option<u64> {
+        Some(self.frames.hash(frame))
     }
 
     fn pages_identical(&mut self, a: FrameId, b: FrameId) -> bool {

@@ -34,7 +34,7 @@ pub enum Advice {
 }
 
 /// Errors of simulated system calls that reach KSM.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum SysError {
     #[error(transparent)]
     Mm(#[from] SimError),

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,9 +32,11 @@ const DEPTH: usize = 2;
 /// A hash not computed yet (a page hashing to this value is merely hashed again).
 const NOT_HASHED: u64 = u64::MAX;
 
-/// Pages `[start, end)` of this process as read at one moment, and their hashes (computed
+/// Pages `[start, end)` of process `pid` as read at one moment, and their hashes (computed
 /// on first use).
 pub(crate) struct Window {
+    /// The process read (0: this one).
+    pub pid: u32,
     pub start: u64,
     pub end: u64,
     bytes: Vec<u8>,
@@ -50,6 +52,7 @@ impl Window {
             p[0] = 1;
         }
         Self {
+            pid: 0,
             start: 0,
             end: 0,
             bytes,
@@ -57,8 +60,8 @@ impl Window {
         }
     }
 
-    pub fn contains(&self, addr: u64) -> bool {
-        self.start <= addr && addr + PAGE <= self.end
+    pub fn contains(&self, pid: u32, addr: u64) -> bool {
+        self.pid == pid && self.start <= addr && addr + PAGE <= self.end
     }
 
     pub fn clear(&mut self) {
@@ -83,10 +86,11 @@ impl Window {
 
     /// Read up to [`WINDOW_PAGES`] pages from `start` (less than `end - start` if a page in
     /// between cannot be read).
-    pub fn fill(&mut self, start: u64, end: u64) {
+    pub fn fill(&mut self, pid: u32, start: u64, end: u64) {
         let want = (end.saturating_sub(start)).min(WINDOW_PAGES * PAGE) as usize;
-        let got = sys::read_self_range(start, &mut self.bytes[..want]).unwrap_or(0);
+        let got = sys::read_process(pid, start, &mut self.bytes[..want]).unwrap_or(0);
         let pages = got / PAGE_SIZE;
+        self.pid = pid;
         self.start = start;
         self.end = start + (pages * PAGE_SIZE) as u64;
         self.hashes.clear();
@@ -129,7 +133,7 @@ pub(crate) struct Prefetcher {
 
 impl Prefetcher {
     /// Start the helper thread; its thread id goes to `tid` (for CPU accounting).
-    pub fn new(tid: Arc<AtomicI32>) -> io::Result<Self> {
+    pub fn new(tid: Arc<AtomicU32>) -> io::Result<Self> {
         let (to_helper, requests) = mpsc::channel::<Window>();
         let (done, from_helper) = mpsc::channel::<Window>();
         let helper = std::thread::Builder::new()
@@ -142,8 +146,8 @@ impl Prefetcher {
                 // scan took 70-85 µs at p90 instead of 11-14).
                 let _ = sys::set_idle_priority();
                 while let Some(mut w) = spin_recv(&requests, READER_SPIN) {
-                    let (start, end) = (w.start, w.end);
-                    w.fill(start, end);
+                    let (pid, start, end) = (w.pid, w.start, w.end);
+                    w.fill(pid, start, end);
                     if done.send(w).is_err() {
                         break;
                     }
@@ -169,11 +173,12 @@ impl Prefetcher {
     }
 
     /// Have the helper read `[start, end)` after the windows asked for before.
-    pub fn ask(&mut self, start: u64, end: u64) {
+    pub fn ask(&mut self, pid: u32, start: u64, end: u64) {
         if !self.wants_more() || start >= end {
             return;
         }
         let mut w = self.spare.pop().unwrap_or_else(Window::new);
+        w.pid = pid;
         w.start = start;
         w.end = end;
         if let Some(tx) = &self.to_helper {
@@ -235,14 +240,14 @@ mod tests {
         let base = mem.as_ptr() as u64;
         // Only whole pages of `mem` are read: start at its first page boundary.
         let start = (base + PAGE - 1) & !(PAGE - 1);
-        let tid = Arc::new(AtomicI32::new(0));
+        let tid = Arc::new(AtomicU32::new(0));
         let mut p = Prefetcher::new(tid.clone()).unwrap();
-        p.ask(start, start + 10 * PAGE);
+        p.ask(0, start, start + 10 * PAGE);
         assert!(
             p.take(start + PAGE).is_none(),
             "a window asked elsewhere is dropped"
         );
-        p.ask(start, start + 10 * PAGE);
+        p.ask(0, start, start + 10 * PAGE);
         let mut w = p.take(start).expect("the window asked for");
         assert!(tid.load(Ordering::Relaxed) > 0);
         assert_eq!((w.start, w.end), (start, start + 10 * PAGE));
@@ -252,9 +257,10 @@ mod tests {
             assert_eq!(w.page(a), &mem[off..off + PAGE_SIZE]);
             assert_eq!(w.hash(a), page_hash(&mem[off..off + PAGE_SIZE]));
         }
-        assert!(!w.contains(start + 10 * PAGE));
+        assert!(!w.contains(0, start + 10 * PAGE));
+        assert!(!w.contains(1, start));
         p.give_back(w);
-        p.ask(start, start + 50 * PAGE);
+        p.ask(0, start, start + 50 * PAGE);
         p.cancel();
         assert!(p.take(start).is_none());
     }

@@ -1,0 +1,225 @@
+//! The agent's fault handler thread: it reads the userfaultfd and resolves every fault on
+//! the agent's memory, and follows the application's discards, unmaps and moves. It never
+//! maps, unmaps or discards memory itself (it would wait for its own events), so nothing it
+//! does can block on the application or on the executor for longer than the state lock.
+//!
+//! Events are read and handled under the state lock: a transaction that commits sees either
+//! an event not yet read (its system call has not happened: handling it later is correct)
+//! or one already handled, never one read and not yet recorded.
+
+use super::state::{PageState, State};
+use super::Agent;
+use crate::ops::Change;
+use crate::sys::uffd::{Event, FaultKind};
+use crate::sys::PAGE;
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+
+/// A fault resolution that must be tried again: the address space was changing (EAGAIN)
+/// when it was first tried; the event that says how is being read.
+#[derive(Clone, Copy, Debug)]
+enum Retry {
+    Fault { addr: u64, write: bool },
+}
+
+/// The handler thread's loop.
+pub(super) fn run(agent: &Agent) {
+    crate::sys::block_all_signals();
+    agent
+        .handler_tid
+        .store(crate::sys::gettid(), Ordering::Relaxed);
+    let mut events = Vec::with_capacity(64);
+    let mut retry: Vec<Retry> = Vec::new();
+    loop {
+        let timeout = if retry.is_empty() { -1 } else { 1 };
+        let ready = match crate::sys::poll(&[agent.uffd.as_fd(), agent.wake.fd()], timeout) {
+            Ok(r) => r,
+            Err(_) => break,
+        };
+        if agent.stopping.load(Ordering::Acquire) && ready[1] != 0 {
+            break;
+        }
+        let changed = {
+            let _inside = super::fork::enter();
+            let mut st = agent.lock();
+            loop {
+                events.clear();
+                match agent.uffd.read_events(&mut events) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                for &ev in &events {
+                    handle(agent, &mut st, ev, &mut retry);
+                }
+            }
+            let pending = std::mem::take(&mut retry);
+            for r in pending {
+                let Retry::Fault { addr, write } = r;
+                fault_missing(agent, &mut st, addr, write, &mut retry);
+            }
+            !st.outbox.is_empty()
+        };
+        agent.events_handled();
+        if changed {
+            agent.outbox_ready();
+        }
+    }
+}
+
+fn handle(agent: &Agent, st: &mut State, ev: Event, retry: &mut Vec<Retry>) {
+    match ev {
+        Event::Pagefault {
+            kind, write, addr, ..
+        } => match kind {
+            FaultKind::Missing => fault_missing(agent, st, addr & !(PAGE - 1), write, retry),
+            // With WP_ASYNC the kernel resolves write-protect faults itself; one can only
+            // come from a range registered before that, so let the write go ahead.
+            FaultKind::WriteProtect => {
+                let a = addr & !(PAGE - 1);
+                if agent.uffd.writeprotect(a, PAGE, false, true).is_err() {
+                    let _ = agent.uffd.wake(a, PAGE);
+                }
+            }
+            FaultKind::Minor => {
+                let _ = agent.uffd.wake(addr & !(PAGE - 1), PAGE);
+            }
+        },
+        Event::Remove { start, end } => removed(st, start, end),
+        Event::Unmap { start, end } => unmapped(st, start, end),
+        Event::Remap { from, to, len } => moved(st, from, to, len),
+    }
+}
+
+/// A thread touched a hole: a merged page gets its canonical page copied in (it is an
+/// ordinary page of the application from then on); any other hole of a region reads as the
+/// zero page, as without samepage; a page a transaction owns waits for its wake.
+fn fault_missing(agent: &Agent, st: &mut State, a: u64, write: bool, retry: &mut Vec<Retry>) {
+    let state = st.page(a);
+    let r = match state {
+        Some((_, _, PageState::InFlight)) => return,
+        Some((ri, i, PageState::Merged(k))) => match agent.copy_canonical(k, a) {
+            Ok(()) => {
+                st.set(ri, i, PageState::Anon);
+                if write {
+                    st.stats.cow_merged += 1;
+                } else {
+                    st.stats.read_merged += 1;
+                }
+                return;
+            }
+            Err(e) => Err(e),
+        },
+        _ => {
+            st.stats.missing_faults += u64::from(state.is_some());
+            // SAFETY: a is a hole of a range this agent registered; the zero page reads
+            // like the zeros the hole stands for.
+            let (done, r) = unsafe { agent.uffd.zeropage(a, PAGE, true) };
+            if done == PAGE {
+                return;
+            }
+            r
+        }
+    };
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+            retry.push(Retry::Fault { addr: a, write })
+        }
+        // Mapped meanwhile (another thread's fault won), or not ours any more: let the
+        // thread try again.
+        _ => {
+            let _ = agent.uffd.wake(a, PAGE);
+        }
+    }
+}
+
+/// `MADV_DONTNEED` (or `MADV_FREE`) on `[start, end)`: a merged page now stands for zeros
+/// (its next access maps the zero page); a page a transaction owns must be left reading
+/// zeros by it.
+fn removed(st: &mut State, start: u64, end: u64) {
+    for ri in 0..st.regions.len() {
+        let (rs, re) = (st.regions[ri].start, st.regions[ri].end());
+        if re <= start || rs >= end {
+            continue;
+        }
+        let mut a = rs.max(start);
+        while a < re.min(end) {
+            let i = st.regions[ri].idx(a);
+            match st.regions[ri].pages.get(i) {
+                PageState::Merged(_) | PageState::Zero => {
+                    st.set(ri, i, PageState::Anon);
+                }
+                PageState::InFlight => st.record_fate(a, None),
+                PageState::Anon | PageState::Gone => {}
+            }
+            a += PAGE;
+        }
+    }
+}
+
+/// `munmap` of `[start, end)`.
+fn unmapped(st: &mut State, start: u64, end: u64) {
+    if !st.overlaps(start, end) {
+        return;
+    }
+    let mut inflight = Vec::new();
+    for r in &st.regions {
+        if r.end() <= start || r.start >= end {
+            continue;
+        }
+        for i in 0..r.pages.len() {
+            let a = r.start + i as u64 * PAGE;
+            if a >= start && a < end && r.pages.get(i) == PageState::InFlight {
+                inflight.push(a);
+            }
+        }
+    }
+    for a in inflight {
+        st.record_fate(a, None);
+    }
+    st.remove_range(start, end);
+    st.outbox.push(Change::Unmapped { start, end });
+}
+
+/// `mremap` moved `[from, from + len)` to `to`: the registration moved with the mapping, so
+/// the pages stay the agent's at their new address, with their states. A page a
+/// transaction owns must get its contents at the new address.
+fn moved(st: &mut State, from: u64, to: u64, len: u64) {
+    if !st.overlaps(from, from + len) {
+        return;
+    }
+    let end = from + len;
+    st.split_at(from);
+    st.split_at(end);
+    let mut taken = Vec::new();
+    let mut ri = 0;
+    while ri < st.regions.len() {
+        let r = &st.regions[ri];
+        if r.start >= from && r.end() <= end {
+            taken.push(st.regions.remove(ri));
+        } else {
+            ri += 1;
+        }
+    }
+    // What the move put at the destination replaced whatever was there (its UNMAP event,
+    // if it was the agent's, came first).
+    st.remove_range(to, to + len);
+    for mut r in taken {
+        let new_start = r.start - from + to;
+        for i in 0..r.pages.len() {
+            if r.pages.get(i) == PageState::InFlight {
+                let a = r.start + i as u64 * PAGE;
+                st.record_fate(a, Some(a - from + to));
+            }
+        }
+        r.start = new_start;
+        let i = st.regions.partition_point(|x| x.start < new_start);
+        st.regions.insert(i, r);
+    }
+    st.outbox.push(Change::Moved { from, to, len });
+}
+
+/// An error that says the address space is changing (try again once its event is read).
+pub(super) fn is_again(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EAGAIN)
+}

@@ -1,0 +1,60 @@
+//! What the engine's side (ksmd) asks an agent to do to its memory, and what the agent tells
+//! ksmd back. In-process these are passed by function call; with the daemon they cross the
+//! client's socket. Every page operation runs inside the process that owns the memory,
+//! because `UFFDIO_MOVE`, samepage's pin-safe way to take a page away, refuses callers of
+//! another address space.
+
+use serde::{Deserialize, Serialize};
+
+/// One operation of a batch ksmd sends an agent at the end of a scan chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Merge the ordinary page at `addr` into canonical page `k` of the agent's store: take
+    /// it away (`UFFDIO_MOVE`, which refuses pinned pages), check that what was taken
+    /// equals page `k`, and leave a hole that stands for `k` (the page's memory is freed);
+    /// or put it back if it differs.
+    Merge { addr: u64, k: u32 },
+    /// Replace the ordinary page at `addr` by the shared zero page, marked as placed by KSM,
+    /// if what was taken away is all zeros.
+    Zero { addr: u64 },
+    /// `break_ksm` over `[start, end)`: give every merged page and every KSM-placed zero
+    /// page a private copy. Ordinary zero pages are left alone.
+    Unshare { start: u64, end: u64 },
+}
+
+/// Why a merge did not happen (reported back to the engine, which undoes its bookkeeping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailReason {
+    /// The page is not an ordinary page of a mergeable region any more.
+    Gone,
+    /// Its contents differed from the target when it was taken away.
+    Changed,
+    /// It is pinned for I/O.
+    Pinned,
+    /// The application discarded, unmapped or moved it during the transaction.
+    Raced,
+    /// The store's page could not be read, or another system call failed.
+    Error,
+}
+
+/// Something ksmd must know of an agent's memory, in the order it happened there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// The page at `addr` is now merged into canonical page `k` (an `Op::Merge` succeeded).
+    Merged { addr: u64, k: u32 },
+    /// An `Op::Merge` or `Op::Zero` on `addr` did not happen.
+    Failed { addr: u64, why: FailReason },
+    /// The page at `addr` no longer stands for canonical page `k` (the application touched
+    /// it and got a private copy, discarded it, unmapped it, or it was unshared).
+    Unmerged { addr: u64, k: u32 },
+    /// The application unmapped `[start, end)`.
+    Unmapped { start: u64, end: u64 },
+    /// The application moved `[from, from + len)` to `to` (`mremap`); pages that stood for
+    /// canonical pages keep doing so at their new address.
+    Moved { from: u64, to: u64, len: u64 },
+    /// An `Op::Unshare` failed with this errno (ENOMEM: no memory for the copies).
+    UnshareFailed { start: u64, end: u64, errno: i32 },
+    /// The batch with this sequence number is done: every change it caused is above, and
+    /// `zeros` zero pages were placed by it.
+    BatchDone { seq: u64, zeros: u32 },
+}
