@@ -4,6 +4,9 @@
 use crate::agent::state::PageState;
 use crate::agent::{Agent, AgentError, AgentStats};
 use crate::ksmd::{Ksmd, KsmdStats, LocalLink};
+use crate::remote::Connection;
+use crate::wire::{Request, Response};
+use std::path::PathBuf;
 use crate::sys::pagemap::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use crate::sys::{self, Mapping, PAGE};
 use samepage_engine::{Convergence, KnobError, KsmCounters, KsmStat, MmId, UnmergeError, Until};
@@ -51,6 +54,15 @@ pub enum LiveError {
     /// Unsharing merged pages failed (no memory for the copies, or the agent is gone).
     #[error("unmerging failed")]
     Unmerge(#[from] UnmergeError),
+    /// A knob write was refused, with the kernel's validation.
+    #[error(transparent)]
+    Knob(#[from] KnobError),
+    /// The daemon refused, or could not be reached.
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
+    /// The call needs the engine in this process (`LiveKsm::new`), not a daemon.
+    #[error("{0} needs the engine in this process (LiveKsm::new), not samepage daemon")]
+    InProcessOnly(&'static str),
     /// A system call failed.
     #[error("{what}: {source}")]
     Io {
@@ -287,10 +299,41 @@ pub struct Metadata {
 /// assert_eq!(ksm.counters().pages_sharing, 63);
 /// ```
 pub struct LiveKsm {
-    ksmd: Ksmd,
+    engine: Engine,
     agent: Arc<AgentOwner>,
-    target: usize,
     next_mm: AtomicU32,
+}
+
+/// Where the engine runs.
+enum Engine {
+    /// In this process: ksmd and its scanning thread, with this process as `target`.
+    Local { ksmd: Ksmd, target: usize },
+    /// In `samepage daemon`: this process is its address space `pid`.
+    Remote { conn: Arc<Connection>, pid: u32 },
+}
+
+/// How to reach a daemon.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// The daemon's socket.
+    pub socket: PathBuf,
+    /// The security domain to merge in (None: the uid's own).
+    pub domain: Option<String>,
+    /// The process asked for `PR_SET_MEMORY_MERGE` before (a fork child's inheritance).
+    pub merge_any: bool,
+}
+
+impl ConnectOptions {
+    /// The daemon's default socket: `$XDG_RUNTIME_DIR/samepage.sock`, or
+    /// `/run/samepage.sock` as root (or without `XDG_RUNTIME_DIR`).
+    pub fn default_socket() -> PathBuf {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) if !root => PathBuf::from(d).join("samepage.sock"),
+            _ => PathBuf::from("/run/samepage.sock"),
+        }
+    }
 }
 
 impl LiveKsm {
@@ -308,21 +351,98 @@ impl LiveKsm {
         let k = ksmd.changes_notifier();
         agent.set_notify(Box::new(move || k()));
         Ok(Self {
-            ksmd,
+            engine: Engine::Local { ksmd, target },
             agent: Arc::new(AgentOwner(agent)),
-            target,
             next_mm: AtomicU32::new(1),
         })
     }
 
+    /// Connect this process to `samepage daemon`: its regions are merged by the daemon's
+    /// engine, with those of every other client of the same security domain. The calls are
+    /// those of the engine in this process, except that the process is one address space
+    /// ([`LiveKsm::new_mm`] returns its pid) and the knobs are the daemon's.
+    pub fn connect(opts: &ConnectOptions) -> Result<Self, LiveError> {
+        let conn = Connection::connect(&opts.socket)?;
+        let agent = Agent::start(None)?;
+        let (r, store) = conn.hello(Request::Hello {
+            version: crate::wire::VERSION,
+            domain: opts.domain.clone(),
+            agent: true,
+            merge_any: opts.merge_any,
+        })?;
+        let Response::Welcome { pid, .. } = r else {
+            return Err(crate::remote::RemoteError::Protocol(format!("{r:?}")).into());
+        };
+        let store = store.ok_or_else(|| {
+            crate::remote::RemoteError::Protocol("no store of canonical pages came".into())
+        })?;
+        agent
+            .attach_store(store)
+            .map_err(LiveError::io("mapping the store of canonical pages"))?;
+        conn.start_link(Some(agent.clone()))
+            .map_err(LiveError::io("starting the link thread"))?;
+        Ok(Self {
+            engine: Engine::Remote { conn, pid },
+            agent: Arc::new(AgentOwner(agent)),
+            next_mm: AtomicU32::new(1),
+        })
+    }
+
+    fn request(&self, r: Request) -> Result<Response, LiveError> {
+        match &self.engine {
+            Engine::Remote { conn, .. } => Ok(conn.request(r)?),
+            Engine::Local { .. } => unreachable!("a request to a daemon from a local engine"),
+        }
+    }
+
+    /// The daemon's state.
+    fn remote_stat(&self) -> Option<crate::wire::StatReply> {
+        match self.request(Request::Stat) {
+            Ok(Response::Stat(s)) => Some(s),
+            _ => None,
+        }
+    }
+
     /// A new address space: a group of regions with its own `ksm_stat`.
     pub fn new_mm(&self) -> MmId {
-        let mm = MmId(self.next_mm.fetch_add(1, Ordering::Relaxed));
-        // Cannot fail for an agent of this process.
-        let _ = self
-            .ksmd
-            .bind_mm(mm, self.target, 0, Some(self.agent.0.clone()));
-        mm
+        match &self.engine {
+            Engine::Local { ksmd, target } => {
+                let mm = MmId(self.next_mm.fetch_add(1, Ordering::Relaxed));
+                // Cannot fail for an agent of this process.
+                let _ = ksmd.bind_local_mm(mm, *target, self.agent.0.clone());
+                mm
+            }
+            Engine::Remote { pid, .. } => MmId(*pid),
+        }
+    }
+
+    /// Tell the engine of a region the agent registered.
+    fn add_region(&self, mm: MmId, start: u64, end: u64) -> Result<(), LiveError> {
+        match &self.engine {
+            Engine::Local { ksmd, target } => {
+                ksmd.add_region(*target, mm, start, end, false);
+                Ok(())
+            }
+            Engine::Remote { .. } => {
+                self.request(Request::Register {
+                    start,
+                    end,
+                    mergeable: false,
+                })?;
+                Ok(())
+            }
+        }
+    }
+
+    /// `MADV_MERGEABLE` or `MADV_UNMERGEABLE` as the engine sees it.
+    fn engine_madvise(&self, mm: MmId, start: u64, end: u64, on: bool) -> Result<(), LiveError> {
+        match &self.engine {
+            Engine::Local { ksmd, .. } => Ok(ksmd.madvise(mm, start, end, on)?),
+            Engine::Remote { .. } => {
+                self.request(Request::Madvise { start, end, on })?;
+                Ok(())
+            }
+        }
     }
 
     /// Map `len` bytes of private anonymous memory for `mm`, managed by samepage. It is
@@ -336,15 +456,15 @@ impl LiveKsm {
         let _ = m.advise(libc::MADV_NOHUGEPAGE);
         let start = m.addr();
         self.agent.0.register(mm, start, len, false)?;
-        self.ksmd
-            .add_region(self.target, mm, start, start + len, false);
-        Ok(Region {
+        let r = Region {
             agent: self.agent.clone(),
             mm,
             start,
             len,
             owned: Some(m),
-        })
+        };
+        self.add_region(mm, start, start + len)?;
+        Ok(r)
     }
 
     /// Manage `[start, start + len)`, private anonymous memory of this process that
@@ -362,15 +482,15 @@ impl LiveKsm {
         check_range(start, len)?;
         crate::eligibility::check(start, start + len)?;
         self.agent.0.register(mm, start, len, false)?;
-        self.ksmd
-            .add_region(self.target, mm, start, start + len, false);
-        Ok(Region {
+        let r = Region {
             agent: self.agent.clone(),
             mm,
             start,
             len,
             owned: None,
-        })
+        };
+        self.add_region(mm, start, start + len)?;
+        Ok(r)
     }
 
     /// `MADV_MERGEABLE` on the region: the scan visits it.
@@ -387,8 +507,7 @@ impl LiveKsm {
     ) -> Result<(), LiveError> {
         let (s, e) = r.range(offset, len)?;
         self.agent.0.set_mergeable(s, e, true)?;
-        self.ksmd.madvise(r.mm, s, e, true)?;
-        Ok(())
+        self.engine_madvise(r.mm, s, e, true)
     }
 
     /// `MADV_UNMERGEABLE` on the region: every merged page and KSM-placed zero page in it
@@ -407,8 +526,7 @@ impl LiveKsm {
         let (s, e) = r.range(offset, len)?;
         // The scan must not merge the range again while it is being unshared.
         self.agent.0.set_mergeable(s, e, false)?;
-        self.ksmd.madvise(r.mm, s, e, false)?;
-        Ok(())
+        self.engine_madvise(r.mm, s, e, false)
     }
 
     /// `prctl(PR_SET_MEMORY_MERGE)` for `mm`: all its regions (and those it gets later) are
@@ -418,9 +536,9 @@ impl LiveKsm {
             for (_, s, e, _) in self.agent.0.regions(Some(mm)) {
                 self.agent.0.set_mergeable(s, e, true)?;
             }
-            self.ksmd.set_memory_merge(mm, true)?;
+            self.engine_memory_merge(mm, true)?;
         } else {
-            self.ksmd.set_memory_merge(mm, false)?;
+            self.engine_memory_merge(mm, false)?;
             for (_, s, e, _) in self.agent.0.regions(Some(mm)) {
                 self.agent.0.set_mergeable(s, e, false)?;
             }
@@ -428,36 +546,87 @@ impl LiveKsm {
         Ok(())
     }
 
-    /// `prctl(PR_GET_MEMORY_MERGE)` for `mm`.
-    pub fn memory_merge(&self, mm: MmId) -> bool {
-        self.ksmd.memory_merge(mm)
+    fn engine_memory_merge(&self, mm: MmId, on: bool) -> Result<(), LiveError> {
+        match &self.engine {
+            Engine::Local { ksmd, .. } => Ok(ksmd.set_memory_merge(mm, on)?),
+            Engine::Remote { .. } => {
+                self.request(Request::SetMemoryMerge { on })?;
+                Ok(())
+            }
+        }
     }
 
-    /// `echo value > /sys/kernel/mm/ksm/name` for this engine, with the kernel's validation
-    /// (`run=2` unmerges everything).
-    pub fn set_knob(&self, name: &str, value: &str) -> Result<(), KnobError> {
-        self.ksmd.write_knob(name, value)
+    /// `prctl(PR_GET_MEMORY_MERGE)` for `mm`.
+    pub fn memory_merge(&self, mm: MmId) -> bool {
+        match &self.engine {
+            Engine::Local { ksmd, .. } => ksmd.memory_merge(mm),
+            Engine::Remote { .. } => {
+                matches!(self.request(Request::GetMemoryMerge), Ok(Response::MemoryMerge(true)))
+            }
+        }
+    }
+
+    /// `echo value > /sys/kernel/mm/ksm/name` for this engine (the daemon's, for a client),
+    /// with the kernel's validation (`run=2` unmerges everything).
+    pub fn set_knob(&self, name: &str, value: &str) -> Result<(), LiveError> {
+        match &self.engine {
+            Engine::Local { ksmd, .. } => Ok(ksmd.write_knob(name, value)?),
+            Engine::Remote { .. } => {
+                self.request(Request::WriteKnob {
+                    name: name.into(),
+                    value: value.into(),
+                })?;
+                Ok(())
+            }
+        }
     }
 
     /// `cat /sys/kernel/mm/ksm/name`.
     pub fn knob(&self, name: &str) -> Option<String> {
-        self.ksmd.knob(name)
+        match &self.engine {
+            Engine::Local { ksmd, .. } => ksmd.knob(name),
+            Engine::Remote { .. } => self.remote_stat()?.ksm.get(name).cloned(),
+        }
     }
 
     /// The counters of `/sys/kernel/mm/ksm`. Never waits for the scanner: `ksm_zero_pages`
     /// is read from the page tables now, the others are as of the last scan chunk.
     pub fn counters(&self) -> KsmCounters {
-        self.ksmd.counters()
+        match &self.engine {
+            Engine::Local { ksmd, .. } => ksmd.counters(),
+            Engine::Remote { .. } => self
+                .remote_stat()
+                .map(|s| crate::wire::counters_of(&s.ksm))
+                .unwrap_or_default(),
+        }
     }
 
     /// `/proc/<pid>/ksm_stat` of one address space (same rules as [`LiveKsm::counters`]).
     pub fn ksm_stat(&self, mm: MmId) -> KsmStat {
-        self.ksmd.ksm_stat(mm)
+        match &self.engine {
+            Engine::Local { ksmd, .. } => ksmd.ksm_stat(mm),
+            Engine::Remote { .. } => self
+                .remote_stat()
+                .and_then(|s| s.ksm_stat.into_iter().find(|c| c.pid == mm.0))
+                .map(|c| c.to_ksm_stat())
+                .unwrap_or(KsmStat {
+                    pid: mm.0,
+                    ..KsmStat::default()
+                }),
+        }
     }
 
     /// Wait until `full_scans` has grown by `n`; false if `timeout` passed first.
     pub fn wait_full_scans(&self, n: u64, timeout: Duration) -> bool {
-        self.ksmd.wait_full_scans(n, timeout)
+        match &self.engine {
+            Engine::Local { ksmd, .. } => ksmd.wait_full_scans(n, timeout),
+            Engine::Remote { .. } => self
+                .request(Request::Wait {
+                    n: n.max(1),
+                    timeout_ms: timeout.as_millis() as u64,
+                })
+                .is_ok(),
+        }
     }
 
     /// Wait until merging has converged as `until` says (it does not start or stop the
@@ -479,8 +648,18 @@ impl LiveKsm {
     /// Wait until the scanner has published the counters of another scan chunk (at most
     /// `timeout`); false on timeout.
     pub fn wait_chunk(&self, timeout: Duration) -> bool {
-        let c = self.ksmd.snapshot().chunks;
-        self.ksmd.wait_chunk_after(c, timeout)
+        match &self.engine {
+            Engine::Local { ksmd, .. } => {
+                let c = ksmd.snapshot().chunks;
+                ksmd.wait_chunk_after(c, timeout)
+            }
+            Engine::Remote { .. } => self
+                .request(Request::Wait {
+                    n: 0,
+                    timeout_ms: timeout.as_millis() as u64,
+                })
+                .is_ok(),
+        }
     }
 
     /// What samepage knows of the page at `addr`.
@@ -522,19 +701,25 @@ impl LiveKsm {
     pub fn stats(&self) -> LiveStats {
         LiveStats {
             agent: self.agent.0.stats(),
-            ksmd: self.ksmd.stats(),
+            ksmd: match &self.engine {
+                Engine::Local { ksmd, .. } => ksmd.stats(),
+                Engine::Remote { .. } => KsmdStats::default(),
+            },
         }
     }
 
-    /// Bytes of samepage's bookkeeping.
+    /// Bytes of samepage's bookkeeping (for a daemon's client, its agent's only).
     pub fn metadata(&self) -> Metadata {
-        let (engine_bytes, rmap_items, mirror) = self.ksmd.quiescent(|ksm, mem| {
-            (
-                ksm.metadata_bytes() as u64,
-                ksm.rmap_items(),
-                mem.state_bytes() as u64,
-            )
-        });
+        let (engine_bytes, rmap_items, mirror) = match &self.engine {
+            Engine::Local { ksmd, .. } => ksmd.quiescent(|ksm, mem| {
+                (
+                    ksm.metadata_bytes() as u64,
+                    ksm.rmap_items(),
+                    mem.state_bytes() as u64,
+                )
+            }),
+            Engine::Remote { .. } => (0, 0, 0),
+        };
         Metadata {
             engine_bytes,
             rmap_items,
@@ -545,26 +730,57 @@ impl LiveKsm {
     /// CPU time of samepage's threads so far (scanning, reading ahead, fault handling), in
     /// seconds.
     pub fn cpu_seconds(&self) -> f64 {
-        self.ksmd.cpu_seconds() + sys::thread_cpu_ns(self.agent.0.handler_tid()) as f64 / 1e9
+        let local = match &self.engine {
+            Engine::Local { ksmd, .. } => ksmd.cpu_seconds(),
+            Engine::Remote { .. } => 0.0,
+        };
+        local + sys::thread_cpu_ns(self.agent.0.handler_tid()) as f64 / 1e9
     }
 
-    /// When the merge counters last changed after a scan chunk.
+    /// When the merge counters last changed after a scan chunk (the engine in this
+    /// process only).
     pub fn last_change(&self) -> Option<Instant> {
-        self.ksmd.snapshot().last_change
+        match &self.engine {
+            Engine::Local { ksmd, .. } => ksmd.snapshot().last_change,
+            Engine::Remote { .. } => None,
+        }
     }
 
     /// Scan `n` pages on the calling thread, whatever `run` says (for tests that want a
-    /// deterministic pace).
-    pub fn scan(&self, n: u64) -> samepage_engine::ScanBatch {
-        self.ksmd.scan(n)
+    /// deterministic pace; the engine in this process only).
+    pub fn scan(&self, n: u64) -> Result<samepage_engine::ScanBatch, LiveError> {
+        match &self.engine {
+            Engine::Local { ksmd, .. } => Ok(ksmd.scan(n)),
+            Engine::Remote { .. } => Err(LiveError::InProcessOnly("scanning on the caller's thread")),
+        }
     }
 
-    pub(crate) fn ksmd(&self) -> &Ksmd {
-        &self.ksmd
+    /// Whether merging goes on: the engine is in this process, or the daemon is still
+    /// connected.
+    pub fn connected(&self) -> bool {
+        match &self.engine {
+            Engine::Local { .. } => true,
+            Engine::Remote { conn, .. } => conn.alive(),
+        }
+    }
+
+    pub(crate) fn ksmd(&self) -> Option<&Ksmd> {
+        match &self.engine {
+            Engine::Local { ksmd, .. } => Some(ksmd),
+            Engine::Remote { .. } => None,
+        }
     }
 
     pub(crate) fn agent(&self) -> &Arc<Agent> {
         &self.agent.0
+    }
+}
+
+impl Drop for LiveKsm {
+    fn drop(&mut self) {
+        if let Engine::Remote { conn, .. } = &self.engine {
+            conn.close();
+        }
     }
 }
 

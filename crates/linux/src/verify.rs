@@ -75,11 +75,65 @@ impl Verification {
 }
 
 impl LiveKsm {
+    /// What a daemon's client can check by itself: every mark is one its agent placed, and
+    /// every merged page is a hole.
+    fn verify_agent(&self) -> Verification {
+        let agent = self.agent();
+        let st = agent.lock();
+        let mut v = Verification::default();
+        let mut canonical = std::collections::BTreeSet::new();
+        let mut runs: Vec<PageRegion> = Vec::new();
+        for r in &st.regions {
+            runs.clear();
+            let _ = agent.pagemap.scan(
+                r.start,
+                r.end(),
+                PAGE_IS_PRESENT | PAGE_IS_PFNZERO,
+                PAGE_IS_WRITTEN,
+                PAGE_IS_PRESENT,
+                &mut runs,
+            );
+            let marked: u64 = runs.iter().map(|x| (x.end - x.start) / PAGE).sum();
+            *v.marked_zero_pages.entry(r.mm.0).or_default() += marked as i64;
+            for x in &runs {
+                v.stray_marks += (x.start..x.end)
+                    .step_by(PAGE as usize)
+                    .filter(|&a| r.pages.get(r.idx(a)) != PageState::Zero)
+                    .count() as u64;
+            }
+            runs.clear();
+            let _ = agent
+                .pagemap
+                .scan(r.start, r.end(), PAGE_IS_PRESENT, 0, PAGE_IS_PRESENT, &mut runs);
+            for (i, s) in r.pages.iter().enumerate() {
+                if let PageState::Merged(k) = s {
+                    let a = r.start + i as u64 * PAGE;
+                    v.merged_pages += 1;
+                    canonical.insert(k);
+                    if runs.iter().any(|x| x.start <= a && a < x.end) {
+                        v.present_merged += 1;
+                    }
+                }
+            }
+        }
+        drop(st);
+        v.canonical_pages = canonical.len() as u64;
+        for &mm in v.marked_zero_pages.keys() {
+            v.counted_zero_pages
+                .insert(mm, self.ksm_stat(samepage_engine::MmId(mm)).ksm_zero_pages);
+        }
+        v.counted_zero_pages_global = v.counted_zero_pages.values().sum();
+        v
+    }
+
     /// Compare the page tables with the counters and the bookkeeping, between two chunks
     /// of a scan (and with the fault handler holding still).
     pub fn verify(&self) -> Verification {
         let agent = self.agent().clone();
-        self.ksmd().quiescent(|_, mem| {
+        let Some(ksmd) = self.ksmd() else {
+            return self.verify_agent();
+        };
+        ksmd.quiescent(|_, mem| {
             let st = agent.lock();
             let mut v = Verification::default();
             let mut canonical = std::collections::BTreeSet::new();

@@ -184,18 +184,31 @@ impl KsmdMemory {
             return;
         };
         t.gone = true;
+        t.detached = true;
         t.regions.clear();
+        t.queue.clear();
         let refs = std::mem::take(&mut t.refs);
+        let inflight = std::mem::take(&mut t.inflight);
         if let Some(store) = self.stores.get_mut(&t.domain) {
             for (k, n) in refs {
                 for _ in 0..n {
                     store.unref(k);
                 }
             }
+            for (_, k) in inflight {
+                store.dequeue(k, false);
+            }
         }
         self.stats.canonical_released = self.stores.values().map(|s| s.released).sum();
         self.window = ScanWindow::default();
         self.ahead.clear();
+    }
+
+    /// Target `i` disconnected: no more batches; what its pages stand for stays.
+    pub(crate) fn detach(&mut self, i: usize) {
+        if let Some(t) = self.target_mut(i) {
+            t.detached = true;
+        }
     }
 
     /// Targets that are gone and whose address spaces the engine has let go of, removed;
@@ -326,7 +339,12 @@ impl KsmdMemory {
                     }
                 }
                 Change::UnshareFailed { errno, .. } => unshare_errno = Some(errno),
-                Change::BatchDone { zeros, .. } => self.stats.zero_placed += zeros as u64,
+                Change::BatchDone { seq, zeros } => {
+                    self.stats.zero_placed += zeros as u64;
+                    if seq == t.seq {
+                        t.stalled = false;
+                    }
+                }
             }
         }
         self.stats.canonical_released = self.stores.values().map(|s| s.released).sum();
@@ -346,32 +364,50 @@ impl KsmdMemory {
                 continue;
             }
             let ops = std::mem::take(&mut t.queue);
-            t.seq += 1;
-            self.stats.batches += 1;
-            let sent = t.link.execute(t.seq, &ops);
             let mut f = Vec::new();
-            let errno = self.apply_target_changes(i, &mut f);
+            if t.stalled || t.detached {
+                // Nothing goes to it: what was queued did not happen.
+                for op in &ops {
+                    if let Op::Merge { addr, k } = *op {
+                        t.inflight.remove(&addr);
+                        if let Some(s) = self.stores.get_mut(&t.domain) {
+                            s.dequeue(k, false);
+                        }
+                        f.push((addr, FailReason::Gone));
+                    }
+                }
+                if ops.iter().any(|op| matches!(op, Op::Unshare { .. })) {
+                    result = Err(UnmergeError::Backend(Box::new(io::Error::other(
+                        "the process does not answer samepage's requests",
+                    ))));
+                }
+            } else {
+                t.seq += 1;
+                self.stats.batches += 1;
+                let sent = t.link.execute(t.seq, &ops);
+                let errno = self.apply_target_changes(i, &mut f);
+                let Some(t) = self.targets.get_mut(i).and_then(Option::as_mut) else {
+                    continue;
+                };
+                if let Err(e) = sent {
+                    // Its end did not come back: the engine forgets these merges, but they
+                    // stay outstanding here (and keep their canonical pages) until the agent
+                    // reports them or its process exits.
+                    t.stalled = true;
+                    f.extend(t.inflight.keys().map(|&a| (a, FailReason::Gone)));
+                    if ops.iter().any(|op| matches!(op, Op::Unshare { .. })) {
+                        result = Err(UnmergeError::Backend(Box::new(e)));
+                    }
+                } else if let Some(errno) = errno {
+                    result = Err(match errno {
+                        libc::ENOMEM => UnmergeError::NoMemory,
+                        e => UnmergeError::Backend(Box::new(io::Error::from_raw_os_error(e))),
+                    });
+                }
+            }
             let Some(t) = self.targets.get_mut(i).and_then(Option::as_mut) else {
                 continue;
             };
-            if let Err(e) = sent {
-                // The agent is gone: nothing of the batch happened that ksmd will hear of.
-                for (&addr, &k) in &t.inflight {
-                    if let Some(s) = self.stores.get_mut(&t.domain) {
-                        s.dequeue(k, false);
-                    }
-                    f.push((addr, FailReason::Gone));
-                }
-                t.inflight.clear();
-                if ops.iter().any(|op| matches!(op, Op::Unshare { .. })) {
-                    result = Err(UnmergeError::Backend(Box::new(e)));
-                }
-            } else if let Some(errno) = errno {
-                result = Err(match errno {
-                    libc::ENOMEM => UnmergeError::NoMemory,
-                    e => UnmergeError::Backend(Box::new(io::Error::from_raw_os_error(e))),
-                });
-            }
             self.stats.failed += f.len() as u64;
             for (addr, _) in f {
                 let mm = t
@@ -532,7 +568,7 @@ impl Memory for KsmdMemory {
     fn mm_exiting(&self, mm: MmId) -> bool {
         self.target_of(mm)
             .and_then(|i| self.target(i))
-            .is_none_or(|t| t.gone || t.link.gone())
+            .is_none_or(|t| t.gone || t.detached || t.link.gone())
     }
 
     fn find_vma(&self, mm: MmId, addr: u64) -> Option<VmaInfo> {

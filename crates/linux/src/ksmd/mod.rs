@@ -203,7 +203,7 @@ impl Ksmd {
 
     /// Add a process whose memory ksmd merges, in `domain`; returns its index and a
     /// read-only descriptor of the domain's store for its agent.
-    pub(crate) fn add_target(
+    pub fn add_target(
         &self,
         pid: u32,
         domain: u32,
@@ -218,15 +218,19 @@ impl Ksmd {
         Ok((i, store))
     }
 
-    /// Put address space `mm` in target `target`, in `domain`; its zero pages are counted
-    /// by `local` (an agent of this process) or in the target's page tables.
-    pub(crate) fn bind_mm(
-        &self,
-        mm: MmId,
-        target: usize,
-        domain: u32,
-        local: Option<Arc<Agent>>,
-    ) -> io::Result<()> {
+    /// Put address space `mm` (a client process, its pid) in target `target`, in security
+    /// domain `domain`; its zero pages are counted in the target's page tables.
+    pub fn bind_mm(&self, mm: MmId, target: usize, domain: u32) -> io::Result<()> {
+        self.bind(mm, target, domain, None)
+    }
+
+    /// [`Ksmd::bind_mm`] for an address space of this process, whose agent counts its
+    /// zero pages.
+    pub(crate) fn bind_local_mm(&self, mm: MmId, target: usize, agent: Arc<Agent>) -> io::Result<()> {
+        self.bind(mm, target, 0, Some(agent))
+    }
+
+    fn bind(&self, mm: MmId, target: usize, domain: u32, local: Option<Arc<Agent>>) -> io::Result<()> {
         let source = match local {
             Some(a) => ZeroSource::Local(a),
             None => {
@@ -251,7 +255,7 @@ impl Ksmd {
 
     /// The agent of `target` registered `[start, end)` for `mm`; with `mergeable` it is
     /// `MADV_MERGEABLE` at once.
-    pub(crate) fn add_region(
+    pub fn add_region(
         &self,
         target: usize,
         mm: MmId,
@@ -275,7 +279,7 @@ impl Ksmd {
 
     /// `MADV_MERGEABLE` / `MADV_UNMERGEABLE` on `[start, end)` of `mm`, as the engine sees
     /// it (the agent's flags are the caller's business).
-    pub(crate) fn madvise(
+    pub fn madvise(
         &self,
         mm: MmId,
         start: u64,
@@ -298,7 +302,7 @@ impl Ksmd {
     }
 
     /// `prctl(PR_SET_MEMORY_MERGE)` for `mm`.
-    pub(crate) fn set_memory_merge(&self, mm: MmId, on: bool) -> Result<(), UnmergeError> {
+    pub fn set_memory_merge(&self, mm: MmId, on: bool) -> Result<(), UnmergeError> {
         let mut g = self.engine();
         let EngineSide { ksm, mem, .. } = &mut *g;
         mem.apply_changes();
@@ -310,36 +314,52 @@ impl Ksmd {
     }
 
     /// `prctl(PR_GET_MEMORY_MERGE)` for `mm`.
-    pub(crate) fn memory_merge(&self, mm: MmId) -> bool {
+    pub fn memory_merge(&self, mm: MmId) -> bool {
         self.engine().ksm.prctl_get_memory_merge(mm)
     }
 
-    /// The process of `target` is gone (or leaves): the engine frees its address spaces on
-    /// its next pass; its references go when it has.
-    pub(crate) fn exit_target(&self, target: usize) {
+    /// The process of `target` disconnected but lives on: it gets no more batches and the
+    /// engine forgets its address spaces, but the canonical pages its merged pages stand for
+    /// stay until it exits ([`Ksmd::exit_target`]), since its agent still serves them.
+    pub fn detach_target(&self, target: usize) {
         let mut g = self.engine();
-        let mms: Vec<MmId> = g
-            .mem
-            .target(target)
-            .map(|t| t.mms.clone())
-            .unwrap_or_default();
+        let mms: Vec<MmId> = g.mem.target(target).map(|t| t.mms.clone()).unwrap_or_default();
+        for &mm in &mms {
+            g.ksm.exit(mm);
+        }
+        g.mem.detach(target);
+        publish(&self.inner, &g);
+        drop(g);
+        self.forget_zero_sources(&mms);
+        self.inner.kick.wake();
+    }
+
+    /// The process of `target` exited: its references to canonical pages go now, and its
+    /// state once the engine has freed its address spaces.
+    pub fn exit_target(&self, target: usize) {
+        let mut g = self.engine();
+        let mms: Vec<MmId> = g.mem.target(target).map(|t| t.mms.clone()).unwrap_or_default();
         for &mm in &mms {
             g.ksm.exit(mm);
         }
         g.mem.mark_gone(target);
         publish(&self.inner, &g);
         drop(g);
+        self.forget_zero_sources(&mms);
+        self.inner.kick.wake();
+    }
+
+    fn forget_zero_sources(&self, mms: &[MmId]) {
         self.inner
             .zero
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(mm, _)| !mms.contains(mm));
-        self.inner.kick.wake();
     }
 
     /// A function that tells the scanner an agent has changes for it (applied when it is
     /// idle, or at the next chunk).
-    pub(crate) fn changes_notifier(&self) -> impl Fn() + Send + Sync + 'static {
+    pub fn changes_notifier(&self) -> impl Fn() + Send + Sync + 'static {
         let inner = Arc::downgrade(&self.inner);
         move || {
             if let Some(i) = inner.upgrade() {

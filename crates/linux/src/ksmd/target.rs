@@ -89,6 +89,12 @@ pub(crate) struct Target {
     pub mms: Vec<MmId>,
     /// The process is gone (or left): its address spaces read as exiting.
     pub gone: bool,
+    /// The process disconnected (alive or not): no more batches go to it.
+    pub detached: bool,
+    /// A batch was sent and its end has not come back (the agent is slow, stopped, or
+    /// gone): no batch goes to it until it does, and the merges of that batch stay
+    /// outstanding, keeping their canonical pages, since the agent may still carry them out.
+    pub stalled: bool,
 }
 
 impl Target {
@@ -105,6 +111,8 @@ impl Target {
             seq: 0,
             mms: Vec::new(),
             gone: false,
+            detached: false,
+            stalled: false,
         })
     }
 

@@ -95,6 +95,72 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
     Ok((n as usize, fds))
 }
 
+fn sockaddr(path: &std::path::Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: an all-zero sockaddr_un is valid; the path is copied in below.
+    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let b = path.as_os_str().as_bytes();
+    if b.len() >= a.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the socket path {} is longer than the {} bytes a Unix socket allows",
+                path.display(),
+                a.sun_path.len() - 1
+            ),
+        ));
+    }
+    for (d, s) in a.sun_path.iter_mut().zip(b) {
+        *d = *s as libc::c_char;
+    }
+    Ok((a, std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t))
+}
+
+fn seqpacket() -> io::Result<OwnedFd> {
+    // SAFETY: plain system call.
+    let fd = cvt(unsafe {
+        libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)
+    })?;
+    // SAFETY: fd is new and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A listening `SOCK_SEQPACKET` Unix socket bound at `path` (which must not exist).
+pub fn seqpacket_listen(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let fd = seqpacket()?;
+    let (a, len) = sockaddr(path)?;
+    // SAFETY: a is a valid sockaddr_un of length len.
+    cvt(unsafe { libc::bind(fd.as_raw_fd(), &a as *const _ as *const libc::sockaddr, len) })?;
+    // SAFETY: plain system call on our socket.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), 64) })?;
+    Ok(fd)
+}
+
+/// Accept a connection on a listening socket.
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: null address arguments are allowed; the new descriptor is returned.
+    let fd = cvt(unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fd is new and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Connect a `SOCK_SEQPACKET` Unix socket to `path`.
+pub fn seqpacket_connect(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let fd = seqpacket()?;
+    let (a, len) = sockaddr(path)?;
+    // SAFETY: a is a valid sockaddr_un of length len.
+    cvt(unsafe { libc::connect(fd.as_raw_fd(), &a as *const _ as *const libc::sockaddr, len) })?;
+    Ok(fd)
+}
+
 /// The credentials of the process at the other end of a connected Unix socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerCred {
@@ -138,6 +204,12 @@ pub fn allow_ptracer(pid: u32) {
     unsafe { libc::prctl(libc::PR_SET_PTRACER, pid as libc::c_ulong, 0, 0, 0) };
 }
 
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
 /// `pidfd_open(pid)`: a descriptor that becomes readable when the process exits.
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: plain system call with integer arguments.
@@ -154,6 +226,12 @@ pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
     super::poll(&[pidfd], 0)
         .map(|r| r[0] & libc::POLLIN != 0)
         .unwrap_or(true)
+}
+
+/// Shut a connected socket down both ways (the peer sees the end at once).
+pub fn shutdown(sock: BorrowedFd<'_>) {
+    // SAFETY: plain system call on a borrowed descriptor.
+    unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
 /// Give `sock` a receive timeout (None: block forever).
