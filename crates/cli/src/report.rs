@@ -155,6 +155,18 @@ pub fn tunables_of(show: impl Fn(&str) -> Option<String>) -> Vec<(String, String
         .collect()
 }
 
+/// What the mapping budget refused, in words: merges it turned down, or (when none was
+/// counted) the kernel's own refusal of a new mapping (ENOMEM at vm.max_map_count).
+pub fn budget_refusals(l: &samepage_linux::LiveStats) -> String {
+    match l.budget_refused {
+        0 => "the kernel refused a new mapping (ENOMEM: vm.max_map_count reached), so some \
+              pages were left unmerged"
+            .to_string(),
+        1 => "1 merge refused".to_string(),
+        n => format!("{n} merges refused"),
+    }
+}
+
 fn mib(pages: i64) -> f64 {
     pages as f64 * 4096.0 / (1 << 20) as f64
 }
@@ -226,8 +238,8 @@ impl Report {
             );
             if l.budget_exhausted {
                 out += &format!(
-                    "mapping budget used up: {} merges refused (vm.max_map_count leaves too few mappings)\n",
-                    l.budget_refused
+                    "mapping budget used up: {} (vm.max_map_count leaves too few mappings)\n",
+                    budget_refusals(l)
                 );
             }
         }
@@ -253,5 +265,25 @@ impl Report {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exhausted_budget_never_reports_zero_refusals() {
+        let mut l = samepage_linux::LiveStats {
+            budget_exhausted: true,
+            ..Default::default()
+        };
+        let s = budget_refusals(&l);
+        assert!(!s.contains("0 merges"), "{s}");
+        assert!(s.contains("ENOMEM"), "{s}");
+        l.budget_refused = 1;
+        assert_eq!(budget_refusals(&l), "1 merge refused");
+        l.budget_refused = 7;
+        assert_eq!(budget_refusals(&l), "7 merges refused");
     }
 }
