@@ -316,6 +316,36 @@ fn two_commands_at_once_run_one_after_the_other() {
         "max_page_sharing=8",
         "--json",
     ]);
+    // One that waits can still be interrupted, and changes nothing.
+    let mut third = spawn(&["compare", "--size", "4M"]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = third.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("waiting for another samepage command") {
+                let _ = tx.send(());
+            }
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the third compare says it waits");
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &third.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let code = third.wait().unwrap().code();
+    let e3 = reader.join().unwrap();
+    assert_eq!(code, Some(1), "{e3}");
+    assert!(e3.contains("interrupted while waiting for"), "{e3}");
     // One that will not wait refuses, naming the holder.
     let e = err(&["compare", "--size", "4M", "--wait", "0"]);
     assert!(

@@ -252,3 +252,44 @@ fn messages_for_a_user_without_root_say_what_is_wrong() {
         assert!(!e.contains("//proc"), "{cmd:?}: {e}");
     }
 }
+
+#[test]
+fn ctrl_c_ends_a_long_load_at_once() {
+    if !root() {
+        skip(
+            "ctrl_c_ends_a_long_load_at_once",
+            "not root: merge needs a userfaultfd",
+        );
+        return;
+    }
+    let dir = tmpdir("ctrl-c");
+    let img = dir.join("big.img");
+    // 2 GiB of data to read and copy: seconds of work, unless Ctrl-C stops it.
+    let mut f = std::fs::File::create(&img).unwrap();
+    let chunk = vec![0x33u8; 1 << 20];
+    for _ in 0..2048 {
+        std::io::Write::write_all(&mut f, &chunk).unwrap();
+    }
+    drop(f);
+    let mut c = spawn(&["merge", "--image", img.to_str().unwrap()]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let t0 = std::time::Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &c.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    while c.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "merge ignored Ctrl-C"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let o = c.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("interrupted"), "{e}");
+    assert!(o.stdout.is_empty(), "no report after an interrupt");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
