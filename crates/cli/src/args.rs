@@ -36,8 +36,9 @@ pub struct RunArgs {
     #[arg(long = "set", value_name = "KNOB=VALUE")]
     pub set: Vec<String>,
 
-    /// Stop after exactly N full scans instead of running until the counters are stable.
-    #[arg(long = "full-scans", value_name = "N")]
+    /// Stop after exactly N full scans (at least 1) instead of running until the counters are
+    /// stable.
+    #[arg(long = "full-scans", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub full_scans: Option<u64>,
 
     /// Print one JSON object instead of text.
@@ -57,12 +58,25 @@ impl RunArgs {
         }
     }
 
-    /// The workload: the images, or the generated mix.
+    /// The workload: the images, or the generated mix. Refused before anything is allocated
+    /// if it cannot fit in the machine's available memory; reading images stops at Ctrl-C.
     pub fn workload(&self) -> Result<Workload, String> {
         if self.images.is_empty() {
-            Workload::generated(&self.gen_spec()).map_err(|e| e.to_string())
+            let spec = self.gen_spec();
+            let c = spec.counts().map_err(|e| e.to_string())?;
+            if spec.dup_pct > 0 && c.groups == 0 {
+                return Err(format!(
+                    "--group {} is more than the {} pages --dup {} gives, so no duplicate group \
+                     would be made; use a smaller --group, a larger --dup or a larger --size",
+                    spec.group,
+                    c.pages * spec.dup_pct as u64 / 100,
+                    spec.dup_pct
+                ));
+            }
+            Workload::generated(&spec).map_err(|e| e.to_string())
         } else {
-            Workload::from_images(&self.images).map_err(|e| e.to_string())
+            Workload::from_images_until(&self.images, &crate::engines::interrupted_now)
+                .map_err(|e| e.to_string())
         }
     }
 
@@ -74,10 +88,43 @@ impl RunArgs {
         }
     }
 
-    /// `--set` pairs, split and checked for shape.
+    /// `--set` pairs, split and checked for shape and for combinations that do nothing (on
+    /// the engine's defaults).
     pub fn knobs(&self) -> Result<Vec<(String, String)>, String> {
-        parse_knobs(&self.set)
+        let k = parse_knobs(&self.set)?;
+        check_knobs(&k)?;
+        Ok(k)
     }
+}
+
+/// `kstrtobool`'s reading of a value, for the checks here (the engine validates it fully).
+fn truthy(v: &str) -> bool {
+    let v = v.trim().to_ascii_lowercase();
+    v.starts_with(['1', 'y', 't']) || v == "on"
+}
+
+/// The value a list of knob writes leaves (a later write wins).
+fn last<'a>(knobs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    knobs
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+const FIRST_VISIT_NEEDS_ZERO_PAGES: &str =
+    "zero_pages_first_visit=1 does nothing without use_zero_pages=1 (zero-filled pages go to \
+     the zero page only with use_zero_pages); add --set use_zero_pages=1";
+
+/// Refuse knob settings that would be accepted and then do nothing: `knobs` is everything a
+/// command writes, in order, over the engine's defaults (`use_zero_pages=0`).
+pub fn check_knobs(knobs: &[(String, String)]) -> Result<(), String> {
+    if last(knobs, "zero_pages_first_visit").is_some_and(truthy)
+        && !last(knobs, "use_zero_pages").is_some_and(truthy)
+    {
+        return Err(FIRST_VISIT_NEEDS_ZERO_PAGES.into());
+    }
+    Ok(())
 }
 
 /// `--set KNOB=VALUE` pairs, split and checked for shape. `run` is the command's own business.
@@ -96,6 +143,26 @@ pub fn parse_knobs(set: &[String]) -> Result<Vec<(String, String)>, String> {
                 }
                 Ok((k.to_string(), v.to_string()))
             })
-            .collect()
+            .collect::<Result<Vec<_>, String>>()
+            .and_then(|k| check_set(&k).map(|()| k))
     }
+}
+
+/// Combinations within the `--set` pairs themselves that cannot work, whatever the defaults.
+fn check_set(set: &[(String, String)]) -> Result<(), String> {
+    if last(set, "zero_pages_first_visit").is_some_and(truthy)
+        && last(set, "use_zero_pages").is_some_and(|v| !truthy(v))
+    {
+        return Err(FIRST_VISIT_NEEDS_ZERO_PAGES.into());
+    }
+    if last(set, "advisor_mode").map(str::trim) == Some("scan-time")
+        && set.iter().any(|(k, _)| k == "pages_to_scan")
+    {
+        return Err(
+            "--set pages_to_scan cannot go with --set advisor_mode=scan-time: the advisor sets \
+             pages_to_scan (starting from advisor_min_pages_to_scan); set one of the two"
+                .into(),
+        );
+    }
+    Ok(())
 }

@@ -7,7 +7,7 @@ use crate::compare::{self, CompareArgs, Comparison, Probes};
 use crate::merge::{LiveOpts, Loaded};
 use clap::Args;
 use samepage_engine::{page_hash, PAGE_SIZE, PAGE_SIZE_U64, RMAP_ITEM_BYTES};
-use samepage_linux::host::{self, AnonMemory};
+use samepage_linux::host::{AnonMemory, HostSession};
 use samepage_workload::{parse_size, Workload};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -22,8 +22,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub size: u64,
     /// Sizes of the scaling series of the mixed workload (comma-separated; empty for none).
-    #[arg(long, value_delimiter = ',', default_value = "256M,512M,1G,2G,4G", value_parser = parse_size)]
-    pub scaling: Vec<u64>,
+    #[arg(long, default_value = "256M,512M,1G,2G,4G", value_parser = parse_sizes)]
+    pub scaling: Sizes,
     /// Size of the workload whose first writes are timed.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub latency_size: u64,
@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// Wait at most this many seconds for another command that uses the host's KSM to finish
+    /// (0: refuse at once if one is running).
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub wait: u64,
     /// What to measure (comma-separated): workloads (the four fixed ones), scaling, latency.
     #[arg(
         long,
@@ -46,6 +50,20 @@ pub struct BenchArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A comma-separated list of sizes; the empty string is the empty list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sizes(pub Vec<u64>);
+
+fn parse_sizes(s: &str) -> Result<Sizes, String> {
+    if s.trim().is_empty() {
+        return Ok(Sizes(Vec::new()));
+    }
+    s.split(',')
+        .map(|p| parse_size(p.trim()))
+        .collect::<Result<Vec<u64>, String>>()
+        .map(Sizes)
 }
 
 /// A part of the suite.
@@ -163,15 +181,21 @@ fn scan_rate(r: &crate::report::Report) -> f64 {
     )
 }
 
-fn row(name: &str, run: &RunArgs, a: &BenchArgs) -> Result<Row, String> {
+fn compare_args(run: RunArgs, live: LiveOpts, a: &BenchArgs) -> CompareArgs {
+    CompareArgs {
+        run,
+        live,
+        wait: a.wait,
+    }
+}
+
+fn row(host: &mut HostSession, name: &str, run: &RunArgs, a: &BenchArgs) -> Result<Row, String> {
+    let w = run.workload()?;
     let mut cmps: Vec<Comparison> = Vec::new();
     for i in 0..a.runs {
         eprintln!("bench: {name}, run {}/{}", i + 1, a.runs);
-        let args = CompareArgs {
-            run: run.clone(),
-            live: live_opts(a.timeout),
-        };
-        cmps.push(compare::compare(&args, Probes::default())?.0);
+        let args = compare_args(run.clone(), live_opts(a.timeout), a);
+        cmps.push(compare::compare(host, &args, &w, Probes::default())?.0);
     }
     let m = |f: &dyn Fn(&Comparison) -> f64| median(cmps.iter().map(f).collect());
     let sc = m(&|c| c.samepage.converged_seconds);
@@ -249,7 +273,7 @@ fn latency(kind: &'static str, engine: &'static str, mut us: Vec<f64>) -> Latenc
 }
 
 /// First writes to placed zero pages and to merged pages, under each engine.
-fn latencies(a: &BenchArgs) -> Result<Vec<Latency>, String> {
+fn latencies(host: &mut HostSession, a: &BenchArgs) -> Result<Vec<Latency>, String> {
     let run = run_args(a.latency_size, 30, 40, &a.set);
     let w = run.workload()?;
     let (zero, dup) = pages_by_kind(&w, a.latency_pages);
@@ -273,15 +297,18 @@ fn latencies(a: &BenchArgs) -> Result<Vec<Latency>, String> {
     let mut probe_sp = |l: &Loaded| sp = (time_sp(l, &zero), time_sp(l, &dup));
     let mut probe_k = |m: &[AnonMemory]| k = (time_k(m, &zero), time_k(m, &dup));
     eprintln!("bench: first-write latency");
-    let args = CompareArgs {
+    let args = compare_args(
         run,
-        live: LiveOpts {
+        LiveOpts {
             no_verify: true,
             ..live_opts(a.timeout)
         },
-    };
+        a,
+    );
     compare::compare(
+        host,
         &args,
+        &w,
         Probes {
             samepage: Some(&mut probe_sp),
             kernel: Some(&mut probe_k),
@@ -322,14 +349,23 @@ fn machine() -> String {
     )
 }
 
-/// Run the whole suite.
+/// Run the whole suite, with the host held from start to end: one session, so that nothing
+/// else changes its knobs between runs, and vm.max_map_count raised once.
 pub fn bench(a: &BenchArgs) -> Result<BenchReport, String> {
     crate::engines::catch_interrupts();
     if a.runs == 0 {
         return Err("--runs must be at least 1".into());
     }
+    compare::check_set(&a.set)?;
+    let mut host = compare::take_host(a.wait)?;
+    let r = suite(&mut host, a);
+    compare::release_host(host, r)
+}
+
+fn suite(host: &mut HostSession, a: &BenchArgs) -> Result<BenchReport, String> {
     // Isolated merged pages cost samepage mappings: without room the counters would differ.
-    let _maps = host::MaxMapCount::raise(1 << 22).map_err(|e| e.to_string())?;
+    host.raise_max_map_count(1 << 22)
+        .map_err(|e| format!("cannot raise vm.max_map_count for samepage's merges: {e}"))?;
     let mut rows = Vec::new();
     let gib = |s: u64| format!("{:.2} GiB", s as f64 / (1u64 << 30) as f64);
     let fixed = [
@@ -345,26 +381,26 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport, String> {
     };
     for &(name, zero, dup) in fixed {
         let label = format!("{name}, {}", gib(a.size));
-        rows.push(row(&label, &run_args(a.size, zero, dup, &a.set), a)?);
+        rows.push(row(host, &label, &run_args(a.size, zero, dup, &a.set), a)?);
     }
     // samepage's zero-only fast path against the kernel's rule, on the workloads with zeros.
     let mut fast = a.set.clone();
     fast.push("zero_pages_first_visit=1".into());
     for &(name, zero, dup) in fixed.iter().filter(|w| w.1 > 0) {
         let label = format!("{name}, {}, first visit", gib(a.size));
-        rows.push(row(&label, &run_args(a.size, zero, dup, &fast), a)?);
+        rows.push(row(host, &label, &run_args(a.size, zero, dup, &fast), a)?);
     }
     let scaling = if a.what.contains(&Part::Scaling) {
-        &a.scaling[..]
+        &a.scaling.0[..]
     } else {
         &[]
     };
     for &s in scaling {
         let label = format!("mixed, {}", gib(s));
-        rows.push(row(&label, &run_args(s, 30, 40, &a.set), a)?);
+        rows.push(row(host, &label, &run_args(s, 30, 40, &a.set), a)?);
     }
     let latency = if a.what.contains(&Part::Latency) {
-        latencies(a)?
+        latencies(host, a)?
     } else {
         Vec::new()
     };

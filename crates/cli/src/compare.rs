@@ -1,30 +1,41 @@
 //! `samepage compare`: the same bytes under samepage's live engine and under the host kernel's
 //! KSM, one after the other in this process, with the same knobs, printed side by side.
+//!
+//! The host is held by a [`HostSession`] from before the first look at its knobs to the end:
+//! one command at a time, every knob saved to disk first and put back however the command
+//! ends (see `samepage_linux::host`).
 
-use crate::args::RunArgs;
+use crate::args::{check_knobs, parse_knobs, RunArgs};
 use crate::engines::{self, Kernel};
 use crate::merge::{self, LiveOpts};
 use crate::report::{Report, SpaceInfo};
 use crate::watch::{Sample, Watch};
 use clap::Args;
-use samepage_engine::{PAGE_SIZE, PAGE_SIZE_U64, TUNABLE_NAMES};
-use samepage_linux::host::{self, AnonMemory, KnobGuard};
+use samepage_engine::{PAGE_SIZE, PAGE_SIZE_U64, SAMEPAGE_ONLY_TUNABLES, TUNABLE_NAMES};
+use samepage_linux::host::{self, AnonMemory, HostError, HostSession, Waiting};
 use samepage_workload::Workload;
 use serde::Serialize;
 use std::time::Duration;
 
-/// `samepage compare` arguments: those of `merge`.
+/// `samepage compare` arguments: those of `merge`, and how long to wait for the host.
 #[derive(Args, Debug, Clone)]
 pub struct CompareArgs {
     #[command(flatten)]
     pub run: RunArgs,
     #[command(flatten)]
     pub live: LiveOpts,
+    /// Wait at most this many seconds for another command that uses the host's KSM to finish
+    /// (0: refuse at once if one is running).
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub wait: u64,
 }
 
 /// Knobs both engines start from (after the host's own values): zero pages on and ksmd at
-/// full speed, so that the comparison measures the engines, not their sleeps.
-pub const COMPARE_KNOBS: [(&str, &str); 3] = [
+/// full speed, without the advisor, so that the comparison measures the engines, not their
+/// sleeps, whatever the host's advisor does. `--set advisor_mode=scan-time` brings the advisor
+/// back (and then it sets `pages_to_scan`).
+pub const COMPARE_KNOBS: [(&str, &str); 4] = [
+    ("advisor_mode", "none"),
     ("use_zero_pages", "1"),
     ("pages_to_scan", "100000"),
     ("sleep_millisecs", "0"),
@@ -37,20 +48,24 @@ pub struct Comparison {
     pub kernel: Report,
 }
 
-/// What `cat` shows for a knob, as a value to write: `[none] scan-time` → `none`.
-fn writable(shown: &str) -> String {
-    match (shown.find('['), shown.find(']')) {
-        (Some(a), Some(b)) if a < b => shown[a + 1..b].to_string(),
-        _ => shown.to_string(),
+/// `--set` checked before the host is taken: its shape, then every value with the kernel's
+/// validation, on a simulated machine at the kernel's defaults (which costs nothing).
+pub fn check_set(set: &[String]) -> Result<(), String> {
+    let mut sim = samepage_sim::SimSystem::new();
+    for (k, v) in parse_knobs(set)? {
+        sim.write_knob(&k, &v)
+            .map_err(|e| format!("--set {k}={v}: {e}"))?;
     }
+    Ok(())
 }
 
-/// The knobs both engines run with: the host's tunables, then [`COMPARE_KNOBS`], then `--set`.
+/// The knobs both engines run with, in the order they are written: the host's tunables, then
+/// [`COMPARE_KNOBS`], then `--set`; without `pages_to_scan` when the advisor sets it.
 fn knobs(args: &RunArgs) -> Result<Vec<(String, String)>, String> {
     let mut k: Vec<(String, String)> = host::tunables()
         .into_iter()
         .filter(|(n, _)| n != "run" && TUNABLE_NAMES.contains(&n.as_str()))
-        .map(|(n, v)| (n, writable(&v)))
+        .map(|(n, v)| (n, host::parse_shown(&v)))
         .collect();
     let mut set = |n: &str, v: &str| match k.iter_mut().find(|(kn, _)| kn == n) {
         Some(e) => e.1 = v.to_string(),
@@ -59,46 +74,111 @@ fn knobs(args: &RunArgs) -> Result<Vec<(String, String)>, String> {
     for (n, v) in COMPARE_KNOBS {
         set(n, v);
     }
-    for (n, v) in args.knobs()? {
+    for (n, v) in parse_knobs(&args.set)? {
         set(&n, &v);
     }
+    if k.iter()
+        .any(|(n, v)| n == "advisor_mode" && v.trim() == "scan-time")
+    {
+        k.retain(|(n, _)| n != "pages_to_scan");
+    }
+    check_knobs(&k)?;
+    host::sort_for_writing(&mut k);
     Ok(k)
 }
 
-/// The host's ksmd on a copy of the workload: load, advise, run, check, unmerge.
+/// Take the host's KSM for a command, saying on standard error whom it waits for and what it
+/// put back of a command that was killed.
+pub fn take_host(wait_secs: u64) -> Result<HostSession, String> {
+    let mut notify = |m: &str| eprintln!("samepage: {m}");
+    HostSession::take_ksm(&mut Waiting {
+        max: Duration::from_secs(wait_secs),
+        interrupted: &engines::interrupted_now,
+        notify: &mut notify,
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// End a command that held the host: put everything back, read it back, and join what
+/// happened to the command's own outcome. "Put back" is said only after reading back.
+pub fn release_host<T>(host: HostSession, result: Result<T, String>) -> Result<T, String> {
+    match (result, host.finish()) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Ok(_), Err(e)) => Err(e.to_string()),
+        (Err(e), Ok(())) => Err(format!(
+            "{e}; the host's KSM knobs and vm.max_map_count are put back as they were (read back)"
+        )),
+        (Err(e), Err(r)) => Err(format!("{e}; and {r}")),
+    }
+}
+
+/// The host's ksmd on a copy of the workload: load, advise, run, check, then end the kernel
+/// phase (unmerge, knobs back) whatever happened.
 fn run_kernel(
-    guard: &mut KnobGuard,
+    host: &mut HostSession,
     workload: &Workload,
     info: &[SpaceInfo],
     knobs: &[(String, String)],
     args: &CompareArgs,
     probe: Option<KernelProbe<'_>>,
 ) -> Result<(Report, Vec<Sample>), String> {
-    for (k, v) in knobs {
-        // samepage's own knobs have no file on the host.
-        if samepage_engine::SAMEPAGE_ONLY_TUNABLES.contains(&k.as_str()) {
-            continue;
-        }
-        if host::read_knob(k).map(|s| writable(&s)).ok().as_deref() != Some(v.as_str()) {
-            guard
-                .set(k, v)
-                .map_err(|e| format!("the host's KSM refused {k}={v}: {e}"))?;
-        }
-    }
     let mut mems = Vec::new();
     let mut page = [0u8; PAGE_SIZE];
     for space in &workload.spaces {
         let m = AnonMemory::new(space.pages() * PAGE_SIZE_U64)
             .map_err(|e| format!("cannot map memory for the kernel's copy: {e}"))?;
         for i in 0..space.pages() {
+            if i % 4096 == 0 {
+                engines::interrupted()?;
+            }
             space.fill_page(i, &mut page);
             m.write(i * PAGE_SIZE_U64, &page)
                 .map_err(|e| format!("cannot fill the kernel's copy: {e}"))?;
         }
         mems.push(m);
     }
+    // Still idle, and nobody else started using KSM meanwhile: ksmd would merge their pages
+    // too, and the end of the phase unmerge them.
+    host.check_idle().map_err(|e| e.to_string())?;
+    // samepage's own knobs have no file on the host.
+    let host_knobs: Vec<(String, String)> = knobs
+        .iter()
+        .filter(|(k, _)| !SAMEPAGE_ONLY_TUNABLES.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    let result = host
+        .apply(&host_knobs)
+        .map_err(|e| format!("the host's KSM refused a knob: {e}"))
+        .and_then(|()| kernel_phase(workload, info, &mems, args, probe));
+    // The end of the kernel phase, however it went: run=2 (which also frees the kernel's
+    // rmap items) before the memory goes away, then every knob back, run last, read back;
+    // but if another process uses KSM now, only this process's pages are unmerged.
+    let others = host::other_ksm_users();
+    if !others.is_empty() {
+        for m in &mems {
+            let _ = m.set_mergeable(false);
+        }
+    }
+    let ended = host.end_phase(others.is_empty());
+    drop(mems);
+    let r = result?;
+    if !others.is_empty() {
+        return Err(HostError::OthersStarted(host::list_users(&others)).to_string());
+    }
+    ended.map_err(|e| e.to_string())?;
+    Ok(r)
+}
+
+/// Advise the kernel's copy mergeable, run ksmd, check the copy, report.
+fn kernel_phase(
+    workload: &Workload,
+    info: &[SpaceInfo],
+    mems: &[AnonMemory],
+    args: &CompareArgs,
+    probe: Option<KernelProbe<'_>>,
+) -> Result<(Report, Vec<Sample>), String> {
     let before = merge::memory_kib();
-    for m in &mems {
+    for m in mems {
         m.set_mergeable(true)
             .map_err(|e| format!("madvise(MADV_MERGEABLE) failed: {e}"))?;
     }
@@ -122,9 +202,13 @@ fn run_kernel(
     let counters = host::counters().map_err(|e| e.to_string())?;
     let ksm_stat = host::ksm_stat(pid).map_err(|e| e.to_string())?;
     if !args.live.no_verify {
+        let mut page = [0u8; PAGE_SIZE];
         let mut got = [0u8; PAGE_SIZE];
         for (m, space) in mems.iter().zip(&workload.spaces) {
             for i in 0..space.pages() {
+                if i % 4096 == 0 {
+                    engines::interrupted()?;
+                }
                 space.fill_page(i, &mut page);
                 m.read_page(i * PAGE_SIZE_U64, &mut got)
                     .map_err(|e| e.to_string())?;
@@ -139,7 +223,7 @@ fn run_kernel(
     }
     let tunables = host::tunables()
         .into_iter()
-        .map(|(k, v)| (k, writable(&v)))
+        .map(|(k, v)| (k, host::parse_shown(&v)))
         .collect();
     let report = Report::live(
         "kernel",
@@ -153,11 +237,8 @@ fn run_kernel(
         None,
     );
     if let Some(p) = probe {
-        p(&mems);
+        p(mems);
     }
-    // Unmerge (which frees the kernel's rmap items) before the memory goes away.
-    guard.unmerge_all().map_err(|e| e.to_string())?;
-    drop(mems);
     Ok((report, outcome.samples))
 }
 
@@ -171,16 +252,16 @@ pub struct Probes<'a> {
     pub kernel: Option<KernelProbe<'a>>,
 }
 
-/// Run both engines; the host's knobs are restored however this ends.
+/// Run both engines on `workload` with the host held by `host`; the knobs are put back at
+/// the end of the kernel phase however it ends (and by `host` after that).
 pub fn compare(
+    host: &mut HostSession,
     args: &CompareArgs,
+    workload: &Workload,
     probes: Probes<'_>,
 ) -> Result<(Comparison, Vec<Sample>, Vec<Sample>), String> {
-    engines::catch_interrupts();
-    // The host first: refusing takes no time, and nothing runs until it is ours.
-    let mut guard = KnobGuard::take().map_err(|e| e.to_string())?;
+    host.check_idle().map_err(|e| e.to_string())?;
     let knobs = knobs(&args.run)?;
-    let workload = args.run.workload()?;
     let l = merge::load(workload.clone(), &[], &knobs)?;
     let info = l.info.clone();
     let sp = merge::run_samepage(&l, args.run.until(), &args.live, !args.run.json, None)?;
@@ -189,19 +270,7 @@ pub fn compare(
     }
     // Dropping the regions gives their memory back before the kernel's copy is made.
     drop(l);
-    let (kernel, ksamples) = run_kernel(&mut guard, &workload, &info, &knobs, args, probes.kernel)?;
-    drop(guard);
-    if let Some(path) = &args.live.prometheus {
-        let (a, b) = (&sp.report, &kernel);
-        crate::prom::write_file(
-            path,
-            &[
-                ("samepage", &a.ksm.0, &a.ksm_stat),
-                ("kernel", &b.ksm.0, &b.ksm_stat),
-            ],
-        )
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
+    let (kernel, ksamples) = run_kernel(host, workload, &info, &knobs, args, probes.kernel)?;
     Ok((
         Comparison {
             samepage: sp.report,
@@ -327,14 +396,15 @@ impl Comparison {
 
 /// `samepage compare`.
 pub fn run(args: &CompareArgs) -> Result<(), String> {
-    let (cmp, s, k) = compare(args, Probes::default())?;
-    if let Some(p) = &args.live.plot {
-        crate::plot::write(
-            p,
-            "samepage compare: samepage (solid) and the kernel's ksmd (dashed)",
-            &[("samepage", &s), ("kernel", &k)],
-        )?;
-    }
+    engines::catch_interrupts();
+    // Everything that can be refused without the host first: nothing waits or changes for a
+    // typing mistake, and a workload that cannot fit is refused before it is allocated.
+    crate::preflight::check_outputs(&args.live)?;
+    check_set(&args.run.set)?;
+    let workload = args.run.workload()?;
+    let mut host = take_host(args.wait)?;
+    let result = compare(&mut host, args, &workload, Probes::default());
+    let (cmp, s, k) = release_host(host, result)?;
     if args.run.json {
         println!(
             "{}",
@@ -342,6 +412,25 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
         );
     } else {
         print!("{}", cmp.text());
+    }
+    // After the report, so that a file that cannot be written costs no figures.
+    if let Some(path) = &args.live.prometheus {
+        let (a, b) = (&cmp.samepage, &cmp.kernel);
+        crate::prom::write_file(
+            path,
+            &[
+                ("samepage", &a.ksm.0, &a.ksm_stat),
+                ("kernel", &b.ksm.0, &b.ksm_stat),
+            ],
+        )
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if let Some(p) = &args.live.plot {
+        crate::plot::write(
+            p,
+            "samepage compare: samepage (solid) and the kernel's ksmd (dashed)",
+            &[("samepage", &s), ("kernel", &k)],
+        )?;
     }
     Ok(())
 }

@@ -102,6 +102,7 @@ fn application(l: &Loaded, stop: &AtomicBool, kinds: &[GuestPage]) -> Changed {
 /// `samepage demo`.
 pub fn run(a: &DemoArgs) -> Result<(), String> {
     engines::catch_interrupts();
+    crate::preflight::check_outputs(&a.live)?;
     let spec = spec(a);
     let kinds = spec.layout().map_err(|e| e.to_string())?;
     let workload = Workload::guests(&spec).map_err(|e| e.to_string())?;

@@ -8,18 +8,26 @@ use samepage_linux::{host, LiveKsm};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Set by Ctrl-C (SIGINT) or SIGTERM: long loops give up cleanly, so that guards restore
-/// what they changed.
+/// Set by Ctrl-C (SIGINT), SIGTERM or SIGHUP once [`catch_interrupts`] ran: long loops give
+/// up cleanly, so that what they changed is put back, and the command exits with status 1
+/// however far it got.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Catch Ctrl-C and SIGTERM for the live commands (installed once).
+/// Catch Ctrl-C, SIGTERM and SIGHUP for the live commands (installed once).
 pub fn catch_interrupts() {
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
 }
 
-fn interrupted() -> Result<(), String> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        Err("interrupted; everything samepage changed has been put back".into())
+/// Has the user interrupted the command?
+pub fn interrupted_now() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// An error once the command is interrupted. What the command changed is put back by its
+/// owners as the error unwinds, and they say so.
+pub fn interrupted() -> Result<(), String> {
+    if interrupted_now() {
+        Err("interrupted".into())
     } else {
         Ok(())
     }

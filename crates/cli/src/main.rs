@@ -10,6 +10,7 @@ mod demo;
 mod engines;
 mod merge;
 mod plot;
+mod preflight;
 mod prom;
 mod report;
 mod simulate;
@@ -36,7 +37,7 @@ enum Command {
     /// and report what was saved (no arguments needed).
     Demo(demo::DemoArgs),
     /// Run KSM on the deterministic simulated memory manager and print the counters.
-    Simulate(args::RunArgs),
+    Simulate(simulate::SimArgs),
     /// Load the workload into real memory of this process, merge it, verify the page tables
     /// and print the counters.
     Merge(merge::MergeArgs),
@@ -61,6 +62,9 @@ fn main() -> ExitCode {
         Command::Stat(a) => stat::run(&a),
         Command::Bench(a) => bench::run(&a),
     };
+    // An interrupt that came after the last check (while printing, say) still fails the
+    // command: its output may be cut short.
+    let result = result.and_then(|()| engines::interrupted());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -99,6 +99,7 @@ pub fn load(
         let r = ksm.create_region(mm, len).map_err(|e| e.to_string())?;
         let mut i = 0;
         while i < space.pages() {
+            engines::interrupted()?;
             let n = CHUNK.min(space.pages() - i);
             for j in 0..n {
                 let page: &mut [u8; PAGE_SIZE] = (&mut buf[j as usize * PAGE_SIZE..][..PAGE_SIZE])
@@ -132,6 +133,9 @@ pub fn check_contents(l: &Loaded, changed: &Changed) -> Result<(), String> {
     let mut got = [0u8; PAGE_SIZE];
     for (r, space) in l.regions.iter().zip(&l.workload.spaces) {
         for i in 0..space.pages() {
+            if i % 4096 == 0 {
+                engines::interrupted()?;
+            }
             let addr = r.start() + i * PAGE_SIZE_U64;
             match changed.get(&addr) {
                 Some(p) => want.copy_from_slice(&p[..]),
@@ -248,6 +252,7 @@ pub fn run_samepage(
 /// `samepage merge`.
 pub fn run(args: &MergeArgs) -> Result<(), String> {
     engines::catch_interrupts();
+    crate::preflight::check_outputs(&args.live)?;
     let l = load(args.run.workload()?, &args.run.knobs()?, &[])?;
     let r = run_samepage(&l, args.run.until(), &args.live, !args.run.json, None)?;
     if let Some(p) = &args.live.plot {

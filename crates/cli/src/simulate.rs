@@ -2,7 +2,20 @@
 
 use crate::args::RunArgs;
 use crate::report::{tunables_of, Report, SpaceInfo};
+use clap::Args;
 use samepage_sim::{merge_state, SimSystem, SIM_NS_PER_PAGE};
+use std::time::{Duration, Instant};
+
+/// `samepage simulate` arguments: the workload, and a limit on the time it may take.
+#[derive(Args, Debug, Clone)]
+pub struct SimArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Give up after this many seconds of wall-clock time (the simulator's own clock is
+    /// virtual, and stands still when ksmd scans nothing).
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub timeout: u64,
+}
 
 /// Give up on convergence after this many full scans.
 const MAX_FULL_SCANS: u64 = 1000;
@@ -32,13 +45,41 @@ pub fn load(args: &RunArgs) -> Result<(SimSystem, Vec<SpaceInfo>), String> {
 }
 
 /// Scan until stable (at least two full scans, then one that changes no merge counter), or
-/// exactly `--full-scans N`. Returns the full scans run and the virtual time (ns) at the end
-/// of the batch that last changed a merge counter.
-pub fn converge(sys: &mut SimSystem, full_scans: Option<u64>) -> Result<(u64, u64), String> {
+/// exactly `--full-scans N`, within `timeout` of wall-clock time. Returns the full scans run
+/// and the virtual time (ns) at the end of the batch that last changed a merge counter.
+pub fn converge(
+    sys: &mut SimSystem,
+    full_scans: Option<u64>,
+    timeout: Duration,
+) -> Result<(u64, u64), String> {
+    if sys.read_knob("pages_to_scan").as_deref() == Some("0")
+        && sys.read_knob("advisor_mode").as_deref() == Some("[none] scan-time")
+    {
+        // The kernel accepts 0, and then ksmd never finishes a full scan.
+        return Err(
+            "pages_to_scan=0: ksmd would scan no page at all and never finish a full scan; \
+             give at least 1"
+                .into(),
+        );
+    }
+    let t0 = Instant::now();
+    let too_long = |passes: u64| match full_scans {
+        Some(n) => format!(
+            "the simulator did not complete {n} full scans within {} s of wall-clock time \
+             ({passes} done); raise --timeout, or --set pages_to_scan=N to scan faster",
+            timeout.as_secs()
+        ),
+        None => format!(
+            "the counters did not settle within {} s of wall-clock time ({passes} full scans \
+             done); raise --timeout, or --set pages_to_scan=N to scan faster",
+            timeout.as_secs()
+        ),
+    };
     sys.write_knob("run", "1").map_err(|e| e.to_string())?;
     let mut prev = merge_state(&sys.counters());
     let mut last_change_ns = 0;
     let mut passes = 0;
+    let mut steps = 0u64;
     loop {
         match full_scans {
             Some(n) if passes == n => break,
@@ -56,6 +97,10 @@ pub fn converge(sys: &mut SimSystem, full_scans: Option<u64>) -> Result<(u64, u6
         let target = sys.ksm.full_scans() + 1;
         let mut changed = false;
         while sys.ksm.full_scans() < target {
+            steps += 1;
+            if steps.is_multiple_of(256) && t0.elapsed() > timeout {
+                return Err(too_long(passes));
+            }
             let before = sys.clock.now_ns;
             let batch = sys.ksmd_step();
             let now = merge_state(&sys.counters());
@@ -75,9 +120,11 @@ pub fn converge(sys: &mut SimSystem, full_scans: Option<u64>) -> Result<(u64, u6
 }
 
 /// `samepage simulate`.
-pub fn run(args: &RunArgs) -> Result<(), String> {
+pub fn run(a: &SimArgs) -> Result<(), String> {
+    let args = &a.run;
     let (mut sys, workload) = load(args)?;
-    let (passes, last_change_ns) = converge(&mut sys, args.full_scans)?;
+    let (passes, last_change_ns) =
+        converge(&mut sys, args.full_scans, Duration::from_secs(a.timeout))?;
     let counters = sys.counters();
     let report = Report {
         saved_bytes: counters.saved_pages() * samepage_engine::PAGE_SIZE_U64 as i64,

@@ -4,7 +4,7 @@
 use crate::prom;
 use clap::Args;
 use samepage_engine::{KsmCounters, KsmStat, PAGE_SIZE_U64};
-use samepage_linux::host;
+use samepage_linux::host::{self, HostError};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -57,10 +57,16 @@ pub fn derive(c: &KsmCounters) -> Derived {
 #[derive(Debug, Serialize)]
 pub struct State {
     pub engine: String,
+    /// Where the figures come from: `/sys/kernel/mm/ksm` (the live host), or the file a
+    /// samepage command wrote with `--prometheus`.
+    pub source: String,
     #[serde(serialize_with = "crate::report::ser_ksm")]
     pub ksm: (KsmCounters, Vec<(String, String)>),
     pub derived: Derived,
     pub ksm_stat: Vec<KsmStat>,
+    /// Processes whose `ksm_stat` this user may not read (left out above; root sees them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable_processes: Vec<u32>,
 }
 
 fn mib(b: i64) -> f64 {
@@ -69,9 +75,15 @@ fn mib(b: i64) -> f64 {
 
 impl State {
     pub fn text(&self) -> String {
-        let mut out = match self.engine.as_str() {
-            "kernel" => format!("{}\n", host::KSM_DIR),
-            e => format!("{e} engine (the layout of {})\n", host::KSM_DIR),
+        let mut out = if self.source == host::KSM_DIR {
+            format!("{}\n", host::KSM_DIR)
+        } else {
+            format!(
+                "{} engine, as recorded in {} (not the live host; the layout of {})\n",
+                self.engine,
+                self.source,
+                host::KSM_DIR
+            )
         };
         out += &self.ksm.0.to_string();
         for (k, v) in &self.ksm.1 {
@@ -79,6 +91,13 @@ impl State {
         }
         for st in &self.ksm_stat {
             out += &format!("\n/proc/{}/ksm_stat\n{st}", st.pid);
+        }
+        if !self.unreadable_processes.is_empty() {
+            out += &format!(
+                "\n({} processes left out: their ksm_stat is readable only by their owner or \
+                 root)\n",
+                self.unreadable_processes.len()
+            );
         }
         let d = &self.derived;
         out += &format!(
@@ -101,34 +120,84 @@ impl State {
     }
 }
 
+/// Why `/proc/<pid>/ksm_stat` could not be read, in words.
+fn ksm_stat_error(pid: u32, e: HostError) -> String {
+    let path = format!("/proc/{pid}/ksm_stat");
+    match e {
+        HostError::Read { source, .. } => match source.kind() {
+            std::io::ErrorKind::PermissionDenied => format!(
+                "cannot read {path}: permission denied (it is readable only by the process's \
+                 owner and root; run as root)"
+            ),
+            std::io::ErrorKind::NotFound
+                if std::path::Path::new(&format!("/proc/{pid}")).exists() =>
+            {
+                format!("{path} does not exist: this kernel lacks ksm_stat (Linux 6.1 has it)")
+            }
+            std::io::ErrorKind::NotFound => format!("there is no process {pid}"),
+            _ => format!("cannot read {path}: {source}"),
+        },
+        e => e.to_string(),
+    }
+}
+
 /// The host kernel's state, with the `ksm_stat` of `pid` or of every process KSM works on.
 pub fn host_state(pid: Option<u32>) -> Result<State, String> {
     let c = host::counters().map_err(|e| e.to_string())?;
-    let ksm_stat = match pid {
-        Some(p) => vec![host::ksm_stat(p).map_err(|_| {
-            format!("no /proc/{p}/ksm_stat: there is no process {p}, or this kernel lacks ksm_stat")
-        })?],
+    let (ksm_stat, unreadable_processes) = match pid {
+        Some(p) => (
+            vec![host::ksm_stat(p).map_err(|e| ksm_stat_error(p, e))?],
+            Vec::new(),
+        ),
         None => host::ksm_processes(),
     };
     Ok(State {
         engine: "kernel".into(),
+        source: host::KSM_DIR.into(),
         derived: derive(&c),
         ksm: (c, host::tunables()),
         ksm_stat,
+        unreadable_processes,
     })
+}
+
+/// The largest `--prometheus` file read back (one is a few KiB).
+const MAX_PROM_BYTES: u64 = 16 << 20;
+
+/// The text of a `--prometheus` file: a regular file of sensible size (never a device, a
+/// FIFO or a file of /proc, which would block or never end).
+fn read_prom(path: &std::path::Path) -> Result<String, String> {
+    use samepage_workload::{open_input_file, InputFileError};
+    use std::io::Read;
+    let hint = format!(
+        "(start samepage with --prometheus {} first)",
+        path.display()
+    );
+    let (f, len) = open_input_file(path).map_err(|e| match e {
+        InputFileError::Io(e) => format!("cannot read {}: {e} {hint}", path.display()),
+        InputFileError::NotRegular(kind) => format!(
+            "{} is {kind}, not the regular file samepage writes with --prometheus",
+            path.display()
+        ),
+    })?;
+    if len > MAX_PROM_BYTES {
+        return Err(format!(
+            "{} is {len} bytes, far more than a --prometheus file holds; is it the right file?",
+            path.display()
+        ));
+    }
+    let mut s = String::new();
+    f.take(MAX_PROM_BYTES)
+        .read_to_string(&mut s)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(s)
 }
 
 /// `samepage stat`.
 pub fn run(a: &StatArgs) -> Result<(), String> {
     let states = match &a.samepage {
         Some(path) => {
-            let s = std::fs::read_to_string(path).map_err(|e| {
-                format!(
-                    "cannot read {}: {e} (start samepage with --prometheus {} first)",
-                    path.display(),
-                    path.display()
-                )
-            })?;
+            let s = read_prom(path)?;
             let engines = prom::parse(&s);
             if engines.is_empty() {
                 return Err(format!(
@@ -140,13 +209,27 @@ pub fn run(a: &StatArgs) -> Result<(), String> {
                 .into_iter()
                 .map(|(engine, c)| State {
                     engine,
+                    source: path.display().to_string(),
                     derived: derive(&c),
                     ksm: (c, Vec::new()),
                     ksm_stat: Vec::new(),
+                    unreadable_processes: Vec::new(),
                 })
                 .collect()
         }
-        None => vec![host_state(a.pid)?],
+        None => {
+            // A command that changed the host and was killed: what is shown is not the
+            // host's own setting.
+            if std::path::Path::new(host::SAVED_FILE).exists() {
+                eprintln!(
+                    "samepage: note: {} exists: a samepage command changed the host's KSM and \
+                     is still running or was killed; the next samepage compare or bench puts \
+                     the knobs it saved back",
+                    host::SAVED_FILE
+                );
+            }
+            vec![host_state(a.pid)?]
+        }
     };
     if a.json {
         let v = if states.len() == 1 {

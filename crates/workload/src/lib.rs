@@ -9,6 +9,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use samepage_engine::PAGE_SIZE;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -24,10 +27,138 @@ pub enum WorkloadError {
         "image {path} is {len} bytes, not a multiple of the 4096-byte page size; pad or trim it"
     )]
     NotPageMultiple { path: PathBuf, len: u64 },
-    #[error("image {0} is empty; give a file of at least one 4096-byte page")]
+    #[error(
+        "image {0} is empty (0 bytes); give a file of at least one 4096-byte page (files of \
+         pseudo file systems report no size and cannot be images)"
+    )]
     Empty(PathBuf),
+    #[error(
+        "image {path} is {kind}, not a regular file: an image is a file of 4096-byte pages \
+         (FIFOs, devices, sockets, directories and the files of /proc and /sys are refused)"
+    )]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error(
+        "{what} would take about {need} of memory, and this machine has {available} available \
+         (MemAvailable in /proc/meminfo), of which samepage leaves {keep} to the rest of the \
+         system; use a smaller --size or smaller images"
+    )]
+    TooLarge {
+        what: String,
+        need: Bytes,
+        available: Bytes,
+        keep: Bytes,
+    },
+    #[error("interrupted while reading the images")]
+    Interrupted,
     #[error("invalid workload: {0}")]
     Invalid(String),
+}
+
+/// A size in bytes, shown in MiB or GiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl std::fmt::Display for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0 as f64;
+        if self.0 >= 1 << 30 {
+            write!(f, "{:.1} GiB", b / (1u64 << 30) as f64)
+        } else {
+            write!(f, "{:.0} MiB", b / (1u64 << 20) as f64)
+        }
+    }
+}
+
+/// Memory a page takes once an engine holds it (the simulator's frame, or the live region's
+/// page), with a generous allowance for the bookkeeping around it: what the loaders check
+/// against the machine's available memory before allocating anything.
+pub const LOADED_BYTES_PER_PAGE: u64 = PAGE_SIZE as u64 + 512;
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (`None` where there is no such file).
+pub fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuse `need` bytes for `what` unless they fit in `available` minus what is left to the
+/// rest of the system (a tenth of it, and at least 256 MiB).
+pub fn fits_in(need: u64, available: u64, what: &str) -> Result<(), WorkloadError> {
+    let keep = (available / 10).max(256 << 20);
+    if need > available.saturating_sub(keep) {
+        return Err(WorkloadError::TooLarge {
+            what: what.to_string(),
+            need: Bytes(need),
+            available: Bytes(available),
+            keep: Bytes(keep),
+        });
+    }
+    Ok(())
+}
+
+/// [`fits_in`] the machine's available memory now (no check where it cannot be read).
+pub fn check_fits(need: u64, what: &str) -> Result<(), WorkloadError> {
+    match mem_available() {
+        Some(a) => fits_in(need, a, what),
+        None => Ok(()),
+    }
+}
+
+/// Why a path cannot be read as an input file.
+#[derive(Debug)]
+pub enum InputFileError {
+    Io(std::io::Error),
+    /// Not a regular file: what it is ("a FIFO", "a character device", ...).
+    NotRegular(&'static str),
+}
+
+/// Open `path` for reading as an input file of known size: a regular file, not one of `/proc`
+/// or `/sys` (whose sizes mean nothing). Opening never blocks (`O_NONBLOCK`: a FIFO without a
+/// writer would wait in `open` forever), and the type is checked on the open file. Returns the
+/// file and its size.
+pub fn open_input_file(path: &Path) -> Result<(File, u64), InputFileError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            // A directory opens for reading; EISDIR comes only from other paths, but say it.
+            Some(libc::EISDIR) => InputFileError::NotRegular("a directory"),
+            // A socket cannot be opened at all.
+            Some(libc::ENXIO) => InputFileError::NotRegular("a socket"),
+            _ => InputFileError::Io(e),
+        })?;
+    let m = f.metadata().map_err(InputFileError::Io)?;
+    let t = m.file_type();
+    let kind = if t.is_dir() {
+        Some("a directory")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else if !t.is_file() {
+        Some("not a regular file")
+    } else if std::fs::metadata("/proc").is_ok_and(|p| p.dev() == m.dev()) {
+        Some("a file of /proc")
+    } else if std::fs::metadata("/sys").is_ok_and(|p| p.dev() == m.dev()) {
+        Some("a file of /sys")
+    } else {
+        None
+    };
+    match kind {
+        Some(k) => Err(InputFileError::NotRegular(k)),
+        None => Ok((f, m.len())),
+    }
 }
 
 /// Where the pages of an address space come from.
@@ -201,6 +332,10 @@ impl GenSpec {
 
     fn space(&self) -> Result<Space, WorkloadError> {
         let c = self.counts()?;
+        check_fits(
+            c.pages * (LOADED_BYTES_PER_PAGE + 4),
+            &format!("a generated workload of {}", Bytes(self.size)),
+        )?;
         let mut layout = Vec::with_capacity(c.pages as usize);
         layout.extend(std::iter::repeat_n(ZERO_CLASS, c.zero as usize));
         for g in 0..c.groups {
@@ -330,6 +465,15 @@ impl GuestSpec {
 impl Workload {
     /// The guests of `spec`, one address space each.
     pub fn guests(spec: &GuestSpec) -> Result<Self, WorkloadError> {
+        let per_guest = spec.pages_per_guest()?;
+        check_fits(
+            per_guest * spec.guests as u64 * (LOADED_BYTES_PER_PAGE + 4),
+            &format!(
+                "{} guests of {} each",
+                spec.guests,
+                Bytes(per_guest * PAGE_SIZE as u64)
+            ),
+        )?;
         let kinds = spec.layout()?;
         let n = kinds.len() as u32;
         let spaces = (0..spec.guests)
@@ -368,21 +512,81 @@ pub struct Workload {
 impl Workload {
     /// One address space per image file.
     pub fn from_images<P: AsRef<Path>>(paths: &[P]) -> Result<Self, WorkloadError> {
-        let mut spaces = Vec::new();
+        Self::from_images_until(paths, &|| false)
+    }
+
+    /// One address space per image file; gives up with [`WorkloadError::Interrupted`] as soon
+    /// as `cancelled` says so (it is asked between reads of 16 MiB). Every image must be a
+    /// regular file (checked on the open file, which opening never blocks for), a multiple of
+    /// the page size, and all of them must fit in the machine's available memory, together
+    /// with the copy an engine makes: all of it is checked before anything is read.
+    pub fn from_images_until<P: AsRef<Path>>(
+        paths: &[P],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Self, WorkloadError> {
+        let mut files = Vec::new();
+        let mut total: u64 = 0;
         for p in paths {
             let path = p.as_ref().to_path_buf();
-            let data = std::fs::read(&path).map_err(|source| WorkloadError::Read {
-                path: path.clone(),
-                source,
+            let (f, len) = open_input_file(&path).map_err(|e| match e {
+                InputFileError::Io(source) => WorkloadError::Read {
+                    path: path.clone(),
+                    source,
+                },
+                InputFileError::NotRegular(kind) => WorkloadError::NotRegular {
+                    path: path.clone(),
+                    kind,
+                },
             })?;
-            if data.is_empty() {
+            if len == 0 {
                 return Err(WorkloadError::Empty(path));
             }
-            if data.len() % PAGE_SIZE != 0 {
-                return Err(WorkloadError::NotPageMultiple {
-                    len: data.len() as u64,
-                    path,
-                });
+            if len % PAGE_SIZE as u64 != 0 {
+                return Err(WorkloadError::NotPageMultiple { len, path });
+            }
+            total = total.saturating_add(len);
+            files.push((path, f, len));
+        }
+        let pages = total / PAGE_SIZE as u64;
+        check_fits(
+            total.saturating_add(pages.saturating_mul(LOADED_BYTES_PER_PAGE)),
+            &format!(
+                "{} of images (read into memory, then copied into the engine)",
+                Bytes(total)
+            ),
+        )?;
+        let mut spaces = Vec::new();
+        for (path, f, len) in files {
+            let read_err = |source| WorkloadError::Read {
+                path: path.clone(),
+                source,
+            };
+            let mut data = Vec::new();
+            data.try_reserve_exact(len as usize)
+                .map_err(|e| read_err(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e)))?;
+            // Exactly the size fstat gave, whatever the file does meanwhile.
+            let mut r = f.take(len);
+            const CHUNK: usize = 16 << 20;
+            loop {
+                if cancelled() {
+                    return Err(WorkloadError::Interrupted);
+                }
+                let n = (&mut r)
+                    .take(CHUNK as u64)
+                    .read_to_end(&mut data)
+                    .map_err(read_err)?;
+                if n == 0 {
+                    break;
+                }
+            }
+            if data.len() as u64 != len {
+                return Err(read_err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "it shrank from {len} to {} bytes while being read",
+                        data.len()
+                    ),
+                )));
             }
             spaces.push(Space {
                 name: path.display().to_string(),

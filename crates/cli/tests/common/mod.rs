@@ -65,3 +65,82 @@ pub fn svg_series(svg: &str, engine: &str) -> Vec<(String, Vec<(f64, f64)>)> {
         })
         .collect()
 }
+
+/// Start `samepage` with its output piped.
+pub fn spawn(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_samepage"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start samepage")
+}
+
+/// Run, and fail the test (after killing it) if it takes longer than `secs`: for inputs that
+/// once made samepage hang.
+pub fn run_within(args: &[&str], secs: u64) -> Output {
+    let mut child = spawn(args);
+    let t0 = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} did not end within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// Like [`err`], within `secs`.
+pub fn err_within(args: &[&str], secs: u64) -> String {
+    let out = run_within(args, secs);
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    let code = out.status.code();
+    assert!(matches!(code, Some(1) | Some(2)), "exit code {code:?}");
+    assert!(out.stdout.is_empty(), "a failure prints nothing on stdout");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Is this process root? (`/proc/self` belongs to the effective user.)
+pub fn root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// Say that a test could not run here, and why, where the test harness does not hide it
+/// (its capture only takes `print!`/`eprint!`); the test then returns early.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "test {test} SKIPPED: {why}");
+}
+
+/// A copy of the binary that user 65534 may run, and a way to run it as that user without
+/// any capability (None, said, if this is not root).
+pub fn as_nobody(test: &str) -> Option<impl Fn(&[&str]) -> Output> {
+    if !root() {
+        skip(test, "not root: cannot drop to an unprivileged user here");
+        return None;
+    }
+    let dir = tmpdir(&format!("nobody-{test}"));
+    let bin = dir.join("samepage");
+    std::fs::copy(env!("CARGO_BIN_EXE_samepage"), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Some(move |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ])
+            .arg(&bin)
+            .args(args)
+            .current_dir("/")
+            .output()
+            .expect("setpriv (util-linux)")
+    })
+}
