@@ -37,6 +37,7 @@ ROUND_SLEEP=2
 INIT_ON_FREE=1
 EXTRA_APPEND=""
 PAGES_TO_SCAN=100000
+USE_ZERO_PAGES=1
 SETTLE_SECS=10
 SETTLE_SCANS=2
 TOL_MIN=512
@@ -64,6 +65,7 @@ usage: scripts/two-vms.sh [options]
   --init-on-free 0|1      the guests' init_on_free (default $INIT_ON_FREE: freed pages are zeroed)
   --append STRING         more guest kernel command line
   --pages-to-scan N       pages_to_scan of the merging engine (default $PAGES_TO_SCAN; sleep_millisecs=0)
+  --use-zero-pages 0|1    use_zero_pages of the merging engine (default $USE_ZERO_PAGES)
   --settle-seconds S      settled: counters within the tolerance for S seconds (default $SETTLE_SECS)
   --settle-scans N        ... and N full scans (default $SETTLE_SCANS)
   --tolerance-pages N     ... tolerance: max(N, the permille below of saved pages) (default $TOL_MIN)
@@ -96,6 +98,7 @@ while [ $# -gt 0 ]; do
     --init-on-free) INIT_ON_FREE=$2; shift ;;
     --append) EXTRA_APPEND=$2; shift ;;
     --pages-to-scan) PAGES_TO_SCAN=$2; shift ;;
+    --use-zero-pages) USE_ZERO_PAGES=$2; shift ;;
     --settle-seconds) SETTLE_SECS=$2; shift ;;
     --settle-scans) SETTLE_SCANS=$2; shift ;;
     --tolerance-pages) TOL_MIN=$2; shift ;;
@@ -110,11 +113,12 @@ while [ $# -gt 0 ]; do
   shift
 done
 case $ENGINE in kernel | samepage | both) ;; *) usage >&2; exit 2 ;; esac
-for v in MEM COMMON UNIQUE FREE SCRATCH ROUND_SLEEP INIT_ON_FREE PAGES_TO_SCAN SETTLE_SECS \
+for v in MEM COMMON UNIQUE FREE SCRATCH ROUND_SLEEP INIT_ON_FREE PAGES_TO_SCAN USE_ZERO_PAGES SETTLE_SECS \
   SETTLE_SCANS TOL_MIN TOL_PERMILLE OBSERVE SETTLE_TIMEOUT; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "--$(tr '_A-Z' '-a-z' <<<"$v") wants a whole number, not '${!v}'."
 done
 [ "$INIT_ON_FREE" -le 1 ] || die "--init-on-free is 0 or 1."
+[ "$USE_ZERO_PAGES" -le 1 ] || die "--use-zero-pages is 0 or 1."
 [ $((COMMON + UNIQUE + FREE)) -lt "$MEM" ] || die "--common + --unique + --free must fit in --memory."
 
 # ---------------------------------------------------------------------------------------------
@@ -625,7 +629,7 @@ measure() {
 
   t0=$(now_ms)
   set_knob "$e" run 1
-  say "$e: run=1 (pages_to_scan=$PAGES_TO_SCAN, sleep_millisecs=0, use_zero_pages=1); settled = pages_shared, pages_sharing and ksm_zero_pages each within max($TOL_MIN pages, $TOL_PERMILLE permille of the saved pages) for ${SETTLE_SECS} s and $SETTLE_SCANS full scans"
+  say "$e: run=1 (pages_to_scan=$PAGES_TO_SCAN, sleep_millisecs=0, use_zero_pages=$USE_ZERO_PAGES); settled = pages_shared, pages_sharing and ksm_zero_pages each within max($TOL_MIN pages, $TOL_PERMILLE permille of the saved pages) for ${SETTLE_SECS} s and $SETTLE_SCANS full scans"
   ref_ms=$t0
   read_counters "$e"
   local scans0=${C[full_scans]}
@@ -738,7 +742,7 @@ kernel_phase() {
   [ -n "$KSMD_PID" ] || die "found no ksmd thread."
   echo "$PAGES_TO_SCAN" >"$KSM/pages_to_scan"
   echo 0 >"$KSM/sleep_millisecs"
-  echo 1 >"$KSM/use_zero_pages"
+  echo "$USE_ZERO_PAGES" >"$KSM/use_zero_pages"
   boot_guests kernel
   guest_times kernel
   measure kernel
@@ -763,7 +767,7 @@ samepage_phase() {
   [ "$run" = 0 ] || die "the host's KSM is running (run=$run): it would merge QEMU's memory behind samepage; stop it first."
   SOCK=$WORK/samepage.sock
   rm -f "$SOCK"
-  setpriv --pdeathsig KILL "$SAMEPAGE" daemon --socket "$SOCK" --set use_zero_pages=1 \
+  setpriv --pdeathsig KILL "$SAMEPAGE" daemon --socket "$SOCK" --set use_zero_pages="$USE_ZERO_PAGES" \
     --set pages_to_scan="$PAGES_TO_SCAN" --set sleep_millisecs=0 \
     --prometheus "$WORK/daemon.prom" </dev/null >"$WORK/daemon.log" 2>&1 9>&- &
   DAEMON_PID=$!
@@ -854,8 +858,8 @@ write_json() {
   {
     printf '{\n  "date": "%s",\n  "host_kernel": "%s",\n  "qemu": "%s",\n  "guest_kernel": "%s",\n' \
       "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(uname -r)" "$QEMU_VERSION" "$(basename "$KERNEL")"
-    printf '  "config": {"memory_mib": %s, "common_mib": %s, "unique_mib": %s, "free_mib": %s, "scratch_kib": %s, "init_on_free": %s, "pages_to_scan": %s, "settle_seconds": %s, "settle_scans": %s, "tolerance_pages": %s, "tolerance_permille": %s, "observe_seconds": %s}' \
-      "$MEM" "$COMMON" "$UNIQUE" "$FREE" "$SCRATCH" "$INIT_ON_FREE" "$PAGES_TO_SCAN" "$SETTLE_SECS" \
+    printf '  "config": {"memory_mib": %s, "common_mib": %s, "unique_mib": %s, "free_mib": %s, "scratch_kib": %s, "init_on_free": %s, "use_zero_pages": %s, "pages_to_scan": %s, "settle_seconds": %s, "settle_scans": %s, "tolerance_pages": %s, "tolerance_permille": %s, "observe_seconds": %s}' \
+      "$MEM" "$COMMON" "$UNIQUE" "$FREE" "$SCRATCH" "$INIT_ON_FREE" "$USE_ZERO_PAGES" "$PAGES_TO_SCAN" "$SETTLE_SECS" \
       "$SETTLE_SCANS" "$TOL_MIN" "$TOL_PERMILLE" "$OBSERVE"
     for e in "${engines[@]}"; do
       printf ',\n  "%s": {' "$e"
