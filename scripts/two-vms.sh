@@ -164,7 +164,7 @@ cleanup() {
   stop_guests
   if [ -n "$DAEMON_PID" ]; then stop_pid "$DAEMON_PID"; DAEMON_PID=""; fi
   [ "$KSM_TAKEN" = 1 ] && restore_ksm
-  exec 9>&-
+  release_lock
   exit "$rc"
 }
 trap cleanup EXIT
@@ -196,20 +196,34 @@ find_ksmd() {
 # ---------------------------------------------------------------------------------------------
 # Host KSM: refuse, take, restore
 
+# The saved file is samepage's format (crates/linux/src/host.rs): '#' comment lines, pid=,
+# command=, then KNOB=VALUE lines (values as written, advisor_mode=none), vm.max_map_count=.
 check_saved_file() {
   if [ -e "$SAVED_FILE" ]; then
-    die "$SAVED_FILE exists: a samepage command that changed the host's KSM knobs was killed before it restored them (its saved values: $(tr '\n' ' ' <"$SAVED_FILE")). Run any samepage host command (or scripts/two-vms.sh --restore) to restore them, or write those values back to $KSM by hand and remove the file; refusing to start."
+    die "$SAVED_FILE exists: a command that changed the host's KSM knobs ($(grep -E '^(pid|command)=' "$SAVED_FILE" | tr '\n' ' ')) was killed before it restored them. Run any samepage host command (or scripts/two-vms.sh --restore) to restore them, or write the values in that file back to $KSM by hand and remove it; refusing to start."
   fi
 }
 
+# The lock: flock on $LOCK_FILE through fd 9 (opened without truncating: the holder's pid is
+# in it), our pid written in while we hold it, emptied when we let go.
 take_lock() {
   mkdir -p "$LOCK_DIR"
-  exec 9>"$LOCK_FILE"
+  exec 9<>"$LOCK_FILE"
   if ! flock -n 9; then
-    say "waiting for $LOCK_FILE (another samepage tool is using the host's KSM)"
-    flock 9
+    say "waiting up to $LOCK_WAIT s for $LOCK_FILE (held by pid $(head -c 20 "$LOCK_FILE" | tr -dc 0-9): another samepage tool is using the host's KSM)"
+    flock -w "$LOCK_WAIT" 9 || die "$LOCK_FILE was still held after $LOCK_WAIT s; try again later."
   fi
+  LOCKED=1
+  echo "$$" >"$LOCK_FILE"
 }
+release_lock() {
+  [ "$LOCKED" = 1 ] || return 0
+  : >"$LOCK_FILE"
+  exec 9>&-
+  LOCKED=0
+}
+LOCKED=0
+LOCK_WAIT=600
 
 take_ksm() {
   [ -d "$KSM" ] || die "this kernel has no KSM ($KSM is missing)."
@@ -221,11 +235,15 @@ take_ksm() {
   for k in pages_shared pages_sharing ksm_zero_pages; do
     [ "$(cat "$KSM/$k")" = 0 ] || die "the host's KSM still holds merged pages ($k=$(cat "$KSM/$k")); run 'echo 2 > $KSM/run' first."
   done
-  for k in "${KNOBS[@]}"; do SAVED[$k]=$(cat "$KSM/$k"); done
+  for k in "${KNOBS[@]}"; do SAVED[$k]=$(shown "$(cat "$KSM/$k")"); done
   {
-    for k in "${KNOBS[@]}"; do echo "$k=${SAVED[$k]}"; done
+    echo "# scripts/two-vms.sh: the host's KSM knobs it changes, as they were before (format: crates/linux/src/host.rs)."
+    echo "# If pid is gone, put them back: scripts/two-vms.sh --restore, or any samepage host command."
     echo "pid=$$"
+    echo "command=scripts/two-vms.sh"
+    for k in "${KNOBS[@]}"; do echo "$k=${SAVED[$k]}"; done
   } >"$SAVED_FILE.tmp"
+  sync "$SAVED_FILE.tmp" 2>/dev/null || true
   mv "$SAVED_FILE.tmp" "$SAVED_FILE"
   KSM_TAKEN=1
   say "host KSM knobs saved to $SAVED_FILE: $(saved_list)"
@@ -235,17 +253,26 @@ saved_list() {
   local k
   for k in $(printf '%s\n' "${!SAVED[@]}" | sort); do printf '%s=%s ' "$k" "${SAVED[$k]}"; done
 }
+# What a knob's file shows, as one writes it: "[none] scan-time" is "none".
+shown() {
+  if [[ $1 =~ \[([^]]*)\] ]]; then echo "${BASH_REMATCH[1]}"; else echo "$1"; fi
+}
+knob_file() {
+  if [ "$1" = vm.max_map_count ]; then echo /proc/sys/vm/max_map_count; else echo "$KSM/$1"; fi
+}
 
-# --restore: put back what a killed run (of this script, or of a samepage command writing the
-# same file) saved in $SAVED_FILE.
+# --restore: put back what a killed run (of this script, or of a samepage command: the same
+# file) saved in $SAVED_FILE.
 restore_saved_file() {
   local k v
   [ "$(id -u)" = 0 ] || die "run it as root."
   take_lock
   [ -e "$SAVED_FILE" ] || die "$SAVED_FILE does not exist: nothing to restore."
   while IFS='=' read -r k v; do
-    case $k in pid | "") continue ;; esac
-    if ! [[ $k =~ ^[a-z_]+$ ]] || [ ! -f "$KSM/$k" ]; then die "$SAVED_FILE names no knob of $KSM: '$k'."; fi
+    case $k in '#'* | pid | command | "") continue ;; esac
+    if ! [[ $k =~ ^[a-z_.]+$ ]] || [ ! -f "$(knob_file "$k")" ] || [ "$k" = full_scans ]; then
+      die "$SAVED_FILE names no knob of $KSM: '$k'."
+    fi
     SAVED[$k]=$v
   done <"$SAVED_FILE"
   [ -n "${SAVED[run]:-}" ] || die "$SAVED_FILE has no run= line."
@@ -253,17 +280,28 @@ restore_saved_file() {
   restore_ksm
 }
 
-# Unmerge everything (run=2), put every knob back, then run as it was; the saved file goes
-# only when all of them read back as saved.
+# Unmerge everything (run=2), put every knob back (the advisor's knobs first, advisor_mode,
+# then pages_to_scan, which a change of advisor_mode resets and the scan-time advisor owns),
+# then run as it was; the saved file goes only when all of them read back as saved.
 restore_ksm() {
-  local k bad=""
+  local k bad="" order=()
   echo 2 >"$KSM/run" || true
   for k in "${!SAVED[@]}"; do
-    [ "$k" = run ] || echo "${SAVED[$k]}" >"$KSM/$k" 2>/dev/null || true
+    if [[ $k == advisor_* && $k != advisor_mode ]]; then order+=("$k"); fi
+  done
+  [ -z "${SAVED[advisor_mode]:-}" ] || order+=(advisor_mode)
+  for k in "${!SAVED[@]}"; do
+    case $k in advisor_* | run | pages_to_scan) ;; *) order+=("$k") ;; esac
+  done
+  [ -z "${SAVED[pages_to_scan]:-}" ] || [ "${SAVED[advisor_mode]:-none}" = scan-time ] || order+=(pages_to_scan)
+  for k in "${order[@]}"; do
+    [ "$(shown "$(cat "$(knob_file "$k")")")" = "${SAVED[$k]}" ] ||
+      echo "${SAVED[$k]}" >"$(knob_file "$k")" 2>/dev/null || true
   done
   echo "${SAVED[run]}" >"$KSM/run" || true
-  for k in "${!SAVED[@]}"; do
-    [ "$(cat "$KSM/$k")" = "${SAVED[$k]}" ] || bad="$bad $k=$(cat "$KSM/$k") (was ${SAVED[$k]})"
+  for k in "${order[@]}" run; do
+    [ "$(shown "$(cat "$(knob_file "$k")")")" = "${SAVED[$k]}" ] ||
+      bad="$bad $k=$(cat "$(knob_file "$k")") (was ${SAVED[$k]})"
   done
   KSM_TAKEN=0
   if [ -n "$bad" ]; then
@@ -748,7 +786,7 @@ kernel_phase() {
   measure kernel
   stop_guests
   restore_ksm
-  exec 9>&-
+  release_lock
 }
 
 check_samepage_binary() {
