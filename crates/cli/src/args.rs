@@ -148,6 +148,19 @@ pub fn parse_knobs(set: &[String]) -> Result<Vec<(String, String)>, String> {
     }
 }
 
+/// `KNOB=VALUE` pairs for the daemon (`--set`, `samepage ctl`), where `run` is a knob like
+/// any other.
+pub fn parse_knobs_allowing_run(set: &[String]) -> Result<Vec<(String, String)>, String> {
+    set.iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("'{kv}' is not KNOB=VALUE (for example run=1)"))
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .and_then(|k| check_set(&k).map(|()| k))
+}
+
 /// Combinations within the `--set` pairs themselves that cannot work, whatever the defaults.
 fn check_set(set: &[(String, String)]) -> Result<(), String> {
     if last(set, "zero_pages_first_visit").is_some_and(truthy)

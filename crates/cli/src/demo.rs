@@ -29,6 +29,10 @@ pub struct DemoArgs {
     /// Run without the application that writes pages while the engine merges.
     #[arg(long)]
     pub quiet_guests: bool,
+    /// Keep the guests in this process, merged by an engine of its own, instead of guest
+    /// processes merged by a samepage daemon the demo starts.
+    #[arg(long)]
+    pub in_process: bool,
     #[command(flatten)]
     pub live: LiveOpts,
     /// Print one JSON object instead of text.
@@ -43,7 +47,7 @@ pub const DEMO_KNOBS: [(&str, &str); 3] = [
     ("sleep_millisecs", "0"),
 ];
 
-fn spec(a: &DemoArgs) -> GuestSpec {
+pub fn spec(a: &DemoArgs) -> GuestSpec {
     GuestSpec {
         size: a.size,
         guests: a.guests,
@@ -62,7 +66,16 @@ const ONCE_PAGES: usize = 512;
 /// The application inside guest 0: it rewrites a few hot pages continually and, during the
 /// second and third full scans, writes once into pages of the OS image and of free memory.
 fn application(l: &Loaded, stop: &AtomicBool, kinds: &[GuestPage]) -> Changed {
-    let r = &l.regions[0];
+    app_in(&l.ksm, &l.regions[0], stop, kinds)
+}
+
+/// The application, on region `r` of `ksm` (guest 0's).
+pub fn app_in(
+    ksm: &samepage_linux::LiveKsm,
+    r: &samepage_linux::Region,
+    stop: &AtomicBool,
+    kinds: &[GuestPage],
+) -> Changed {
     let page_of = |i: usize| r.start() + i as u64 * PAGE_SIZE_U64;
     let data: Vec<usize> = (0..kinds.len())
         .filter(|&i| kinds[i] == GuestPage::Unique)
@@ -84,11 +97,16 @@ fn application(l: &Loaded, stop: &AtomicBool, kinds: &[GuestPage]) -> Changed {
         }
     };
     let (mut n, mut next_once) = (1u64, 0);
+    let mut scans = 0;
     while !stop.load(Ordering::Relaxed) {
         if !data.is_empty() {
             write(data[n as usize % data.len()], n, &mut changed);
         }
-        let scans = l.ksm.counters().full_scans;
+        // Reading the counters costs a page-table walk (and, with a daemon, a round trip):
+        // look every 32 writes.
+        if n % 32 == 1 {
+            scans = ksm.counters().full_scans;
+        }
         if (2..4).contains(&scans) && next_once < once.len() {
             write(once[next_once], n, &mut changed);
             next_once += 1;
@@ -99,8 +117,17 @@ fn application(l: &Loaded, stop: &AtomicBool, kinds: &[GuestPage]) -> Changed {
     changed
 }
 
-/// `samepage demo`.
+/// `samepage demo`: guest processes merged by a daemon, or (`--in-process`) address spaces
+/// of this process merged by its own engine.
 pub fn run(a: &DemoArgs) -> Result<(), String> {
+    if a.in_process {
+        run_in_process(a)
+    } else {
+        crate::demo_daemon::run(a)
+    }
+}
+
+fn run_in_process(a: &DemoArgs) -> Result<(), String> {
     engines::catch_interrupts();
     crate::preflight::check_outputs(&a.live)?;
     let spec = spec(a);

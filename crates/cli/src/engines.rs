@@ -18,6 +18,15 @@ pub fn catch_interrupts() {
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
 }
 
+/// On Ctrl-C, SIGTERM or SIGHUP, set the flag and call `f` too (a daemon stops at once
+/// rather than at its next check).
+pub fn on_interrupt(f: impl Fn() + Send + 'static) {
+    let _ = ctrlc::set_handler(move || {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        f();
+    });
+}
+
 /// Has the user interrupted the command?
 pub fn interrupted_now() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)

@@ -6,8 +6,11 @@
 mod args;
 mod bench;
 mod compare;
+mod daemon;
 mod demo;
+mod demo_daemon;
 mod engines;
+mod guest;
 mod merge;
 mod plot;
 mod preflight;
@@ -50,6 +53,17 @@ enum Command {
     /// Benchmark samepage against the host kernel's ksmd on the same bytes (root): time to
     /// converge, CPU, scan rate, first-write latency, metadata per page.
     Bench(bench::BenchArgs),
+    /// Run one KSM engine for many processes, listening on a Unix socket (foreground;
+    /// SIGINT or SIGTERM stops it, and its clients keep all their data).
+    Daemon(daemon::DaemonArgs),
+    /// Write knobs of a running daemon, with the kernel's validation.
+    Ctl(daemon::CtlArgs),
+    /// Run an unmodified program whose madvise(MADV_MERGEABLE) and prctl(PR_SET_MEMORY_MERGE)
+    /// go to samepage daemon instead of the kernel.
+    Run(daemon::RunCmdArgs),
+    /// One guest of `samepage demo`, a client of its daemon (started by the demo).
+    #[command(hide = true)]
+    Guest(guest::GuestArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +75,10 @@ fn main() -> ExitCode {
         Command::Compare(a) => compare::run(&a),
         Command::Stat(a) => stat::run(&a),
         Command::Bench(a) => bench::run(&a),
+        Command::Daemon(a) => daemon::run_daemon(&a),
+        Command::Ctl(a) => daemon::run_ctl(&a),
+        Command::Run(a) => daemon::run_program(&a),
+        Command::Guest(a) => guest::run(&a),
     };
     // An interrupt that came after the last check (while printing, say) still fails the
     // command: its output may be cut short.

@@ -51,7 +51,17 @@ pub struct MemoryKib {
 }
 
 pub fn memory_kib() -> MemoryKib {
-    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    memory_kib_of(0)
+}
+
+/// [`memory_kib`] of process `pid` (0: this one).
+pub fn memory_kib_of(pid: u32) -> MemoryKib {
+    let path = if pid == 0 {
+        "/proc/self/smaps_rollup".to_string()
+    } else {
+        format!("/proc/{pid}/smaps_rollup")
+    };
+    let s = std::fs::read_to_string(path).unwrap_or_default();
     let field = |name: &str| {
         s.lines()
             .find(|l| l.starts_with(name))

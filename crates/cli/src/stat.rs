@@ -17,6 +17,13 @@ pub struct StatArgs {
     /// instead of the host kernel's.
     #[arg(long, value_name = "FILE", conflicts_with = "pid")]
     pub samepage: Option<PathBuf>,
+    /// Ask a running samepage daemon (its /sys/kernel/mm/ksm layout and one ksm_stat per
+    /// client process, under its real pid).
+    #[arg(long, conflicts_with_all = ["pid", "samepage"])]
+    pub daemon: bool,
+    /// The daemon's socket (with --daemon).
+    #[arg(long, value_name = "PATH", requires = "daemon")]
+    pub socket: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -67,6 +74,9 @@ pub struct State {
     /// Processes whose `ksm_stat` this user may not read (left out above; root sees them).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unreadable_processes: Vec<u32>,
+    /// A daemon's clients: command, domain, and what they advised that cannot merge.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<samepage_linux::wire::ClientStat>,
 }
 
 fn mib(b: i64) -> f64 {
@@ -77,6 +87,12 @@ impl State {
     pub fn text(&self) -> String {
         let mut out = if self.source == host::KSM_DIR {
             format!("{}\n", host::KSM_DIR)
+        } else if self.engine == "daemon" {
+            format!(
+                "samepage daemon at {} (the layout of {})\n",
+                self.source,
+                host::KSM_DIR
+            )
         } else {
             format!(
                 "{} engine, as recorded in {} (not the live host; the layout of {})\n",
@@ -90,7 +106,18 @@ impl State {
             out += &format!("{k} {v}\n");
         }
         for st in &self.ksm_stat {
-            out += &format!("\n/proc/{}/ksm_stat\n{st}", st.pid);
+            match self.clients.iter().find(|c| c.pid == st.pid) {
+                Some(c) => {
+                    out += &format!(
+                        "\n/proc/{}/ksm_stat  ({}, domain {})\n{st}",
+                        st.pid, c.comm, c.domain
+                    );
+                    for i in &c.ignored {
+                        out += &format!("ignored (not private anonymous memory): {i}\n");
+                    }
+                }
+                None => out += &format!("\n/proc/{}/ksm_stat\n{st}", st.pid),
+            }
         }
         if !self.unreadable_processes.is_empty() {
             out += &format!(
@@ -158,6 +185,7 @@ pub fn host_state(pid: Option<u32>) -> Result<State, String> {
         ksm: (c, host::tunables()),
         ksm_stat,
         unreadable_processes,
+        clients: Vec::new(),
     })
 }
 
@@ -193,8 +221,44 @@ fn read_prom(path: &std::path::Path) -> Result<String, String> {
     Ok(s)
 }
 
+/// A running daemon's state.
+pub fn daemon_state(socket: &std::path::Path) -> Result<State, String> {
+    let c = samepage_linux::Control::connect(socket).map_err(|e| e.to_string())?;
+    let st = c.stat().map_err(|e| e.to_string())?;
+    let counters = samepage_linux::wire::counters_of(&st.ksm);
+    let tunables = samepage_engine::TUNABLE_NAMES
+        .iter()
+        .filter_map(|n| st.ksm.get(*n).map(|v| (n.to_string(), v.clone())))
+        .collect();
+    Ok(State {
+        engine: "daemon".into(),
+        source: socket.display().to_string(),
+        derived: derive(&counters),
+        ksm: (counters, tunables),
+        ksm_stat: st.ksm_stat.iter().map(|c| c.to_ksm_stat()).collect(),
+        unreadable_processes: Vec::new(),
+        clients: st.ksm_stat,
+    })
+}
+
 /// `samepage stat`.
 pub fn run(a: &StatArgs) -> Result<(), String> {
+    if a.daemon {
+        let socket = a
+            .socket
+            .clone()
+            .unwrap_or_else(samepage_linux::ConnectOptions::default_socket);
+        let s = daemon_state(&socket)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
+            );
+        } else {
+            print!("{}", s.text());
+        }
+        return Ok(());
+    }
     let states = match &a.samepage {
         Some(path) => {
             let s = read_prom(path)?;
@@ -214,6 +278,7 @@ pub fn run(a: &StatArgs) -> Result<(), String> {
                     ksm: (c, Vec::new()),
                     ksm_stat: Vec::new(),
                     unreadable_processes: Vec::new(),
+                    clients: Vec::new(),
                 })
                 .collect()
         }

@@ -150,12 +150,24 @@ impl AgentLink for RemoteLink {
             if left.is_zero() {
                 return Err(io::Error::from(io::ErrorKind::TimedOut));
             }
-            i = self.0.cv.wait_timeout(i, left).unwrap_or_else(|e| e.into_inner()).0;
+            i = self
+                .0
+                .cv
+                .wait_timeout(i, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
     fn drain(&mut self, out: &mut Vec<Change>) {
-        out.append(&mut self.0.inbox.lock().unwrap_or_else(|e| e.into_inner()).changes);
+        out.append(
+            &mut self
+                .0
+                .inbox
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .changes,
+        );
     }
 
     fn zero_pages(&self, _mm: MmId) -> Option<i64> {
@@ -163,7 +175,11 @@ impl AgentLink for RemoteLink {
     }
 
     fn gone(&self) -> bool {
-        self.0.inbox.lock().unwrap_or_else(|e| e.into_inner()).closed
+        self.0
+            .inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .closed
     }
 }
 
@@ -243,7 +259,11 @@ impl Shared {
             })
             .collect();
         ksm_stat.sort_by_key(|s| s.pid);
-        StatReply { ksm, ksm_stat }
+        StatReply {
+            ksm,
+            ksm_stat,
+            ksmd: self.ksmd.stats(),
+        }
     }
 }
 
@@ -277,7 +297,13 @@ impl Drop for Daemon {
         self.sh.stopping.store(true, Ordering::Release);
         self.sh.stop.signal();
         let _ = std::fs::remove_file(&self.socket);
-        for c in self.sh.clients.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for c in self
+            .sh
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
             c.conn.close();
         }
     }
@@ -387,9 +413,12 @@ fn groups(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Groups:"))
-                .map(|l| l.split_whitespace().skip(1).filter_map(|g| g.parse().ok()).collect())
+            s.lines().find(|l| l.starts_with("Groups:")).map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .filter_map(|g| g.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }
@@ -431,11 +460,20 @@ fn serve_client(sh: &Arc<Shared>, sock: OwnedFd) {
     let mut buf = vec![0u8; wire::MAX_MESSAGE];
     // The first message must be a hello, and come soon.
     let hello = match recv(&conn, &mut buf, Some(HELLO_TIMEOUT)) {
-        Some(Ok(Message::Json(Envelope::Request(0, Request::Hello { version, domain, agent, merge_any })))) => {
-            (version, domain, agent, merge_any)
-        }
+        Some(Ok(Message::Json(Envelope::Request(
+            0,
+            Request::Hello {
+                version,
+                domain,
+                agent,
+                merge_any,
+            },
+        )))) => (version, domain, agent, merge_any),
         _ => {
-            sh.log(format_args!("pid {}: no hello; connection closed", cred.pid));
+            sh.log(format_args!(
+                "pid {}: no hello; connection closed",
+                cred.pid
+            ));
             conn.close();
             return;
         }
@@ -497,7 +535,11 @@ fn libc_einval() -> i32 {
 }
 
 /// Receive one message; `None` when the connection ended (or timed out).
-fn recv(conn: &Conn, buf: &mut [u8], timeout: Option<Duration>) -> Option<Result<Message, wire::WireError>> {
+fn recv(
+    conn: &Conn,
+    buf: &mut [u8],
+    timeout: Option<Duration>,
+) -> Option<Result<Message, wire::WireError>> {
     if let Some(t) = timeout {
         let r = ipc::poll(&[conn.sock.as_fd()], t.as_millis() as i32).ok()?;
         if r[0] == 0 {
@@ -530,7 +572,10 @@ fn serve_agent(
         return;
     };
     let started = start_time(pid);
-    let (target, store) = match sh.ksmd.add_target(pid, dom, Box::new(RemoteLink(conn.clone()))) {
+    let (target, store) = match sh
+        .ksmd
+        .add_target(pid, dom, Box::new(RemoteLink(conn.clone())))
+    {
         Ok(t) => t,
         Err(e) => {
             conn.reply(
@@ -584,7 +629,11 @@ fn serve_agent(
     sh.log(format_args!(
         "pid {pid} ({}) connected in domain {dname}{}",
         comm(pid),
-        if merge_any { ", merging all its memory" } else { "" }
+        if merge_any {
+            ", merging all its memory"
+        } else {
+            ""
+        }
     ));
     // Requests go to a worker: they take the engine, which the scanner may hold while it
     // waits for this very connection to bring a batch's end back.
@@ -642,13 +691,21 @@ fn serve_agent(
 /// A client's connection ended: it gets no more batches; once its process has exited, what
 /// only it used is released.
 fn departed(sh: &Shared, id: u64, pidfd: OwnedFd) {
-    let Some(c) = sh.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) else {
+    let Some(c) = sh
+        .clients
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id)
+    else {
         return;
     };
     c.conn.close();
     if ipc::pidfd_exited(pidfd.as_fd()) {
         sh.ksmd.exit_target(c.target);
-        sh.log(format_args!("pid {} ({}) exited; its state is freed", c.pid, c.comm));
+        sh.log(format_args!(
+            "pid {} ({}) exited; its state is freed",
+            c.pid, c.comm
+        ));
     } else {
         sh.ksmd.detach_target(c.target);
         sh.log(format_args!(
@@ -677,7 +734,9 @@ fn reap_loop(sh: &Shared) {
             .collect();
         let mut fds = vec![sh.departed_kick.fd(), sh.stop.fd()];
         fds.extend(watched.iter().map(|p| p.as_fd()));
-        let Ok(ready) = ipc::poll(&fds, -1) else { return };
+        let Ok(ready) = ipc::poll(&fds, -1) else {
+            return;
+        };
         if ready[1] != 0 {
             return;
         }
@@ -700,7 +759,10 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
     let err = |errno: i32, message: String| Response::Error { errno, message };
     let with_client = |f: &mut dyn FnMut(&mut Client) -> Response| -> Response {
         let Some((id, _)) = client else {
-            return err(libc_einval(), "only a process with an agent can ask this".into());
+            return err(
+                libc_einval(),
+                "only a process with an agent can ask this".into(),
+            );
         };
         let mut cl = sh.clients.lock().unwrap_or_else(|e| e.into_inner());
         match cl.get_mut(&id) {
@@ -727,7 +789,10 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
             }
             let target = match with_client(&mut |c| {
                 if c.regions.iter().any(|&(s, e)| s < end && e > start) {
-                    return err(16, format!("{start:#x}-{end:#x} overlaps a range registered already"));
+                    return err(
+                        16,
+                        format!("{start:#x}-{end:#x} overlaps a range registered already"),
+                    );
                 }
                 let i = c.regions.partition_point(|&(s, _)| s < start);
                 c.regions.insert(i, (start, end));
@@ -740,7 +805,12 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
                 e => return e,
             };
             let (id, _) = client.expect("checked above");
-            let pid = sh.clients.lock().unwrap_or_else(|e| e.into_inner()).get(&id).map(|c| c.pid);
+            let pid = sh
+                .clients
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .map(|c| c.pid);
             let Some(pid) = pid else {
                 return err(libc_einval(), "the connection is closing".into());
             };
@@ -749,7 +819,10 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
         }
         Request::Madvise { start, end, on } => {
             let Some(pid) = client_pid(sh, client) else {
-                return err(libc_einval(), "only a process with an agent can ask this".into());
+                return err(
+                    libc_einval(),
+                    "only a process with an agent can ask this".into(),
+                );
             };
             match sh.ksmd.madvise(MmId(pid), start, end, on) {
                 Ok(()) => Response::Ok,
@@ -758,7 +831,10 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
         }
         Request::SetMemoryMerge { on } => {
             let Some(pid) = client_pid(sh, client) else {
-                return err(libc_einval(), "only a process with an agent can ask this".into());
+                return err(
+                    libc_einval(),
+                    "only a process with an agent can ask this".into(),
+                );
             };
             let started = client.map(|c| c.1).unwrap_or(0);
             {
@@ -776,7 +852,10 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
         }
         Request::GetMemoryMerge => match client_pid(sh, client) {
             Some(pid) => Response::MemoryMerge(sh.ksmd.memory_merge(MmId(pid))),
-            None => err(libc_einval(), "only a process with an agent can ask this".into()),
+            None => err(
+                libc_einval(),
+                "only a process with an agent can ask this".into(),
+            ),
         },
         Request::WriteKnob { name, value } => match sh.ksmd.write_knob(&name, &value) {
             Ok(()) => {
@@ -789,7 +868,9 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
         Request::Ignored { start, end, reason } => {
             let msg = format!("{start:#x}-{end:#x}: {reason}");
             let pid = client_pid(sh, client).unwrap_or(0);
-            sh.log(format_args!("pid {pid} advised {msg}; ignored, as the kernel's KSM ignores it"));
+            sh.log(format_args!(
+                "pid {pid} advised {msg}; ignored, as the kernel's KSM ignores it"
+            ));
             with_client(&mut |c| {
                 if c.ignored.len() < 64 {
                     c.ignored.push(msg.clone());
@@ -816,7 +897,11 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
 
 fn client_pid(sh: &Shared, client: Option<(u64, u64)>) -> Option<u32> {
     let (id, _) = client?;
-    sh.clients.lock().unwrap_or_else(|e| e.into_inner()).get(&id).map(|c| c.pid)
+    sh.clients
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id)
+        .map(|c| c.pid)
 }
 
 /// The errno `echo` into `/sys/kernel/mm/ksm` would report for a knob error.

@@ -41,8 +41,8 @@ mod eligibility;
 pub mod host;
 pub mod ksmd;
 mod live;
-mod remote;
 pub mod ops;
+mod remote;
 pub(crate) mod sys;
 pub mod verify;
 pub mod wire;
@@ -52,14 +52,16 @@ pub mod wire;
 pub mod ipc {
     pub use crate::sys::socket::{
         accept, allow_ptracer, euid, peer_cred, pidfd_exited, pidfd_open, recv_with_fds,
-        send_with_fds, seqpacket_connect, seqpacket_listen, shutdown, PeerCred, MAX_FDS,
+        send_with_fds, seqpacket_connect, seqpacket_listen, shutdown, terminate, PeerCred, MAX_FDS,
     };
     pub use crate::sys::{poll, process_cpu_ns, EventFd};
 }
 
 pub use agent::{AgentError, AgentStats};
 pub use ksmd::{Ksmd, KsmdStats, Snapshot};
-pub use live::{ConnectOptions, LiveError, LiveKsm, LiveStats, Metadata, PageInfo, PageKind, Region};
+pub use live::{
+    ConnectOptions, LiveError, LiveKsm, LiveStats, Metadata, PageInfo, PageKind, Region,
+};
 pub use remote::{Control, RemoteError};
 pub use samepage_engine::{
     KnobError, KsmCounters, KsmStat, MmId, ScanBatch, UnmergeError, Until, PAGE_SIZE,

@@ -5,13 +5,13 @@ use crate::agent::state::PageState;
 use crate::agent::{Agent, AgentError, AgentStats};
 use crate::ksmd::{Ksmd, KsmdStats, LocalLink};
 use crate::remote::Connection;
-use crate::wire::{Request, Response};
-use std::path::PathBuf;
 use crate::sys::pagemap::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use crate::sys::{self, Mapping, PAGE};
+use crate::wire::{Request, Response};
 use samepage_engine::{Convergence, KnobError, KsmCounters, KsmStat, MmId, UnmergeError, Until};
 use serde::Serialize;
 use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -261,7 +261,7 @@ pub struct PageInfo {
 }
 
 /// Statistics of the live backend: the agent's and ksmd's.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct LiveStats {
     /// What happened in the agent (faults, pins, races).
     pub agent: AgentStats,
@@ -561,7 +561,10 @@ impl LiveKsm {
         match &self.engine {
             Engine::Local { ksmd, .. } => ksmd.memory_merge(mm),
             Engine::Remote { .. } => {
-                matches!(self.request(Request::GetMemoryMerge), Ok(Response::MemoryMerge(true)))
+                matches!(
+                    self.request(Request::GetMemoryMerge),
+                    Ok(Response::MemoryMerge(true))
+                )
             }
         }
     }
@@ -751,7 +754,9 @@ impl LiveKsm {
     pub fn scan(&self, n: u64) -> Result<samepage_engine::ScanBatch, LiveError> {
         match &self.engine {
             Engine::Local { ksmd, .. } => Ok(ksmd.scan(n)),
-            Engine::Remote { .. } => Err(LiveError::InProcessOnly("scanning on the caller's thread")),
+            Engine::Remote { .. } => {
+                Err(LiveError::InProcessOnly("scanning on the caller's thread"))
+            }
         }
     }
 

@@ -186,7 +186,9 @@ impl Connection {
         loop {
             if let Some(r) = p.replies.remove(&id) {
                 return match r {
-                    Response::Error { errno, message } => Err(RemoteError::Refused { errno, message }),
+                    Response::Error { errno, message } => {
+                        Err(RemoteError::Refused { errno, message })
+                    }
                     r => Ok(r),
                 };
             }
@@ -223,7 +225,9 @@ impl Connection {
             if let Some(a) = agent {
                 fds.push(a.outbox_fd());
             }
-            let Ok(ready) = sys::poll(&fds, -1) else { return };
+            let Ok(ready) = sys::poll(&fds, -1) else {
+                return;
+            };
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }

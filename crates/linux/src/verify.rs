@@ -8,11 +8,11 @@ use crate::agent::state::PageState;
 use crate::live::LiveKsm;
 use crate::sys::pagemap::{PageRegion, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use crate::sys::PAGE;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// What the page tables say, next to what the counters and the bookkeeping say.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Verification {
     /// Zero-page entries with samepage's mark, per address space.
     pub marked_zero_pages: BTreeMap<u32, i64>,
@@ -102,9 +102,14 @@ impl LiveKsm {
                     .count() as u64;
             }
             runs.clear();
-            let _ = agent
-                .pagemap
-                .scan(r.start, r.end(), PAGE_IS_PRESENT, 0, PAGE_IS_PRESENT, &mut runs);
+            let _ = agent.pagemap.scan(
+                r.start,
+                r.end(),
+                PAGE_IS_PRESENT,
+                0,
+                PAGE_IS_PRESENT,
+                &mut runs,
+            );
             for (i, s) in r.pages.iter().enumerate() {
                 if let PageState::Merged(k) = s {
                     let a = r.start + i as u64 * PAGE;

@@ -148,6 +148,9 @@ pub struct StatReply {
     pub ksm: BTreeMap<String, String>,
     /// One `/proc/PID/ksm_stat` per client.
     pub ksm_stat: Vec<ClientStat>,
+    /// What ksmd did (batches, operations, zero pages placed, canonical pages released).
+    #[serde(default)]
+    pub ksmd: crate::ksmd::KsmdStats,
 }
 
 /// One client's `ksm_stat`, with its pid and domain.
@@ -335,7 +338,10 @@ pub fn decode(m: &[u8]) -> Result<Message, WireError> {
             if kind == b'X' {
                 let ops = recs
                     .map(|(t, a, b)| match t {
-                        1 if b <= u32::MAX as u64 => Ok(Op::Merge { addr: a, k: b as u32 }),
+                        1 if b <= u32::MAX as u64 => Ok(Op::Merge {
+                            addr: a,
+                            k: b as u32,
+                        }),
                         2 => Ok(Op::Zero { addr: a }),
                         3 => Ok(Op::Unshare { start: a, end: b }),
                         t => Err(WireError::Tag {
@@ -362,17 +368,27 @@ pub fn decode(m: &[u8]) -> Result<Message, WireError> {
                     })
                 };
                 out.push(match t {
-                    1 => Change::Merged { addr: a, k: k32(b)? },
+                    1 => Change::Merged {
+                        addr: a,
+                        k: k32(b)?,
+                    },
                     2 => Change::Failed {
                         addr: a,
                         why: fail_reason(b)?,
                     },
-                    3 => Change::Unmerged { addr: a, k: k32(b)? },
+                    3 => Change::Unmerged {
+                        addr: a,
+                        k: k32(b)?,
+                    },
                     4 => Change::Unmapped { start: a, end: b },
                     5 => {
                         let (len, _) = second(i, 6)?;
                         i += 1;
-                        Change::Moved { from: a, to: b, len }
+                        Change::Moved {
+                            from: a,
+                            to: b,
+                            len,
+                        }
                     }
                     7 => {
                         let (errno, _) = second(i, 8)?;
@@ -430,8 +446,11 @@ mod tests {
             }),
             (any::<u64>(), any::<u32>()).prop_map(|(addr, k)| Change::Unmerged { addr, k }),
             (any::<u64>(), any::<u64>()).prop_map(|(start, end)| Change::Unmapped { start, end }),
-            (any::<u64>(), any::<u64>(), any::<u64>())
-                .prop_map(|(from, to, len)| Change::Moved { from, to, len }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(from, to, len)| Change::Moved {
+                from,
+                to,
+                len
+            }),
             (any::<u64>(), any::<u64>(), any::<i32>())
                 .prop_map(|(start, end, errno)| Change::UnshareFailed { start, end, errno }),
             (any::<u64>(), any::<u32>()).prop_map(|(seq, zeros)| Change::BatchDone { seq, zeros }),

@@ -67,7 +67,7 @@ struct ScanWindow {
 }
 
 /// Counters of ksmd's own work, for reports.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KsmdStats {
     /// Batches sent to agents.
     pub batches: u64,

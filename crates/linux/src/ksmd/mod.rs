@@ -226,11 +226,22 @@ impl Ksmd {
 
     /// [`Ksmd::bind_mm`] for an address space of this process, whose agent counts its
     /// zero pages.
-    pub(crate) fn bind_local_mm(&self, mm: MmId, target: usize, agent: Arc<Agent>) -> io::Result<()> {
+    pub(crate) fn bind_local_mm(
+        &self,
+        mm: MmId,
+        target: usize,
+        agent: Arc<Agent>,
+    ) -> io::Result<()> {
         self.bind(mm, target, 0, Some(agent))
     }
 
-    fn bind(&self, mm: MmId, target: usize, domain: u32, local: Option<Arc<Agent>>) -> io::Result<()> {
+    fn bind(
+        &self,
+        mm: MmId,
+        target: usize,
+        domain: u32,
+        local: Option<Arc<Agent>>,
+    ) -> io::Result<()> {
         let source = match local {
             Some(a) => ZeroSource::Local(a),
             None => {
@@ -255,14 +266,7 @@ impl Ksmd {
 
     /// The agent of `target` registered `[start, end)` for `mm`; with `mergeable` it is
     /// `MADV_MERGEABLE` at once.
-    pub fn add_region(
-        &self,
-        target: usize,
-        mm: MmId,
-        start: u64,
-        end: u64,
-        mergeable: bool,
-    ) {
+    pub fn add_region(&self, target: usize, mm: MmId, start: u64, end: u64, mergeable: bool) {
         let mut g = self.engine();
         let EngineSide { ksm, mem, .. } = &mut *g;
         mem.apply_changes();
@@ -279,13 +283,7 @@ impl Ksmd {
 
     /// `MADV_MERGEABLE` / `MADV_UNMERGEABLE` on `[start, end)` of `mm`, as the engine sees
     /// it (the agent's flags are the caller's business).
-    pub fn madvise(
-        &self,
-        mm: MmId,
-        start: u64,
-        end: u64,
-        on: bool,
-    ) -> Result<(), UnmergeError> {
+    pub fn madvise(&self, mm: MmId, start: u64, end: u64, on: bool) -> Result<(), UnmergeError> {
         let mut g = self.engine();
         let EngineSide { ksm, mem, .. } = &mut *g;
         mem.apply_changes();
@@ -323,7 +321,11 @@ impl Ksmd {
     /// stay until it exits ([`Ksmd::exit_target`]), since its agent still serves them.
     pub fn detach_target(&self, target: usize) {
         let mut g = self.engine();
-        let mms: Vec<MmId> = g.mem.target(target).map(|t| t.mms.clone()).unwrap_or_default();
+        let mms: Vec<MmId> = g
+            .mem
+            .target(target)
+            .map(|t| t.mms.clone())
+            .unwrap_or_default();
         for &mm in &mms {
             g.ksm.exit(mm);
         }
@@ -338,7 +340,11 @@ impl Ksmd {
     /// state once the engine has freed its address spaces.
     pub fn exit_target(&self, target: usize) {
         let mut g = self.engine();
-        let mms: Vec<MmId> = g.mem.target(target).map(|t| t.mms.clone()).unwrap_or_default();
+        let mms: Vec<MmId> = g
+            .mem
+            .target(target)
+            .map(|t| t.mms.clone())
+            .unwrap_or_default();
         for &mm in &mms {
             g.ksm.exit(mm);
         }

@@ -114,14 +114,16 @@ fn sockaddr(path: &std::path::Path) -> io::Result<(libc::sockaddr_un, libc::sock
     for (d, s) in a.sun_path.iter_mut().zip(b) {
         *d = *s as libc::c_char;
     }
-    Ok((a, std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t))
+    Ok((
+        a,
+        std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+    ))
 }
 
 fn seqpacket() -> io::Result<OwnedFd> {
     // SAFETY: plain system call.
-    let fd = cvt(unsafe {
-        libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)
-    })?;
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd is new and owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -202,6 +204,12 @@ pub fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<PeerCred> {
 pub fn allow_ptracer(pid: u32) {
     // SAFETY: plain prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PTRACER, pid as libc::c_ulong, 0, 0, 0) };
+}
+
+/// Send SIGTERM to process `pid` (one the caller started).
+pub fn terminate(pid: u32) {
+    // SAFETY: plain system call with integer arguments.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
 }
 
 /// The effective user id of this process.

@@ -1,0 +1,361 @@
+//! `samepage demo` across processes: a `samepage daemon` and one `samepage guest` process
+//! per guest, merged through the daemon, as virtual machines (one QEMU each) would be.
+
+use crate::demo::{DemoArgs, DEMO_KNOBS};
+use crate::engines::{self, Engine, Until};
+use crate::merge::MemoryKib;
+use crate::report::{tunables_of, Report, SpaceInfo};
+use crate::watch::Watch;
+use samepage_engine::KsmCounters;
+use samepage_linux::ipc;
+use samepage_linux::verify::Verification;
+use samepage_linux::wire::{counters_of, StatReply};
+use samepage_linux::{Control, LiveStats};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+/// The daemon as an engine the run loop drives.
+struct Daemon<'a> {
+    control: &'a Control,
+    pid: u32,
+}
+
+impl Engine for Daemon<'_> {
+    fn name(&self) -> &'static str {
+        "samepage"
+    }
+    fn counters(&self) -> KsmCounters {
+        self.control
+            .stat()
+            .map(|s| counters_of(&s.ksm))
+            .unwrap_or_default()
+    }
+    fn set_running(&self, on: bool) -> Result<(), String> {
+        self.control
+            .write_knob("run", if on { "1" } else { "0" })
+            .map_err(|e| e.to_string())
+    }
+    fn cpu_seconds(&self) -> f64 {
+        ipc::process_cpu_ns(self.pid) as f64 / 1e9
+    }
+    fn wait_for_change(&self, timeout: Duration) {
+        let _ = self.control.wait(0, timeout);
+    }
+}
+
+/// The processes the demo started: every one is ended (by pid) when it is dropped.
+struct Procs {
+    daemon: Option<Child>,
+    guests: Vec<Guest>,
+}
+
+struct Guest {
+    child: Child,
+    pid: u32,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Guest {
+    fn ask(&mut self, cmd: &str) -> Result<Value, String> {
+        writeln!(self.stdin, "{cmd}").map_err(|e| format!("guest {}: {e}", self.pid))?;
+        self.answer()
+    }
+    fn answer(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        match self.stdout.read_line(&mut line) {
+            Ok(0) | Err(_) => Err(format!("guest process {} ended early", self.pid)),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("guest {}: {e}", self.pid)),
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for g in &mut self.guests {
+            let _ = writeln!(g.stdin, "quit");
+        }
+        for g in &mut self.guests {
+            let _ = g.child.wait();
+        }
+        if let Some(mut d) = self.daemon.take() {
+            ipc::terminate(d.id());
+            let _ = d.wait();
+        }
+    }
+}
+
+/// Memory of a set of processes, summed.
+fn memory_of(pids: &[u32]) -> MemoryKib {
+    pids.iter().fold(MemoryKib { anon: 0, pss: 0 }, |acc, &p| {
+        let m = crate::merge::memory_kib_of(p);
+        MemoryKib {
+            anon: acc.anon + m.anon,
+            pss: acc.pss + m.pss,
+        }
+    })
+}
+
+fn start_daemon(exe: &Path, socket: &Path, knobs: &[(String, String)]) -> Result<Child, String> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("daemon").arg("--socket").arg(socket);
+    for (k, v) in knobs {
+        cmd.arg("--set").arg(format!("{k}={v}"));
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start samepage daemon: {e}"))?;
+    // It says when it listens; what it says after that is its log, kept for an error.
+    let mut err = BufReader::new(child.stderr.take().expect("piped"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if err.read_line(&mut line).unwrap_or(0) == 0 {
+            let _ = child.wait();
+            return Err("samepage daemon stopped before it listened".into());
+        }
+        if line.contains("listening on") {
+            break;
+        }
+        if line.contains("error") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(line
+                .trim()
+                .trim_start_matches("samepage: error: ")
+                .to_string());
+        }
+    }
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        while err.read_line(&mut s).unwrap_or(0) > 0 {
+            s.clear();
+        }
+    });
+    Ok(child)
+}
+
+/// `samepage demo` with the guests as processes of their own.
+pub fn run(a: &DemoArgs) -> Result<(), String> {
+    engines::catch_interrupts();
+    crate::preflight::check_outputs(&a.live)?;
+    let spec = crate::demo::spec(a);
+    let kinds = spec.layout().map_err(|e| e.to_string())?;
+    let workload = samepage_workload::Workload::guests(&spec).map_err(|e| e.to_string())?;
+    let mut knobs: Vec<(String, String)> = DEMO_KNOBS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    knobs.extend(crate::args::parse_knobs(&a.set)?);
+    crate::args::check_knobs(&knobs)?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("samepage-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+    let socket = dir.join("samepage.sock");
+    let result = run_in(a, &spec, &kinds, &workload, &knobs, &exe, &socket);
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = result?;
+    if let Some((p, samples)) = a.live.plot.as_ref().zip(report.1.as_ref()) {
+        crate::plot::write(p, "samepage demo", &[("samepage", samples)])?;
+    }
+    if !a.json {
+        println!(
+            "samepage demo: {} guest processes of {:.0} MiB each share one OS image ({}% of \
+             their pages), hold their own data ({}%) and zeroed free memory ({}%), merged by \
+             samepage daemon (pid {}); an application in guest0 keeps writing pages{}.\n",
+            a.guests,
+            a.size as f64 / a.guests as f64 / (1 << 20) as f64,
+            spec.shared_pct,
+            spec.unique_pct,
+            100 - spec.shared_pct - spec.unique_pct,
+            report.2,
+            if a.quiet_guests {
+                " (off: --quiet-guests)"
+            } else {
+                ""
+            }
+        );
+    }
+    report.0.print(a.json)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_in(
+    a: &DemoArgs,
+    spec: &samepage_workload::GuestSpec,
+    kinds: &[samepage_workload::GuestPage],
+    workload: &samepage_workload::Workload,
+    knobs: &[(String, String)],
+    exe: &Path,
+    socket: &Path,
+) -> Result<(Report, Option<Vec<crate::watch::Sample>>, u32), String> {
+    let mut procs = Procs {
+        daemon: Some(start_daemon(exe, socket, knobs)?),
+        guests: Vec::new(),
+    };
+    let daemon_pid = procs.daemon.as_ref().map(|d| d.id()).unwrap_or(0);
+    for i in 0..a.guests {
+        let mut cmd = Command::new(exe);
+        cmd.arg("guest")
+            .arg("--socket")
+            .arg(socket)
+            .args(["--size", &spec.size.to_string()])
+            .args(["--guests", &spec.guests.to_string()])
+            .args(["--index", &i.to_string()])
+            .args(["--seed", &spec.seed.to_string()]);
+        if i == 0 && !a.quiet_guests {
+            cmd.arg("--app");
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start a guest process: {e}"))?;
+        let pid = child.id();
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        procs.guests.push(Guest {
+            child,
+            pid,
+            stdin,
+            stdout,
+        });
+    }
+    for g in &mut procs.guests {
+        let v = g.answer()?;
+        if v["ready"] != true {
+            return Err(format!("guest {} did not start: {v}", g.pid));
+        }
+        engines::interrupted()?;
+    }
+    let pids: Vec<u32> = procs.guests.iter().map(|g| g.pid).collect();
+    let control = Control::connect(socket).map_err(|e| e.to_string())?;
+    let all: Vec<u32> = pids.iter().copied().chain([daemon_pid]).collect();
+    let before = memory_of(&all);
+    let mut watch = Watch::new(
+        "samepage",
+        workload.total_pages(),
+        !a.json,
+        a.live.prometheus.clone(),
+    );
+    let c = &control;
+    watch.ksm_stat = Box::new(move || {
+        c.stat()
+            .unwrap_or_default()
+            .ksm_stat
+            .iter()
+            .map(|c| c.to_ksm_stat())
+            .collect()
+    });
+    let outcome = engines::run(
+        &Daemon {
+            control: &control,
+            pid: daemon_pid,
+        },
+        Until::Stable { min_passes: 3 },
+        Duration::from_secs(a.live.timeout),
+        &mut watch,
+    )?;
+    let after = memory_of(&all);
+    let st: StatReply = control.stat().map_err(|e| e.to_string())?;
+    // Each guest checks its own memory; the demo checks that pages of the OS image every
+    // guest has stand for one canonical page, whichever process they are in.
+    let mut v = Verification::default();
+    let mut live = LiveStats::default();
+    let mut canonical_of: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut cross = 0u64;
+    for g in &mut procs.guests {
+        let r = g.ask("verify")?;
+        if a.live.no_verify {
+            continue;
+        }
+        for p in r["problems"].as_array().into_iter().flatten() {
+            problems.push(format!("guest {}: {}", g.pid, p.as_str().unwrap_or("?")));
+        }
+        if let Ok(gv) = serde_json::from_value::<Verification>(r["verification"].clone()) {
+            v.marked_zero_pages.extend(gv.marked_zero_pages);
+            v.counted_zero_pages.extend(gv.counted_zero_pages);
+            v.stray_marks += gv.stray_marks;
+            v.merged_pages += gv.merged_pages;
+            v.present_merged += gv.present_merged;
+        }
+        if let Ok(s) = serde_json::from_value::<LiveStats>(r["stats"].clone()) {
+            live.agent.cow_merged += s.agent.cow_merged;
+            live.agent.read_merged += s.agent.read_merged;
+            live.agent.missing_faults += s.agent.missing_faults;
+            live.agent.pinned_skipped += s.agent.pinned_skipped;
+            live.agent.changed_skipped += s.agent.changed_skipped;
+        }
+        for m in r["merged"].as_array().into_iter().flatten() {
+            let (i, k) = (m[0].as_u64().unwrap_or(0), m[1].as_u64().unwrap_or(0));
+            if kinds.get(i as usize) != Some(&samepage_workload::GuestPage::Shared) {
+                continue;
+            }
+            match canonical_of.get(&i) {
+                Some(&k0) if k0 != k => {
+                    problems.push(format!(
+                        "page {i} of the OS image stands for canonical page {k0} in one guest \
+                         and {k} in guest {}",
+                        g.pid
+                    ));
+                }
+                Some(_) => cross += 1,
+                None => {
+                    canonical_of.insert(i, k);
+                }
+            }
+        }
+    }
+    v.counted_zero_pages_global = counters_of(&st.ksm).ksm_zero_pages;
+    v.canonical_pages = canonical_of
+        .values()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64;
+    problems.extend(v.problems());
+    if !a.live.no_verify && cross == 0 && a.guests > 1 {
+        problems.push("no page of the OS image is merged across guest processes".into());
+    }
+    if !problems.is_empty() {
+        return Err(format!("verification failed: {}", problems.join("; ")));
+    }
+    let counters = counters_of(&st.ksm);
+    let ksm_stat: Vec<_> = st.ksm_stat.iter().map(|c| c.to_ksm_stat()).collect();
+    if let Some(path) = &a.live.prometheus {
+        crate::prom::write_file(path, &[("samepage", &counters, &ksm_stat)])
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    live.ksmd = st.ksmd;
+    let info: Vec<SpaceInfo> = procs
+        .guests
+        .iter()
+        .enumerate()
+        .map(|(i, g)| SpaceInfo {
+            pid: g.pid,
+            name: format!("guest{i}"),
+            pages: workload.spaces[i].pages(),
+        })
+        .collect();
+    let tunables = tunables_of(|n| st.ksm.get(n).cloned());
+    let report = Report::live(
+        "daemon",
+        info,
+        (counters, tunables),
+        ksm_stat,
+        &outcome,
+        before,
+        after,
+        Some(live),
+        (!a.live.no_verify).then_some(v),
+    );
+    drop(procs);
+    Ok((report, Some(outcome.samples), daemon_pid))
+}
