@@ -2,7 +2,7 @@
 
 use crate::args::RunArgs;
 use crate::report::{tunables_of, Report, SpaceInfo};
-use samepage_sim::{merge_state, SimSystem, SIM_NS_PER_PAGE};
+use samepage_sim::{SimSystem, SIM_NS_PER_PAGE};
 
 /// Give up on convergence after this many full scans.
 const MAX_FULL_SCANS: u64 = 1000;
@@ -15,9 +15,10 @@ pub fn load(args: &RunArgs) -> Result<(SimSystem, Vec<SpaceInfo>), String> {
     let mut sys = SimSystem::new();
     let mut info = Vec::new();
     for space in &workload.spaces {
-        let (mm, _) = sys
+        let mm = sys
             .spawn_with_pages(space.pages(), |i, buf| space.fill_page(i, buf))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .mm;
         info.push(SpaceInfo {
             pid: mm.0,
             name: space.name.clone(),
@@ -36,7 +37,7 @@ pub fn load(args: &RunArgs) -> Result<(SimSystem, Vec<SpaceInfo>), String> {
 /// of the batch that last changed a merge counter.
 pub fn converge(sys: &mut SimSystem, full_scans: Option<u64>) -> Result<(u64, u64), String> {
     sys.write_knob("run", "1").map_err(|e| e.to_string())?;
-    let mut prev = merge_state(&sys.counters());
+    let mut prev = sys.counters().merge_state();
     let mut last_change_ns = 0;
     let mut passes = 0;
     loop {
@@ -50,15 +51,15 @@ pub fn converge(sys: &mut SimSystem, full_scans: Option<u64>) -> Result<(u64, u6
             }
             _ => {}
         }
-        if !sys.ksm.ksmd_should_run() {
+        if !sys.ksm().ksmd_should_run() {
             return Err("nothing to scan: no address space has a mergeable area".into());
         }
-        let target = sys.ksm.full_scans() + 1;
+        let target = sys.ksm().full_scans() + 1;
         let mut changed = false;
-        while sys.ksm.full_scans() < target {
-            let before = sys.clock.now_ns;
+        while sys.ksm().full_scans() < target {
+            let before = sys.clock().now_ns;
             let batch = sys.ksmd_step();
-            let now = merge_state(&sys.counters());
+            let now = sys.counters().merge_state();
             if now != prev {
                 changed = true;
                 last_change_ns = before + batch.scanned * SIM_NS_PER_PAGE;
@@ -100,8 +101,8 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         live: None,
         verification: None,
         metadata: Some(crate::report::MetadataBytes::new(
-            sys.ksm.metadata_bytes() as u64,
-            sys.ksm.rmap_items(),
+            sys.ksm().metadata_bytes() as u64,
+            sys.ksm().rmap_items(),
             None,
         )),
     };

@@ -69,17 +69,34 @@ impl KsmCounters {
         self.pages_sharing as i64 + self.ksm_zero_pages
     }
 
-    /// The counters that stop changing when merging has converged: `pages_shared`,
-    /// `pages_sharing`, `ksm_zero_pages`, `stable_node_chains`, `stable_node_dups`.
-    pub fn merge_state(&self) -> [i64; 5] {
-        [
-            self.pages_shared as i64,
-            self.pages_sharing as i64,
-            self.ksm_zero_pages,
-            self.stable_node_chains as i64,
-            self.stable_node_dups as i64,
-        ]
+    /// The counters that stop changing when merging has converged (see [`MergeState`]).
+    pub fn merge_state(&self) -> MergeState {
+        MergeState {
+            pages_shared: self.pages_shared,
+            pages_sharing: self.pages_sharing,
+            ksm_zero_pages: self.ksm_zero_pages,
+            stable_node_chains: self.stable_node_chains,
+            stable_node_dups: self.stable_node_dups,
+        }
     }
+}
+
+/// The counters that stop changing when merging has converged: what is merged, not how the
+/// scan goes. `pages_unshared` and `pages_volatile` are not in it: smart scan keeps taking
+/// unmergeable pages in and out of the unstable tree by design. Compared by
+/// [`Convergence`](crate::Convergence).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct MergeState {
+    /// [`KsmCounters::pages_shared`].
+    pub pages_shared: u64,
+    /// [`KsmCounters::pages_sharing`].
+    pub pages_sharing: u64,
+    /// [`KsmCounters::ksm_zero_pages`].
+    pub ksm_zero_pages: i64,
+    /// [`KsmCounters::stable_node_chains`].
+    pub stable_node_chains: u64,
+    /// [`KsmCounters::stable_node_dups`].
+    pub stable_node_dups: u64,
 }
 
 impl fmt::Display for KsmCounters {

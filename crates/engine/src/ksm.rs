@@ -239,7 +239,7 @@ impl Ksm {
                     if r == Run::Unmerge {
                         if let Err(e) = self.unmerge_and_remove_all_rmap_items(mem) {
                             self.tun.run = Run::Stop;
-                            return Err(KnobError::Unmerge(e.to_string()));
+                            return Err(KnobError::Unmerge(e));
                         }
                     }
                 }
@@ -369,9 +369,14 @@ impl Ksm {
         Ok(())
     }
 
-    /// `MADV_UNMERGEABLE` on `[start, end)`: unshare KSM pages and KSM-placed zero pages, then
-    /// clear `VM_MERGEABLE`. As in the kernel, the rmap items (and so `pages_sharing`) are
-    /// left for the next pass to clean up; zero pages are uncounted at once.
+    /// `MADV_UNMERGEABLE` on `[start, end)`: area by area, unshare KSM pages and KSM-placed
+    /// zero pages, then clear `VM_MERGEABLE`. As in the kernel, the rmap items (and so
+    /// `pages_sharing`) are left for the next pass to clean up; zero pages are uncounted at
+    /// once.
+    ///
+    /// If unsharing fails (no memory for the copies), the error is returned as `ksm_madvise`
+    /// returns it: the areas before the failing one are unmergeable already, the failing one
+    /// and those after it stay mergeable, and the pages unshared so far stay unshared.
     pub fn madvise_unmergeable<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -379,8 +384,20 @@ impl Ksm {
         start: u64,
         end: u64,
     ) -> Result<(), UnmergeError> {
-        self.unmerge_range(mem, mm, start, end)?;
-        mem.set_mergeable(mm, start, end, false);
+        let mut addr = start;
+        while let Some(v) = mem.find_vma(mm, addr) {
+            if v.start >= end {
+                break;
+            }
+            if v.mergeable {
+                let (s, e) = (v.start.max(start), v.end.min(end));
+                if v.anon {
+                    mem.break_ksm(mm, s, e)?;
+                }
+                mem.set_mergeable(mm, s, e, false);
+            }
+            addr = v.end;
+        }
         Ok(())
     }
 
@@ -566,6 +583,13 @@ impl Ksm {
                     self.advisor.start_scan(clock.now_ns());
                 }
                 // A new pass starts with an empty unstable tree; the old one is just dropped.
+                // It is empty already unless a failed run=2 put the cursor back to the head in
+                // mid-pass: its items then become items of a past tree (still counted in
+                // pages_unshared until visited, as after a completed pass).
+                if self.unstable.len() != 0 {
+                    let past = (self.seqnr as u8).wrapping_sub(1);
+                    self.unstable.retag_all(&mut self.items, past);
+                }
                 self.unstable.clear();
                 for s in &mut self.slots {
                     s.next = 0;
@@ -1283,8 +1307,9 @@ impl Ksm {
         self.nodes.get(id)
     }
 
-    /// Check the engine's internal identities (used by tests): the counters agree with the
-    /// trees and the per-mm records.
+    /// Test hook (feature `test-hooks`): check the engine's internal identities: the
+    /// counters agree with the trees and the per-mm records.
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn check_invariants(&self) -> Result<(), String> {
         let (mut shared, mut sharing, mut unshared) = (0u64, 0u64, 0u64);
         let mut merging: FxHashMap<MmId, u64> = FxHashMap::default();
@@ -1359,19 +1384,32 @@ impl Ksm {
         Ok(())
     }
 
-    /// The stable items of every address space, as `(mm, address, KSM page)`; used by tests
-    /// to compare the engine's view with the page tables.
-    pub fn stable_mappings(&self) -> Vec<(MmId, u64, FrameId)> {
+    /// Test hook (feature `test-hooks`): the stable rmap items of every address space, to
+    /// compare the engine's view with the page tables.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub fn stable_mappings(&self) -> Vec<StableMapping> {
         self.items
             .iter()
             .filter_map(|it| match self.items.state(it) {
-                ItemState::Stable { node } => Some((
-                    self.items.mm(it),
-                    self.items.address(it),
-                    self.nodes[node].kpfn,
-                )),
+                ItemState::Stable { node } => Some(StableMapping {
+                    mm: self.items.mm(it),
+                    addr: self.items.address(it),
+                    kpfn: self.nodes[node].kpfn,
+                }),
                 _ => None,
             })
             .collect()
     }
+}
+
+/// One stable rmap item, as [`Ksm::stable_mappings`] lists them (feature `test-hooks`).
+#[cfg(any(test, feature = "test-hooks"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StableMapping {
+    /// The address space.
+    pub mm: MmId,
+    /// The page's address.
+    pub addr: u64,
+    /// The KSM page the item's stable node stands for.
+    pub kpfn: FrameId,
 }

@@ -55,6 +55,7 @@
 
 mod advisor;
 mod arena;
+mod convergence;
 pub mod counters;
 mod ksm;
 pub mod memory;
@@ -64,7 +65,10 @@ pub mod tunables;
 pub mod zero_pages;
 
 pub use advisor::Clock;
-pub use counters::{KsmCounters, KsmStat, COUNTER_NAMES};
+pub use convergence::{Convergence, Observation, Until};
+pub use counters::{KsmCounters, KsmStat, MergeState, COUNTER_NAMES};
+#[cfg(any(test, feature = "test-hooks"))]
+pub use ksm::StableMapping;
 pub use ksm::{Ksm, ScanBatch, RMAP_ITEM_BYTES};
 pub use memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
 pub use page::{calc_checksum, is_zero_page, page_hash, FrameId, MmId, PAGE_SIZE, PAGE_SIZE_U64};

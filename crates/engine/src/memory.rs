@@ -63,23 +63,29 @@ pub enum MergeError {
     /// stop writes, so it must not be merged.
     #[error("the page is pinned for I/O")]
     Pinned,
-    /// The page is busy (locked by someone else); try again on a later visit.
-    #[error("the page is busy")]
-    Busy,
     /// Merging would exceed the backend's mapping budget (live backend: `vm.max_map_count`).
     #[error("the mapping budget is used up")]
     NoBudget,
 }
 
-/// Why an unmerge failed.
-#[derive(Clone, Debug, Error, PartialEq, Eq)]
+/// Why an unmerge ([`Memory::break_ksm`]) failed. The pages unshared before the failure stay
+/// unshared; the others stay merged.
+#[derive(Debug, Error)]
 pub enum UnmergeError {
-    /// No memory for the private copies (the kernel returns -ENOMEM, or the OOM killer acts).
-    #[error("not enough memory to unshare the merged pages")]
+    /// No memory for the private copies: the kernel's `break_ksm` returns -ENOMEM when the
+    /// unsharing fault ends in `VM_FAULT_OOM`.
+    #[error("not enough memory to unshare the merged pages (ENOMEM)")]
     NoMemory,
-    /// The backend failed for another reason.
-    #[error("unmerge failed: {0}")]
-    Backend(String),
+    /// The backend failed for another reason; the source says why.
+    #[error("the memory backend could not unshare the merged pages")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl UnmergeError {
+    /// An [`UnmergeError::Backend`] with `source` as its cause.
+    pub fn backend(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        UnmergeError::Backend(source.into())
+    }
 }
 
 /// A memory manager that KSM can scan and merge.

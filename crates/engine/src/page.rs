@@ -118,7 +118,9 @@ mod tests {
 
     #[test]
     fn zero_detection_for_every_length() {
-        for len in [0usize, 1, 7, 8, 63, 64, 65, 127, 128, 4095, 4096, 4097, 8192] {
+        for len in [
+            0usize, 1, 7, 8, 63, 64, 65, 127, 128, 4095, 4096, 4097, 8192,
+        ] {
             let zeros = vec![0u8; len];
             assert!(is_zero_page(&zeros), "{len} zero bytes");
             // One non-zero byte anywhere makes it non-zero: first, last, in the tail after the

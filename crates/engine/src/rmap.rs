@@ -261,6 +261,7 @@ impl Items {
     }
 
     /// Every item id.
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         // Free chunks have no present bit.
         self.chunks.iter().enumerate().flat_map(|(c, ch)| {
@@ -409,6 +410,21 @@ impl UnstableIndex {
         }
         items.set_link(it, NIL);
         self.len -= 1;
+    }
+
+    /// Mark every item in the index as an unstable item of the pass whose `seqnr & 0xff` is
+    /// `seqnr` (an older pass: the caller clears the index next).
+    pub fn retag_all(&mut self, items: &mut Items, seqnr: u8) {
+        for &head in &self.heads {
+            let mut it = head;
+            while it != NIL {
+                let ItemState::Unstable { nid, .. } = items.state(it) else {
+                    unreachable!("only unstable items are chained in the index")
+                };
+                items.set_state(it, ItemState::Unstable { nid, seqnr });
+                it = items.link(it);
+            }
+        }
     }
 
     fn grow(&mut self, items: &mut Items) {

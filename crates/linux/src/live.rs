@@ -105,12 +105,12 @@ struct EngineSide {
     mem: LiveMemory,
     clock: LiveClock,
     /// The merge counters after the last batch, and when they last changed.
-    last_state: [i64; 5],
+    last_state: samepage_engine::MergeState,
     last_change: Option<Instant>,
 }
 
 /// The counters that settle when merging has converged (as in the simulator).
-fn merge_state(c: &KsmCounters) -> [i64; 5] {
+fn merge_state(c: &KsmCounters) -> samepage_engine::MergeState {
     c.merge_state()
 }
 
@@ -189,7 +189,7 @@ impl LiveKsm {
                 start: Instant::now(),
                 tid: scan_tid.clone(),
             },
-            last_state: [0; 5],
+            last_state: samepage_engine::MergeState::default(),
             last_change: None,
         }));
         let kick = Arc::new(Kick::default());

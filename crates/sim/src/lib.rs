@@ -10,7 +10,7 @@
 //! let p = sys.spawn();
 //! let a = sys.mmap(p, 4 * 4096, Prot::RW).unwrap();
 //! for i in 0..4 {
-//!     sys.mem.write(p, a + i * 4096, &[0xcf; 4096]).unwrap();
+//!     sys.write(p, a + i * 4096, &[0xcf; 4096]).unwrap();
 //! }
 //! sys.madvise(p, a, 4 * 4096, Advice::Mergeable).unwrap();
 //! sys.write_knob("pages_to_scan", "100").unwrap();
@@ -23,4 +23,4 @@ pub mod mm;
 pub mod system;
 
 pub use mm::{Prot, Pte, SimError, SimMemory, Vma};
-pub use system::{merge_state, Advice, SimSystem, SysError, VirtualClock, SIM_NS_PER_PAGE};
+pub use system::{Advice, SimSystem, Spawned, SysError, VirtualClock, SIM_NS_PER_PAGE};

@@ -59,6 +59,10 @@ pub enum SimError {
     Unaligned(u64, u64),
     #[error("zero-length or overflowing range (EINVAL)")]
     BadRange,
+    /// Every frame allowed by [`SimMemory::set_frame_limit`] is in use: the fault that needed
+    /// a new page fails (the kernel's `VM_FAULT_OOM`).
+    #[error("out of memory: no free frame for the fault at {0:#x}")]
+    OutOfMemory(u64),
 }
 
 /// One area.
@@ -146,14 +150,28 @@ struct Frames {
     data: Vec<[u8; PAGE_SIZE]>,
     free: Vec<u32>,
     live: usize,
+    /// At most this many frames in use at once (the machine's RAM); `None` is unlimited.
+    limit: Option<usize>,
 }
+
+/// No frame is free: [`SimMemory::set_frame_limit`] frames are in use.
+#[derive(Clone, Copy, Debug)]
+struct OutOfFrames;
 
 fn fid(slot: u32, gen: u32) -> FrameId {
     FrameId((gen as u64) << 32 | slot as u64)
 }
 
 impl Frames {
-    fn alloc(&mut self, nid: u32, anon: bool, src: Option<&[u8; PAGE_SIZE]>) -> FrameId {
+    fn alloc(
+        &mut self,
+        nid: u32,
+        anon: bool,
+        src: Option<&[u8; PAGE_SIZE]>,
+    ) -> Result<FrameId, OutOfFrames> {
+        if self.limit.is_some_and(|l| self.live >= l) {
+            return Err(OutOfFrames);
+        }
         self.live += 1;
         let slot = match self.free.pop() {
             Some(s) => s,
@@ -184,7 +202,13 @@ impl Frames {
             Some(s) => d.copy_from_slice(s),
             None => d.fill(0),
         }
-        fid(slot, gen)
+        Ok(fid(slot, gen))
+    }
+
+    /// Frames that can still be allocated.
+    fn available(&self) -> usize {
+        self.limit
+            .map_or(usize::MAX, |l| l.saturating_sub(self.live))
     }
 
     fn data(&self, id: FrameId) -> &[u8; PAGE_SIZE] {
@@ -245,8 +269,8 @@ pub struct SimMemory {
     frames: Frames,
     zero: KsmZeroPages,
     next_mm: u32,
-    /// Writes that copied a KSM page (`/proc/vmstat` `cow_ksm`).
-    pub cow_ksm: u64,
+    /// Writes that copied a KSM page.
+    cow_ksm: u64,
 }
 
 impl SimMemory {
@@ -272,9 +296,9 @@ impl SimMemory {
         mm
     }
 
-    /// The address space does not exist (any more).
-    pub fn mm_exiting_pub(&self, mm: MmId) -> bool {
-        !self.mms.contains_key(&mm)
+    /// The address space exists (it was created and has not exited).
+    pub fn has_mm(&self, mm: MmId) -> bool {
+        self.mms.contains_key(&mm)
     }
 
     /// Live address spaces.
@@ -394,6 +418,7 @@ impl SimMemory {
         write: bool,
         force: bool,
     ) -> Result<Option<FrameId>, SimError> {
+        let oom = |_: OutOfFrames| SimError::OutOfMemory(addr);
         let sp = self.mms.get_mut(&mm).ok_or(SimError::NoMm(mm))?;
         let i = sp.vma_index(addr).ok_or(SimError::NotMapped(addr))?;
         let v = &mut sp.vmas[i];
@@ -405,7 +430,7 @@ impl SimMemory {
         let pte = &mut v.ptes[idx];
         match *pte {
             Pte::None if shared => {
-                let f = self.frames.alloc(node, false, None);
+                let f = self.frames.alloc(node, false, None).map_err(oom)?;
                 *pte = Pte::Page(f);
                 Ok(Some(f))
             }
@@ -414,15 +439,16 @@ impl SimMemory {
                 Ok(None)
             }
             Pte::None => {
-                let f = self.frames.alloc(node, true, None);
+                let f = self.frames.alloc(node, true, None).map_err(oom)?;
                 *pte = Pte::Page(f);
                 Ok(Some(f))
             }
             Pte::Zero { .. } if !write => Ok(None),
             Pte::Zero { ksm } => {
-                // Copy-on-write of the zero page (`wp_page_copy`): a marked one is uncounted.
+                // Copy-on-write of the zero page (`wp_page_copy`): a marked one is uncounted
+                // once the new page is there.
+                let f = self.frames.alloc(node, true, None).map_err(oom)?;
                 self.zero.might_unmap_zero_page(mm, ksm);
-                let f = self.frames.alloc(node, true, None);
                 *pte = Pte::Page(f);
                 Ok(Some(f))
             }
@@ -431,11 +457,12 @@ impl SimMemory {
                 let fr = self.frames.get_mut(f);
                 if fr.anon && (fr.ksm || fr.refcount > 1) {
                     // KSM pages are never reused on write; shared COW pages are copied.
-                    if fr.ksm {
+                    let ksm = fr.ksm;
+                    let data = *self.frames.data(f);
+                    let new = self.frames.alloc(node, true, Some(&data)).map_err(oom)?;
+                    if ksm {
                         self.cow_ksm += 1;
                     }
-                    let data = *self.frames.data(f);
-                    let new = self.frames.alloc(node, true, Some(&data));
                     self.frames.put(f);
                     *pte = Pte::Page(new);
                     Ok(Some(new))
@@ -528,9 +555,39 @@ impl SimMemory {
         self.frames.get(f).is_some_and(|fr| fr.ksm)
     }
 
+    /// Write faults that copied a KSM page (`/proc/vmstat` `cow_ksm`).
+    pub fn cow_ksm(&self) -> u64 {
+        self.cow_ksm
+    }
+
     /// Frames in use.
     pub fn frames_in_use(&self) -> usize {
         self.frames.live
+    }
+
+    /// Limit the frames in use to `limit` (`None`: no limit), as if the machine had that much
+    /// RAM and no swap. When no frame is free, a fault that needs a new page fails with
+    /// [`SimError::OutOfMemory`] and unsharing a KSM page or a KSM-placed zero page
+    /// ([`Memory::break_ksm`], so `MADV_UNMERGEABLE`, `PR_SET_MEMORY_MERGE=0` and `run=2`)
+    /// fails with [`UnmergeError::NoMemory`], the kernel's -ENOMEM. Frames already in use
+    /// above a lower limit stay.
+    ///
+    /// ```
+    /// use samepage_sim::{Prot, SimError, SimMemory};
+    /// let mut mem = SimMemory::new();
+    /// let mm = mem.create_mm();
+    /// let a = mem.mmap(mm, 2 * 4096, Prot::RW, false, 0).unwrap();
+    /// mem.set_frame_limit(Some(1));
+    /// mem.write(mm, a, &[1]).unwrap();
+    /// assert_eq!(mem.write(mm, a + 4096, &[1]), Err(SimError::OutOfMemory(a + 4096)));
+    /// ```
+    pub fn set_frame_limit(&mut self, limit: Option<usize>) {
+        self.frames.limit = limit;
+    }
+
+    /// The limit set by [`SimMemory::set_frame_limit`].
+    pub fn frame_limit(&self) -> Option<usize> {
+        self.frames.limit
     }
 
     /// `fork`: the child gets a copy of every area; private pages become shared
@@ -567,7 +624,9 @@ impl SimMemory {
     /// khugepaged collapses the 2 MiB-aligned range at `addr` into a huge page: every entry
     /// becomes a private copy (zero pages, KSM-placed ones included, become zeroed pages and
     /// are uncounted). Like khugepaged, it refuses a range that maps KSM pages or is not inside
-    /// one private area. The simulator has no huge pages, so the result is 512 base pages.
+    /// one private area, or when there are not 512 free frames for the new huge page (it is
+    /// allocated before the old pages are freed). The simulator has no huge pages, so the
+    /// result is 512 base pages.
     pub fn collapse_huge(&mut self, mm: MmId, addr: u64) -> Result<bool, SimError> {
         const HPAGE: u64 = 2 << 20;
         let start = addr & !(HPAGE - 1);
@@ -587,6 +646,9 @@ impl SimMemory {
         {
             return Ok(false);
         }
+        if frames.available() < (hi - lo) {
+            return Ok(false);
+        }
         let node = v.node;
         for pte in &mut v.ptes[lo..hi] {
             let data = match *pte {
@@ -594,7 +656,8 @@ impl SimMemory {
                 _ => [0; PAGE_SIZE],
             };
             Self::zap_pte(frames, &mut self.zero, mm, pte);
-            *pte = Pte::Page(frames.alloc(node, true, Some(&data)));
+            let new = frames.alloc(node, true, Some(&data));
+            *pte = Pte::Page(new.expect("frames checked available above"));
         }
         Ok(true)
     }
@@ -771,14 +834,24 @@ impl Memory for SimMemory {
             for pte in &mut v.ptes[lo..hi] {
                 match *pte {
                     Pte::Zero { ksm: true } => {
-                        // FAULT_FLAG_UNSHARE on a KSM zero page: a private zeroed page.
+                        // FAULT_FLAG_UNSHARE on a KSM zero page: a private zeroed page. Out of
+                        // frames, the fault ends in VM_FAULT_OOM and break_ksm in -ENOMEM,
+                        // with the pages before this one unshared.
+                        let new = self
+                            .frames
+                            .alloc(v.node, true, None)
+                            .map_err(|_| UnmergeError::NoMemory)?;
                         self.zero.might_unmap_zero_page(mm, true);
-                        *pte = Pte::Page(self.frames.alloc(v.node, true, None));
+                        *pte = Pte::Page(new);
                     }
                     Pte::Page(f) if self.frames.get(f).is_some_and(|fr| fr.ksm) => {
+                        // A KSM page is never reused, even by its last mapping: always a copy.
                         let data = *self.frames.data(f);
                         let nid = self.frames.get(f).expect("frame").nid;
-                        let new = self.frames.alloc(nid, true, Some(&data));
+                        let new = self
+                            .frames
+                            .alloc(nid, true, Some(&data))
+                            .map_err(|_| UnmergeError::NoMemory)?;
                         self.frames.put(f);
                         *pte = Pte::Page(new);
                     }

@@ -119,13 +119,10 @@ fn apply(sys: &mut SimSystem, sh: &mut Shadow, op: &Op) {
             if let Some(old) = &mut pages[page] {
                 let new = page_of(val, partial, old);
                 if partial {
-                    sys.mem
-                        .write(*mm, *base + page as u64 * PS + 100, &[val])
+                    sys.write(*mm, *base + page as u64 * PS + 100, &[val])
                         .unwrap();
                 } else {
-                    sys.mem
-                        .write(*mm, *base + page as u64 * PS, &new[..])
-                        .unwrap();
+                    sys.write(*mm, *base + page as u64 * PS, &new[..]).unwrap();
                 }
                 *old = new;
             }
@@ -134,7 +131,7 @@ fn apply(sys: &mut SimSystem, sh: &mut Shadow, op: &Op) {
             let (mm, base, pages) = &sh.procs[p % n];
             if pages[page].is_some() {
                 let mut b = [0u8; 8];
-                sys.mem.read(*mm, base + page as u64 * PS, &mut b).unwrap();
+                sys.read(*mm, base + page as u64 * PS, &mut b).unwrap();
             }
         }
         Op::DontNeed { p, page, n: len } => {
@@ -156,8 +153,7 @@ fn apply(sys: &mut SimSystem, sh: &mut Shadow, op: &Op) {
         Op::Munmap { p, page, n: len } => {
             let (mm, base, pages) = &mut sh.procs[p % n];
             let end = (page + len).min(PAGES);
-            sys.mem
-                .munmap(*mm, *base + page as u64 * PS, (end - page) as u64 * PS)
+            sys.munmap(*mm, *base + page as u64 * PS, (end - page) as u64 * PS)
                 .unwrap();
             for pg in &mut pages[page..end] {
                 *pg = None;
@@ -203,8 +199,7 @@ fn apply(sys: &mut SimSystem, sh: &mut Shadow, op: &Op) {
             sys.write_knob("run", "1").unwrap();
         }
         Op::Scan { n } => {
-            let clock = sys.clock;
-            sys.ksm.do_scan(&mut sys.mem, &clock, n);
+            sys.scan(n);
         }
     }
 }
@@ -213,7 +208,7 @@ fn check_step(sys: &SimSystem, sh: &Shadow) -> Result<(), TestCaseError> {
     // No byte lost or changed.
     for (mm, base, pages) in &sh.procs {
         for (i, want) in pages.iter().enumerate() {
-            let got = sys.mem.peek_page(*mm, base + i as u64 * PS);
+            let got = sys.mem().peek_page(*mm, base + i as u64 * PS);
             match (want, got) {
                 (Some(w), Some(g)) => prop_assert!(w[..] == g[..], "{mm:?} page {i} differs"),
                 (None, None) => {}
@@ -228,9 +223,9 @@ fn check_step(sys: &SimSystem, sh: &Shadow) -> Result<(), TestCaseError> {
     }
     // ksm_zero_pages equals the marked zero-page mappings, globally and per process.
     let mut total = 0;
-    for mm in sys.mem.mm_ids() {
+    for mm in sys.mem().mm_ids() {
         let marked = sys
-            .mem
+            .mem()
             .ptes(mm)
             .filter(|(_, _, p)| *p == Pte::Zero { ksm: true })
             .count() as i64;
@@ -239,16 +234,16 @@ fn check_step(sys: &SimSystem, sh: &Shadow) -> Result<(), TestCaseError> {
     }
     prop_assert_eq!(sys.counters().ksm_zero_pages, total);
     // Tree counters agree with the trees; pages_volatile follows the kernel's formula.
-    sys.ksm.check_invariants().map_err(TestCaseError::fail)?;
+    sys.ksm().check_invariants().map_err(TestCaseError::fail)?;
     let c = sys.counters();
-    let vol =
-        sys.ksm.rmap_items() as i64 - (c.pages_shared + c.pages_sharing + c.pages_unshared) as i64;
+    let vol = sys.ksm().rmap_items() as i64
+        - (c.pages_shared + c.pages_sharing + c.pages_unshared) as i64;
     prop_assert_eq!(c.pages_volatile, vol.max(0) as u64);
     // A stable item never points at a KSM page other than the one mapped at its address.
-    for (mm, addr, kpfn) in sys.ksm.stable_mappings() {
-        if let Some(Pte::Page(f)) = sys.mem.pte(mm, addr) {
-            if sys.mem.frame_is_ksm(f) {
-                prop_assert_eq!(f, kpfn, "{:?} {:#x}", mm, addr);
+    for m in sys.ksm().stable_mappings() {
+        if let Some(Pte::Page(f)) = sys.mem().pte(m.mm, m.addr) {
+            if sys.mem().frame_is_ksm(f) {
+                prop_assert_eq!(f, m.kpfn, "{:?} {:#x}", m.mm, m.addr);
             }
         }
     }
@@ -260,10 +255,10 @@ fn check_settled(sys: &SimSystem) -> Result<(), TestCaseError> {
     let mut frames: HashSet<FrameId> = HashSet::new();
     let mut mappings = 0u64;
     let mut per_mm: BTreeMap<MmId, u64> = BTreeMap::new();
-    for mm in sys.mem.mm_ids() {
-        for (_, vma, pte) in sys.mem.ptes(mm) {
+    for mm in sys.mem().mm_ids() {
+        for (_, vma, pte) in sys.mem().ptes(mm) {
             if let Pte::Page(f) = pte {
-                if vma.mergeable && sys.mem.frame_is_ksm(f) {
+                if vma.mergeable && sys.mem().frame_is_ksm(f) {
                     frames.insert(f);
                     mappings += 1;
                     *per_mm.entry(mm).or_default() += 1;
@@ -273,16 +268,16 @@ fn check_settled(sys: &SimSystem) -> Result<(), TestCaseError> {
     }
     let c = sys.counters();
     let tracked: HashSet<(MmId, u64)> = sys
-        .ksm
+        .ksm()
         .stable_mappings()
         .iter()
-        .map(|(m, a, _)| (*m, *a))
+        .map(|m| (m.mm, m.addr))
         .collect();
     let mut untracked = vec![];
-    for mm in sys.mem.mm_ids() {
-        for (addr, vma, pte) in sys.mem.ptes(mm) {
+    for mm in sys.mem().mm_ids() {
+        for (addr, vma, pte) in sys.mem().ptes(mm) {
             if let Pte::Page(f) = pte {
-                if vma.mergeable && sys.mem.frame_is_ksm(f) && !tracked.contains(&(mm, addr)) {
+                if vma.mergeable && sys.mem().frame_is_ksm(f) && !tracked.contains(&(mm, addr)) {
                     untracked.push((mm, addr, f));
                 }
             }
@@ -295,7 +290,7 @@ fn check_settled(sys: &SimSystem) -> Result<(), TestCaseError> {
     );
     prop_assert_eq!(c.pages_shared, frames.len() as u64);
     prop_assert_eq!(c.pages_shared + c.pages_sharing, mappings);
-    for mm in sys.mem.mm_ids() {
+    for mm in sys.mem().mm_ids() {
         prop_assert_eq!(
             sys.ksm_stat(mm).ksm_merging_pages,
             per_mm.get(&mm).copied().unwrap_or(0)
@@ -326,7 +321,7 @@ proptest! {
         let base = sys.mmap(mm, PAGES as u64 * PS, Prot::RW).unwrap();
         let mut pages = Vec::new();
         for (i, v) in init.iter().enumerate() {
-            sys.mem.write(mm, base + i as u64 * PS, &[*v; PAGE_SIZE]).unwrap();
+            sys.write(mm, base + i as u64 * PS, &[*v; PAGE_SIZE]).unwrap();
             pages.push(Some(Box::new([*v; PAGE_SIZE])));
         }
         sys.madvise(mm, base, PAGES as u64 * PS, Advice::Mergeable).unwrap();
