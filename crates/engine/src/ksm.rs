@@ -1082,9 +1082,17 @@ impl Ksm {
         node
     }
 
-    /// `stable_tree_append`.
-    fn stable_tree_append(&mut self, it: u32, node: u32, _max_page_sharing_bypass: bool) {
+    /// `stable_tree_append`. Only a forked KSM page (`max_page_sharing_bypass`) may take a
+    /// node past `max_page_sharing` mappings; anything else doing so is a bug in the chain
+    /// logic (the kernel's `WARN_ON_ONCE`).
+    fn stable_tree_append(&mut self, it: u32, node: u32, max_page_sharing_bypass: bool) {
+        let max = self.tun.max_page_sharing as u32;
         let n = &mut self.nodes[node];
+        debug_assert!(
+            max_page_sharing_bypass || n.len < max,
+            "stable node {node} would get {} mappings, max_page_sharing is {max}",
+            n.len + 1
+        );
         if n.len == 0 {
             self.pages_shared += 1;
         } else {
@@ -1283,7 +1291,7 @@ impl Ksm {
         let ids: Vec<u32> = self.nodes.iter().map(|(i, _)| i).collect();
         for id in &ids {
             let Some(NodeKind::Regular | NodeKind::Dup { .. }) =
-                self.nodes_get(*id).map(|n| n.kind.clone())
+                self.nodes.get(*id).map(|n| n.kind.clone())
             else {
                 continue;
             };
@@ -1294,17 +1302,13 @@ impl Ksm {
             }
         }
         for id in ids {
-            if let Some(NodeKind::Chain { dups, .. }) = self.nodes_get(id).map(|n| &n.kind) {
+            if let Some(NodeKind::Chain { dups, .. }) = self.nodes.get(id).map(|n| &n.kind) {
                 if dups.is_empty() {
                     self.free_stable_node_chain(id);
                 }
             }
         }
         busy
-    }
-
-    fn nodes_get(&self, id: u32) -> Option<&StableNode> {
-        self.nodes.get(id)
     }
 
     /// Test hook (feature `test-hooks`): check the engine's internal identities: the

@@ -125,16 +125,36 @@ pub struct Expected {
     pub ksm_zero_pages: u64,
 }
 
-/// KSM pages and extra mappings that `n` identical pages end up as with `max_page_sharing`
-/// `m` (the formula of the kernel's `ksm_tests.c`, `assert_ksm_pages_count`).
-pub fn group_outcome(n: u64, m: u64) -> (u64, u64) {
-    if n < 2 {
-        return (0, 0);
-    }
-    if n.is_multiple_of(m) || n % m == 1 {
+/// What a group of identical pages ends up as ([`group_outcome`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupOutcome {
+    /// KSM pages.
+    pub pages_shared: u64,
+    /// Mappings of them beyond the first of each.
+    pub pages_sharing: u64,
+}
+
+/// What `n` identical pages end up as with `max_page_sharing` `m` (the formula of the
+/// kernel's `ksm_tests.c`, `assert_ksm_pages_count`).
+///
+/// ```
+/// use samepage_workload::{group_outcome, GroupOutcome};
+/// // 16 pages, at most 5 mappings per KSM page: 16 % 5 == 1, so 3 full KSM pages and one
+/// // page left alone.
+/// assert_eq!(group_outcome(16, 5), GroupOutcome { pages_shared: 3, pages_sharing: 12 });
+/// assert_eq!(group_outcome(1, 256), GroupOutcome::default());
+/// ```
+pub fn group_outcome(n: u64, m: u64) -> GroupOutcome {
+    let (pages_shared, pages_sharing) = if n < 2 {
+        (0, 0)
+    } else if n.is_multiple_of(m) || n % m == 1 {
         (n / m, n / m * (m - 1))
     } else {
         (n / m + 1, n - (n / m + 1))
+    };
+    GroupOutcome {
+        pages_shared,
+        pages_sharing,
     }
 }
 
@@ -182,15 +202,15 @@ impl GenSpec {
         use_zero_pages: bool,
     ) -> Result<Expected, WorkloadError> {
         let c = self.counts()?;
-        let (gs, gsh) = group_outcome(self.group as u64, max_page_sharing);
-        let (mut shared, mut sharing) = (c.groups * gs, c.groups * gsh);
+        let g = group_outcome(self.group as u64, max_page_sharing);
+        let (mut shared, mut sharing) = (c.groups * g.pages_shared, c.groups * g.pages_sharing);
         let mut zero = 0;
         if use_zero_pages {
             zero = c.zero;
         } else {
-            let (zs, zsh) = group_outcome(c.zero, max_page_sharing);
-            shared += zs;
-            sharing += zsh;
+            let z = group_outcome(c.zero, max_page_sharing);
+            shared += z.pages_shared;
+            sharing += z.pages_sharing;
         }
         Ok(Expected {
             pages_shared: shared,
