@@ -1,5 +1,6 @@
 //! The counters of `/sys/kernel/mm/ksm` and `/proc/<pid>/ksm_stat`, by their kernel names.
 
+use crate::page::PAGE_SIZE;
 use serde::Serialize;
 use std::fmt;
 
@@ -69,6 +70,24 @@ impl KsmCounters {
         self.pages_sharing as i64 + self.ksm_zero_pages
     }
 
+    /// These counters with `ksm_zero_pages` replaced by `z`, counted elsewhere (the live
+    /// backend counts zero pages from the page tables when the counters are read, while the
+    /// rest is the scanner's snapshot), and `general_profit` adjusted to match: it changes by
+    /// `(z - ksm_zero_pages) * PAGE_SIZE`.
+    ///
+    /// ```
+    /// use samepage_engine::{KsmCounters, PAGE_SIZE};
+    /// let c = KsmCounters { ksm_zero_pages: 2, general_profit: 100, ..KsmCounters::default() };
+    /// let c = c.with_ksm_zero_pages(5);
+    /// assert_eq!(c.ksm_zero_pages, 5);
+    /// assert_eq!(c.general_profit, 100 + 3 * PAGE_SIZE as i64);
+    /// ```
+    pub fn with_ksm_zero_pages(mut self, z: i64) -> Self {
+        self.general_profit += (z - self.ksm_zero_pages) * PAGE_SIZE as i64;
+        self.ksm_zero_pages = z;
+        self
+    }
+
     /// The counters that stop changing when merging has converged (see [`MergeState`]).
     pub fn merge_state(&self) -> MergeState {
         MergeState {
@@ -122,6 +141,24 @@ pub struct KsmStat {
     pub ksm_process_profit: i64,
     pub ksm_merge_any: bool,
     pub ksm_mergeable: bool,
+}
+
+impl KsmStat {
+    /// This `ksm_stat` with `ksm_zero_pages` replaced by `z`, counted elsewhere, and
+    /// `ksm_process_profit` adjusted to match: it changes by `(z - ksm_zero_pages) *
+    /// PAGE_SIZE` (see [`KsmCounters::with_ksm_zero_pages`]).
+    ///
+    /// ```
+    /// use samepage_engine::{KsmStat, PAGE_SIZE};
+    /// let s = KsmStat { ksm_zero_pages: 4, ksm_process_profit: -14, ..KsmStat::default() };
+    /// let s = s.with_ksm_zero_pages(1);
+    /// assert_eq!((s.ksm_zero_pages, s.ksm_process_profit), (1, -14 - 3 * PAGE_SIZE as i64));
+    /// ```
+    pub fn with_ksm_zero_pages(mut self, z: i64) -> Self {
+        self.ksm_process_profit += (z - self.ksm_zero_pages) * PAGE_SIZE as i64;
+        self.ksm_zero_pages = z;
+        self
+    }
 }
 
 fn yes_no(b: bool) -> &'static str {

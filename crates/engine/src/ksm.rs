@@ -4,16 +4,21 @@ use crate::advisor::{AdvisorCtx, AdvisorKnobs, Clock};
 use crate::arena::Arena;
 use crate::counters::{KsmCounters, KsmStat};
 use crate::memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError};
-use crate::page::{zero_page_hash, FrameId, MmId, PAGE_SIZE_U64};
+use crate::page::{zero_page_hash, DomainId, FrameId, MmId, PAGE_SIZE_U64};
 use crate::rmap::{ItemState, Items, UnstableIndex, NIL};
 use crate::tunables::{parse_knob, AdvisorMode, KnobError, KnobValue, Run, Tunables};
 use rustc_hash::FxHashMap;
 
 pub use crate::rmap::RMAP_ITEM_BYTES;
 
-/// Key of the stable tree's index: the full XXH64 of the contents and the NUMA root
-/// (always 0 with `merge_across_nodes=1`).
-type Key = (u64, u32);
+/// Key of the stable tree's index: the full XXH64 of the contents, the NUMA root (always 0
+/// with `merge_across_nodes=1`) and the security domain: one stable tree per root and domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    hash: u64,
+    nid: u32,
+    domain: DomainId,
+}
 
 #[derive(Clone, Debug)]
 enum NodeKind {
@@ -47,6 +52,8 @@ struct MmState {
     registered: bool,
     ksm_rmap_items: u64,
     ksm_merging_pages: u64,
+    /// The security domain whose pages this mm's pages may merge with.
+    domain: DomainId,
 }
 
 /// `struct ksm_mm_slot`. Its `rmap_list` is the mm's items in [`Items`], by address; the
@@ -56,6 +63,31 @@ struct MmState {
 struct MmSlot {
     mm: MmId,
     next: u64,
+}
+
+/// Why [`Ksm::set_domain`] refused.
+#[derive(Clone, Copy, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DomainError {
+    /// The address space's pages were scanned under its current domain already.
+    #[error(
+        "{mm:?} cannot move to {domain:?}: its pages were scanned in its current domain;          set the domain before it is scanned (or after run=2)"
+    )]
+    AlreadyScanned {
+        /// The address space.
+        mm: MmId,
+        /// The domain it was to move to.
+        domain: DomainId,
+    },
+}
+
+/// What [`Ksm::exit`] did with an exited address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmExit {
+    /// Everything of the mm is freed: the backend may forget it.
+    Released,
+    /// The mm stays on the scan list until the scan frees its rmap items (it had some, or
+    /// the scan cursor was on it); [`Ksm::mm_released`] says when.
+    Deferred,
 }
 
 /// What one call of [`Ksm::do_scan`] did.
@@ -449,12 +481,14 @@ impl Ksm {
     /// `ksm_fork`: the child inherits `MMF_VM_MERGE_ANY` and joins the scan list if the parent
     /// is on it. It inherits no rmap items, so its `ksm_rmap_items` and `ksm_merging_pages`
     /// start at 0 (the 2025 fix); its zero pages are counted by the backend's fork.
+    /// The child is in the parent's security domain.
     pub fn fork(&mut self, parent: MmId, child: MmId) {
         let p = self.mms.get(&parent).cloned().unwrap_or_default();
         self.mms.insert(
             child,
             MmState {
                 merge_any: p.merge_any,
+                domain: p.domain,
                 ..MmState::default()
             },
         );
@@ -464,13 +498,16 @@ impl Ksm {
     }
 
     /// `ksm_execve`: a process that asked to merge everything keeps asking after exec; its
-    /// new address space `new` (replacing `old`) joins the scan list.
+    /// new address space `new` (replacing `old`) joins the scan list. The process stays in
+    /// its security domain.
     pub fn execve(&mut self, old: MmId, new: MmId) {
         let merge_any = self.prctl_get_memory_merge(old);
+        let domain = self.domain(old);
         self.mms.insert(
             new,
             MmState {
                 merge_any,
+                domain,
                 ..MmState::default()
             },
         );
@@ -479,21 +516,28 @@ impl Ksm {
         }
     }
 
-    /// `ksm_exit`: the backend has torn down `mm`. A slot with no rmap items that the cursor
-    /// is not on is freed at once; otherwise it is moved right behind the cursor so that the
-    /// scan frees it next.
-    pub fn exit(&mut self, mm: MmId) {
+    /// `ksm_exit` (`__ksm_exit`): the backend has torn down `mm`. A slot with no rmap items
+    /// that the cursor is not on is freed at once; otherwise it is moved right behind the
+    /// cursor so that the scan frees it next (the items of an exiting mm are freed when the
+    /// scan reaches it, and `pages_shared`/`pages_sharing` keep counting them until then, as
+    /// in the kernel).
+    ///
+    /// Says which: with [`MmExit::Deferred`], the backend keeps what the engine may still ask
+    /// about `mm` (it answers [`Memory::mm_exiting`] with true) until
+    /// [`Ksm::mm_released`] says the engine let go of it, after some later scan batch.
+    #[must_use = "with MmExit::Deferred the backend must keep answering for the mm"]
+    pub fn exit(&mut self, mm: MmId) -> MmExit {
         let Some(j) = self.slots.iter().position(|s| s.mm == mm) else {
             self.mms.remove(&mm);
-            return;
+            return MmExit::Released;
         };
         if self.cur == Some(j) {
-            return;
+            return MmExit::Deferred;
         }
         if !self.items.has_items(mm) {
             self.remove_slot(j);
             self.mms.remove(&mm);
-            return;
+            return MmExit::Released;
         }
         let slot = self.slots.remove(j);
         match self.cur {
@@ -504,6 +548,16 @@ impl Ksm {
                 self.cur = Some(c);
             }
         }
+        MmExit::Deferred
+    }
+
+    /// The engine holds nothing of `mm` any more: no slot on the scan list, no rmap item, no
+    /// per-mm record. True of an mm the engine never saw; after [`Ksm::exit`], true at once
+    /// or once the scan has freed the mm's items.
+    pub fn mm_released(&self, mm: MmId) -> bool {
+        !self.mms.contains_key(&mm)
+            && !self.items.has_items(mm)
+            && !self.slots.iter().any(|s| s.mm == mm)
     }
 
     fn remove_slot(&mut self, j: usize) {
@@ -557,6 +611,30 @@ impl Ksm {
             }
         }
         batch
+    }
+
+    /// Put `mm` in security `domain`: from now on its pages are compared and merged only with
+    /// pages of address spaces in the same domain (zero pages are merged in every domain).
+    /// Every mm is in domain 0 until this is called, and a forked or exec'ed mm starts in its
+    /// parent's.
+    ///
+    /// The domain must be set before the mm's pages are scanned: once the mm has rmap items
+    /// (some of its pages may be merged or waiting in the unstable tree under the old domain)
+    /// the change is refused with [`DomainError::AlreadyScanned`]; `run=2`, which frees every
+    /// rmap item, makes it possible again. KSM pages an mm maps from before (inherited over
+    /// `fork`, say) are left alone if their domain is not the mm's: they are not counted as
+    /// the mm's, and a write gives the mm its own copy as usual.
+    pub fn set_domain(&mut self, mm: MmId, domain: DomainId) -> Result<(), DomainError> {
+        if self.items.has_items(mm) {
+            return Err(DomainError::AlreadyScanned { mm, domain });
+        }
+        self.mm_state(mm).domain = domain;
+        Ok(())
+    }
+
+    /// The security domain of `mm` (see [`Ksm::set_domain`]).
+    pub fn domain(&self, mm: MmId) -> DomainId {
+        self.mms.get(&mm).map_or(DomainId::default(), |s| s.domain)
     }
 
     fn nid_root(&self, nid: u32) -> u32 {
@@ -982,8 +1060,13 @@ impl Ksm {
         clock: &dyn Clock,
         page: &PageRef,
         hash: u64,
+        domain: DomainId,
     ) -> Option<(FrameId, u32)> {
-        let key = (hash, self.nid_root(page.nid));
+        let key = Key {
+            hash,
+            nid: self.nid_root(page.nid),
+            domain,
+        };
         let now_ms = clock.now_ns() / 1_000_000;
         loop {
             let &root = self.stable.get(&key)?;
@@ -1016,9 +1099,14 @@ impl Ksm {
         kpfn: FrameId,
         hash: u64,
         nid: u32,
+        domain: DomainId,
         now_ms: u64,
     ) -> u32 {
-        let key = (hash, self.nid_root(nid));
+        let key = Key {
+            hash,
+            nid: self.nid_root(nid),
+            domain,
+        };
         let mut chain_with: Option<u32> = None;
         let mut in_index = true;
         while let Some(&root) = self.stable.get(&key) {
@@ -1106,14 +1194,16 @@ impl Ksm {
         self.mm_state(mm).ksm_merging_pages += 1;
     }
 
-    /// `unstable_tree_search_insert`: an identical page met earlier in this pass, or insert
-    /// this one.
+    /// `unstable_tree_search_insert`: an identical page of the same domain met earlier in
+    /// this pass, or insert this one. (The domain is not part of the bucket: the items of
+    /// other domains are passed over like other contents under the same checksum.)
     fn unstable_tree_search_insert<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
         it: u32,
         page: &PageRef,
         hash: u64,
+        domain: DomainId,
     ) -> Option<(u32, PageRef)> {
         let nid = self.nid_root(page.nid);
         let checksum = hash as u32;
@@ -1122,7 +1212,10 @@ impl Ksm {
             let next = self.items.link(t);
             let in_root =
                 matches!(self.items.state(t), ItemState::Unstable { nid: n, .. } if n == nid);
-            if in_root && self.items.checksum(t) == checksum {
+            if in_root
+                && self.items.checksum(t) == checksum
+                && self.domain(self.items.mm(t)) == domain
+            {
                 let (tmm, taddr) = (self.items.mm(t), self.items.address(t));
                 // As the kernel's tree walk: a node whose page is gone ends the search.
                 let tree_page = mem.get_page(tmm, taddr)?;
@@ -1170,6 +1263,7 @@ impl Ksm {
         page: PageRef,
     ) {
         let (mm, addr) = (self.items.mm(it), self.items.address(it));
+        let domain = self.domain(mm);
         let mut bypass = false;
         let page_node = if page.ksm {
             self.frame_node.get(&page.frame).copied()
@@ -1179,6 +1273,11 @@ impl Ksm {
         let mut hash = 0;
         let found = if let Some(node) = page_node {
             if self.items.state(it) == (ItemState::Stable { node }) {
+                return;
+            }
+            if self.nodes[node].key.domain != domain {
+                // A KSM page of another domain (mapped since before set_domain): never
+                // joined to this mm's pages.
                 return;
             }
             // A KSM page forked: this mapping may go over the sharing limit.
@@ -1206,7 +1305,7 @@ impl Ksm {
                     Err(_) => {}
                 }
             }
-            self.stable_tree_search(mem, clock, &page, hash)
+            self.stable_tree_search(mem, clock, &page, hash, domain)
         };
         if let Some((kpfn, node)) = found {
             if kpfn == page.frame && self.items.state(it) == (ItemState::Stable { node }) {
@@ -1226,7 +1325,8 @@ impl Ksm {
             }
             return;
         }
-        let Some((tree_it, tree_page)) = self.unstable_tree_search_insert(mem, it, &page, hash)
+        let Some((tree_it, tree_page)) =
+            self.unstable_tree_search_insert(mem, it, &page, hash, domain)
         else {
             return;
         };
@@ -1244,7 +1344,7 @@ impl Ksm {
         }
         self.remove_rmap_item_from_tree(mem, tree_it);
         let now_ms = clock.now_ns() / 1_000_000;
-        let node = self.stable_tree_insert(mem, kpfn, hash, page.nid, now_ms);
+        let node = self.stable_tree_insert(mem, kpfn, hash, page.nid, domain, now_ms);
         self.stable_tree_append(tree_it, node, false);
         self.stable_tree_append(it, node, false);
     }

@@ -69,8 +69,10 @@ pub use convergence::{Convergence, Observation, Until};
 pub use counters::{KsmCounters, KsmStat, MergeState, COUNTER_NAMES};
 #[cfg(any(test, feature = "test-hooks"))]
 pub use ksm::StableMapping;
-pub use ksm::{Ksm, ScanBatch, RMAP_ITEM_BYTES};
+pub use ksm::{DomainError, Ksm, MmExit, ScanBatch, RMAP_ITEM_BYTES};
 pub use memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
-pub use page::{calc_checksum, is_zero_page, page_hash, FrameId, MmId, PAGE_SIZE, PAGE_SIZE_U64};
+pub use page::{
+    calc_checksum, is_zero_page, page_hash, DomainId, FrameId, MmId, PAGE_SIZE, PAGE_SIZE_U64,
+};
 pub use tunables::{AdvisorMode, KnobError, Run, Tunables, SAMEPAGE_ONLY_TUNABLES, TUNABLE_NAMES};
 pub use zero_pages::KsmZeroPages;

@@ -11,6 +11,14 @@ pub const PAGE_SIZE_U64: u64 = PAGE_SIZE as u64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MmId(pub u32);
 
+/// A security domain: pages of address spaces in different domains are never compared or
+/// merged (KSM pages are per domain; the shared zero page is everyone's). Every address space
+/// starts in domain 0 (`DomainId::default()`); see [`Ksm::set_domain`](crate::Ksm::set_domain).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct DomainId(pub u32);
+
 /// The identity of a physical page (the kernel's PFN), as the backend names it.
 ///
 /// Two mappings share memory exactly when they map the same `FrameId`. Backends never reuse an

@@ -3,8 +3,8 @@
 
 use crate::mm::{Prot, SimError, SimMemory};
 use samepage_engine::{
-    Clock, Convergence, KnobError, Ksm, KsmCounters, KsmStat, MmId, ScanBatch, UnmergeError, Until,
-    PAGE_SIZE, PAGE_SIZE_U64,
+    Clock, Convergence, DomainError, DomainId, KnobError, Ksm, KsmCounters, KsmStat, MmExit, MmId,
+    ScanBatch, UnmergeError, Until, PAGE_SIZE, PAGE_SIZE_U64,
 };
 
 /// Virtual nanoseconds ksmd spends per scanned page in the simulation's time model.
@@ -265,15 +265,22 @@ impl SimSystem {
         }
         let new = self.mem.create_mm();
         self.ksm.execve(mm, new);
-        self.exit(mm)?;
+        // The old mm is KSM's to free, now or on its next pass.
+        let _ = self.exit(mm)?;
         Ok(new)
     }
 
-    /// `exit`.
-    pub fn exit(&mut self, mm: MmId) -> Result<(), SysError> {
+    /// `exit`: the address space is torn down, then KSM's `ksm_exit` runs. Says whether KSM
+    /// freed everything of it at once (see [`Ksm::exit`]).
+    pub fn exit(&mut self, mm: MmId) -> Result<MmExit, SysError> {
         self.mem.exit(mm)?;
-        self.ksm.exit(mm);
-        Ok(())
+        Ok(self.ksm.exit(mm))
+    }
+
+    /// Put process `mm` in security domain `domain` (see [`Ksm::set_domain`]): before its
+    /// pages are scanned.
+    pub fn set_domain(&mut self, mm: MmId, domain: DomainId) -> Result<(), DomainError> {
+        self.ksm.set_domain(mm, domain)
     }
 
     /// `echo value > /sys/kernel/mm/ksm/name`.
