@@ -3,7 +3,7 @@
 use crate::advisor::{AdvisorCtx, AdvisorKnobs, Clock};
 use crate::arena::Arena;
 use crate::counters::{KsmCounters, KsmStat};
-use crate::memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError};
+use crate::memory::{FailedMerge, Memory, MergeError, MergeInto, PageRef, UnmergeError};
 use crate::page::{zero_page_hash, DomainId, FrameId, MmId, PAGE_SIZE_U64};
 use crate::rmap::{ItemState, Items, UnstableIndex, NIL};
 use crate::tunables::{parse_knob, AdvisorMode, KnobError, KnobValue, Run, Tunables};
@@ -97,6 +97,9 @@ pub struct ScanBatch {
     pub scanned: u64,
     /// The batch ended because a full scan completed.
     pub full_scan_done: bool,
+    /// Merges the backend accepted and then reported failed
+    /// ([`Memory::take_failed_merges`]); the engine undid them.
+    pub merges_failed: u64,
 }
 
 /// The engine: every tunable, counter, tree and rmap item of KSM.
@@ -113,6 +116,8 @@ pub struct Ksm {
     stable_node_dups: u64,
     /// `ksm_scan.seqnr`, i.e. `full_scans`.
     seqnr: u64,
+    /// Merges the backend accepted and then reported failed, since the engine was made.
+    merges_failed: u64,
     mms: FxHashMap<MmId, MmState>,
     /// The scan list (`ksm_mm_head`).
     slots: Vec<MmSlot>,
@@ -127,6 +132,27 @@ pub struct Ksm {
     /// `page_stable_node()`: which stable node a KSM page belongs to.
     frame_node: FxHashMap<FrameId, u32>,
     advisor: AdvisorCtx,
+    /// The new KSM pages of this batch (`try_to_merge_two_pages`), until the backend says
+    /// which of its accepted merges failed.
+    pending_pairs: Vec<PendingPair>,
+    /// Scratch for [`Memory::take_failed_merges`].
+    failed: Vec<FailedMerge>,
+}
+
+/// A KSM page made in this batch from two pages, whose merges the backend may still fail.
+#[derive(Clone, Copy, Debug)]
+struct PendingPair {
+    /// The stable node inserted for it.
+    node: u32,
+    kpfn: FrameId,
+    /// The item of the page promoted into the KSM page.
+    promoted: u32,
+    /// The item of the unstable tree's page merged into it.
+    merged: u32,
+    /// Where `merged` was before: the unstable tree of this pass.
+    merged_was: ItemState,
+    /// The chain that `stable_tree_insert` made for the node, if it made one.
+    new_chain: Option<u32>,
 }
 
 impl Default for Ksm {
@@ -149,6 +175,7 @@ impl Ksm {
             stable_node_chains: 0,
             stable_node_dups: 0,
             seqnr: 0,
+            merges_failed: 0,
             mms: FxHashMap::default(),
             slots: Vec::new(),
             cur: None,
@@ -159,6 +186,8 @@ impl Ksm {
             stable: FxHashMap::default(),
             frame_node: FxHashMap::default(),
             advisor: AdvisorCtx::default(),
+            pending_pairs: Vec::new(),
+            failed: Vec::new(),
         }
     }
 
@@ -170,6 +199,12 @@ impl Ksm {
     /// `full_scans`.
     pub fn full_scans(&self) -> u64 {
         self.seqnr
+    }
+
+    /// Merges the backend accepted and later reported failed
+    /// ([`Memory::take_failed_merges`]), since the engine was made (not a kernel counter).
+    pub fn merges_failed(&self) -> u64 {
+        self.merges_failed
     }
 
     /// Number of rmap items (`ksm_rmap_items`, not a sysfs file).
@@ -264,6 +299,7 @@ impl Ksm {
         name: &str,
         value: &str,
     ) -> Result<(), KnobError> {
+        self.settle_merges(mem);
         match parse_knob(name, value)? {
             KnobValue::Run(r) => {
                 if r != self.tun.run {
@@ -416,6 +452,7 @@ impl Ksm {
         start: u64,
         end: u64,
     ) -> Result<(), UnmergeError> {
+        self.settle_merges(mem);
         let mut addr = start;
         while let Some(v) = mem.find_vma(mm, addr) {
             if v.start >= end {
@@ -440,6 +477,7 @@ impl Ksm {
         mm: MmId,
         enable: bool,
     ) -> Result<(), UnmergeError> {
+        self.settle_merges(mem);
         let merge_any = self.mm_state(mm).merge_any;
         if enable {
             if merge_any {
@@ -597,6 +635,7 @@ impl Ksm {
     ) -> ScanBatch {
         let mut batch = ScanBatch::default();
         let seqnr = self.seqnr;
+        let failed = self.merges_failed;
         for _ in 0..n {
             match self.scan_get_next_rmap_item(mem, clock) {
                 Some((item, page)) => {
@@ -610,7 +649,127 @@ impl Ksm {
                 }
             }
         }
+        self.settle_merges(mem);
+        batch.merges_failed = self.merges_failed - failed;
         batch
+    }
+
+    /// Ask the backend which of the merges it accepted failed ([`Memory::take_failed_merges`])
+    /// and undo the engine's side of each, so that the counters are as if the merge had
+    /// failed at once:
+    ///
+    /// - a page merged into a KSM page of the stable tree leaves that node (the kernel's
+    ///   `try_to_merge_with_ksm_page` failing: the item stays out of both trees);
+    /// - a pair made into a new KSM page (`try_to_merge_two_pages`) where either half failed
+    ///   is undone as the kernel undoes it: both items leave the new node, which goes (and a
+    ///   chain made in this batch that is left with one dup turns back into a regular node),
+    ///   the unstable tree's item goes back to the unstable tree, and the half that did
+    ///   succeed is unshared again (`break_cow`). Pages merged into that KSM page later in
+    ///   the same batch keep their merge if it succeeded: the kernel would have put them in
+    ///   the unstable tree instead, and the next pass goes on from either state;
+    /// - a zero-page merge needs nothing: the item stayed volatile and the backend counts
+    ///   zero pages itself.
+    fn settle_merges<M: Memory + ?Sized>(&mut self, mem: &mut M) {
+        let mut failed = std::mem::take(&mut self.failed);
+        failed.clear();
+        mem.take_failed_merges(&mut failed);
+        let pairs = std::mem::take(&mut self.pending_pairs);
+        if !failed.is_empty() {
+            self.merges_failed += failed.len() as u64;
+            let mut items: FxHashMap<(MmId, u64), bool> =
+                failed.iter().map(|f| ((f.mm, f.addr), false)).collect();
+            let key = |ksm: &Self, it: u32| (ksm.items.mm(it), ksm.items.address(it));
+            // Pairs first: a later page merged into a pair's KSM page is undone on its own.
+            for p in &pairs {
+                let a = items.get_mut(&key(self, p.promoted)).map(|d| *d = true);
+                let b = items.get_mut(&key(self, p.merged)).map(|d| *d = true);
+                if a.is_some() || b.is_some() {
+                    self.undo_pair(mem, p, a.is_some(), b.is_some());
+                }
+            }
+            for ((mm, addr), done) in items {
+                if done {
+                    continue;
+                }
+                if let Some(it) = self.items.find(mm, addr) {
+                    if matches!(self.items.state(it), ItemState::Stable { .. }) {
+                        self.remove_rmap_item_from_tree(mem, it);
+                    }
+                }
+            }
+            // A chain made in this batch that is down to one dup (or none) would not have
+            // been made had the failed merges failed at once.
+            for chain in pairs.iter().filter_map(|p| p.new_chain) {
+                self.unmake_chain(chain);
+            }
+        }
+        self.pending_pairs = pairs;
+        self.pending_pairs.clear();
+        self.failed = failed;
+    }
+
+    /// Undo the pair `p` after the backend failed its promotion (`promote_failed`) or the
+    /// merge of the unstable tree's page into it (`merge_failed`).
+    fn undo_pair<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        p: &PendingPair,
+        promote_failed: bool,
+        merge_failed: bool,
+    ) {
+        let node_ok = self
+            .nodes
+            .get(p.node)
+            .is_some_and(|n| n.kpfn == p.kpfn && !matches!(n.kind, NodeKind::Chain { .. }));
+        if !node_ok {
+            return;
+        }
+        for it in [p.promoted, p.merged] {
+            if self.items.state(it) == (ItemState::Stable { node: p.node }) {
+                self.unlink_stable_item(p.node, it);
+            }
+        }
+        // The unstable tree's page stays in the unstable tree when the merge fails.
+        if self.items.state(p.merged) == ItemState::Volatile {
+            if let ItemState::Unstable { nid, seqnr } = p.merged_was {
+                self.items.set_state(p.merged, p.merged_was);
+                if seqnr == self.seqnr as u8 {
+                    self.unstable.insert(&mut self.items, p.merged, nid);
+                }
+                self.pages_unshared += 1;
+            }
+        }
+        // Without the promotion nothing on the node maps a KSM page: the pages merged into
+        // it failed too (and are reported), and the forks that share the promoted page were
+        // attached to it without a merge of their own.
+        if promote_failed || self.nodes[p.node].len == 0 {
+            self.remove_node_from_stable_tree(p.node);
+        }
+        match (promote_failed, merge_failed) {
+            (false, true) => self.break_cow(mem, p.promoted),
+            (true, false) => self.break_cow(mem, p.merged),
+            _ => {}
+        }
+    }
+
+    /// A chain made in this batch with fewer than two dups left: with one it turns back into
+    /// that regular node, with none it goes.
+    fn unmake_chain(&mut self, chain: u32) {
+        let Some(NodeKind::Chain { dups, .. }) = self.nodes.get(chain).map(|n| &n.kind) else {
+            return;
+        };
+        match dups[..] {
+            [] => self.free_stable_node_chain(chain),
+            [dup] => {
+                let key = self.nodes[chain].key;
+                self.nodes.remove(chain);
+                self.nodes[dup].kind = NodeKind::Regular;
+                self.stable.insert(key, dup);
+                self.stable_node_chains -= 1;
+                self.stable_node_dups -= 1;
+            }
+            _ => {}
+        }
     }
 
     /// Put `mm` in security `domain`: from now on its pages are compared and merged only with
@@ -726,6 +885,8 @@ impl Ksm {
             }
             self.address = 0;
             if next >= self.slots.len() {
+                // Every merge of the pass settled before the pass counts as done.
+                self.settle_merges(mem);
                 self.cur = None;
                 if self.tun.advisor_mode == AdvisorMode::ScanTime {
                     let k = AdvisorKnobs {
@@ -838,14 +999,8 @@ impl Ksm {
                     self.remove_node_from_stable_tree(node);
                     return;
                 }
-                self.unlink_from_node(node, it);
-                if self.nodes[node].len == 0 {
-                    self.pages_shared -= 1;
-                } else {
-                    self.pages_sharing -= 1;
-                }
-                let mm = self.items.mm(it);
-                self.mm_state(mm).ksm_merging_pages -= 1;
+                self.unlink_stable_item(node, it);
+                return;
             }
             ItemState::Unstable { nid, seqnr } => {
                 let age = (self.seqnr as u8).wrapping_sub(seqnr);
@@ -858,6 +1013,19 @@ impl Ksm {
             }
         }
         self.items.set_link(it, NIL);
+        self.items.set_state(it, ItemState::Volatile);
+    }
+
+    /// Take the stable item `it` off its live `node`, uncounted; it is volatile afterwards.
+    fn unlink_stable_item(&mut self, node: u32, it: u32) {
+        self.unlink_from_node(node, it);
+        if self.nodes[node].len == 0 {
+            self.pages_shared -= 1;
+        } else {
+            self.pages_sharing -= 1;
+        }
+        let mm = self.items.mm(it);
+        self.mm_state(mm).ksm_merging_pages -= 1;
         self.items.set_state(it, ItemState::Volatile);
     }
 
@@ -1093,6 +1261,7 @@ impl Ksm {
 
     /// `stable_tree_insert`: a node for the new KSM page `kpfn`, as a regular node, or as a
     /// dup of a chain when the content is already there (all its KSM pages being full).
+    /// Returns the node, and the chain if one was made for it.
     fn stable_tree_insert<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -1101,7 +1270,7 @@ impl Ksm {
         nid: u32,
         domain: DomainId,
         now_ms: u64,
-    ) -> u32 {
+    ) -> (u32, Option<u32>) {
         let key = Key {
             hash,
             nid: self.nid_root(nid),
@@ -1134,6 +1303,7 @@ impl Ksm {
             len: 0,
         });
         self.frame_node.insert(kpfn, node);
+        let mut new_chain = None;
         match chain_with {
             None if in_index => {
                 self.stable.insert(key, node);
@@ -1158,6 +1328,7 @@ impl Ksm {
                     self.stable.insert(key, chain);
                     self.stable_node_chains += 1;
                     self.stable_node_dups += 1;
+                    new_chain = Some(chain);
                     chain
                 };
                 if let NodeKind::Chain { dups, .. } = &mut self.nodes[chain].kind {
@@ -1167,7 +1338,7 @@ impl Ksm {
                 self.stable_node_dups += 1;
             }
         }
-        node
+        (node, new_chain)
     }
 
     /// `stable_tree_append`. Only a forked KSM page (`max_page_sharing_bypass`) may take a
@@ -1265,7 +1436,10 @@ impl Ksm {
         let (mm, addr) = (self.items.mm(it), self.items.address(it));
         let domain = self.domain(mm);
         let mut bypass = false;
-        let page_node = if page.ksm {
+        // A page promoted in this batch may not be a KSM page yet in a backend that defers
+        // merges, but it has its stable node already: it is treated as the KSM page it is
+        // about to be (never promoted twice).
+        let page_node = if page.ksm || !self.pending_pairs.is_empty() {
             self.frame_node.get(&page.frame).copied()
         } else {
             None
@@ -1276,8 +1450,10 @@ impl Ksm {
                 return;
             }
             if self.nodes[node].key.domain != domain {
-                // A KSM page of another domain (mapped since before set_domain): never
-                // joined to this mm's pages.
+                // A KSM page of another domain (mapped since before set_domain, or promoted
+                // while a fork of this mm shared it): never joined to this mm's pages, and
+                // out of both trees.
+                self.remove_rmap_item_from_tree(mem, it);
                 return;
             }
             // A KSM page forked: this mapping may go over the sharing limit.
@@ -1342,11 +1518,21 @@ impl Ksm {
             self.break_cow(mem, it);
             return;
         }
+        let merged_was = self.items.state(tree_it);
         self.remove_rmap_item_from_tree(mem, tree_it);
         let now_ms = clock.now_ns() / 1_000_000;
-        let node = self.stable_tree_insert(mem, kpfn, hash, page.nid, domain, now_ms);
+        let (node, new_chain) = self.stable_tree_insert(mem, kpfn, hash, page.nid, domain, now_ms);
         self.stable_tree_append(tree_it, node, false);
         self.stable_tree_append(it, node, false);
+        // Either merge may still fail in the backend (take_failed_merges).
+        self.pending_pairs.push(PendingPair {
+            node,
+            kpfn,
+            promoted: it,
+            merged: tree_it,
+            merged_was,
+            new_chain,
+        });
     }
 
     // ----- run=2 -----

@@ -70,7 +70,7 @@ pub use counters::{KsmCounters, KsmStat, MergeState, COUNTER_NAMES};
 #[cfg(any(test, feature = "test-hooks"))]
 pub use ksm::StableMapping;
 pub use ksm::{DomainError, Ksm, MmExit, ScanBatch, RMAP_ITEM_BYTES};
-pub use memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
+pub use memory::{FailedMerge, Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
 pub use page::{
     calc_checksum, is_zero_page, page_hash, DomainId, FrameId, MmId, PAGE_SIZE, PAGE_SIZE_U64,
 };

@@ -68,6 +68,18 @@ pub enum MergeError {
     NoBudget,
 }
 
+/// A merge that [`Memory::merge`] accepted (returned `Ok`) but the backend could not carry
+/// out, as [`Memory::take_failed_merges`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailedMerge {
+    /// The address space of the page.
+    pub mm: MmId,
+    /// The page's address, as it was passed to [`Memory::merge`].
+    pub addr: u64,
+    /// Why it failed.
+    pub error: MergeError,
+}
+
 /// Why an unmerge ([`Memory::break_ksm`]) failed. The pages unshared before the failure stay
 /// unshared; the others stay merged.
 #[derive(Debug, Error)]
@@ -137,4 +149,20 @@ pub trait Memory {
 
     /// `ksm_zero_pages` of one address space, or the global count for `None`.
     fn ksm_zero_pages(&self, mm: Option<MmId>) -> i64;
+
+    /// Carry out every merge accepted by [`Memory::merge`] and not done yet, and append to
+    /// `out` those that failed. A backend that merges synchronously has nothing to do here
+    /// (the default).
+    ///
+    /// A backend may accept a merge (return `Ok`) and do it later, at the latest in this
+    /// call, which the engine makes at the end of every scan batch and before a full scan
+    /// completes; after it returns, every accepted merge is done or reported. Until then the
+    /// backend answers as if the accepted merges were done: a frame accepted for
+    /// [`MergeInto::Promote`] is a live KSM page for [`Memory::ksm_page_alive`], and a merge
+    /// into it ([`MergeInto::KsmPage`]) is accepted too and carried out after the promotion.
+    /// Merges are carried out in the order they were accepted. For each failure the engine
+    /// undoes its bookkeeping for that page (see [`Ksm::do_scan`](crate::Ksm::do_scan)).
+    fn take_failed_merges(&mut self, out: &mut Vec<FailedMerge>) {
+        let _ = out;
+    }
 }

@@ -164,6 +164,14 @@ impl Items {
         (it, true)
     }
 
+    /// The item for `(mm, addr)`, if there is one.
+    pub fn find(&mut self, mm: MmId, addr: u64) -> Option<u32> {
+        let base = addr & !(CHUNK_SPAN - 1);
+        let slot = ((addr - base) / PAGE_SIZE_U64) as usize;
+        let c = self.chunk_of(mm, base)?;
+        (self.chunks[c as usize].present & 1 << slot != 0).then_some(c << CHUNK_SHIFT | slot as u32)
+    }
+
     /// Free a volatile item.
     pub fn remove(&mut self, it: u32) {
         let (c, s) = split(it);

@@ -22,5 +22,5 @@
 pub mod mm;
 pub mod system;
 
-pub use mm::{Prot, Pte, SimError, SimMemory, Vma};
+pub use mm::{BatchRace, FailEvery, Prot, Pte, SimError, SimMemory, Vma};
 pub use system::{Advice, SimSystem, Spawned, SysError, VirtualClock, SIM_NS_PER_PAGE};

@@ -5,10 +5,12 @@
 //! by read faults, the zero page placed by KSM (marked, like the kernel's dirty bit), discards,
 //! unmaps, protection changes, fork and exit, pinned pages, and the NUMA node of each frame.
 
-use samepage_engine::memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
+use samepage_engine::memory::{
+    FailedMerge, Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo,
+};
 use samepage_engine::page::{is_zero_page, page_hash, FrameId, MmId, PAGE_SIZE, PAGE_SIZE_U64};
 use samepage_engine::KsmZeroPages;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;
 
 /// Access rights of an area.
@@ -262,6 +264,94 @@ impl Frames {
 /// Start of the address range new areas are placed in (above `mmap_min_addr`).
 const MMAP_BASE: u64 = 0x1000_0000;
 
+/// Which deferred merges [`SimMemory::defer_merges`] fails on purpose: about one in `n`,
+/// chosen by a hash of `seed` and the merge's number (merges are numbered from 1 in the order
+/// they were accepted), so a run is the same every time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailEvery {
+    /// One merge in `n` fails on average; 1 fails them all, 0 none.
+    pub n: u32,
+    /// Picks which ones.
+    pub seed: u64,
+}
+
+impl FailEvery {
+    /// Whether merge number `seq` fails, and as what.
+    fn verdict(&self, seq: u64) -> Option<MergeError> {
+        if self.n == 0 {
+            return None;
+        }
+        let h = splitmix64(self.seed ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        if !h.is_multiple_of(self.n as u64) {
+            return None;
+        }
+        // What a real backend meets: the page went away, changed, or got pinned meanwhile.
+        Some([MergeError::Gone, MergeError::Changed, MergeError::Pinned][(h >> 32) as usize % 3])
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Something the process does while a scan batch runs, between the engine's accepting a
+/// merge and the backend's carrying it out ([`SimMemory::during_batch`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BatchRace {
+    /// A store of `data` at `addr`.
+    Write {
+        /// The process.
+        mm: MmId,
+        /// Where.
+        addr: u64,
+        /// What.
+        data: Vec<u8>,
+    },
+    /// `MADV_DONTNEED` of `len` bytes at `addr`.
+    DontNeed {
+        /// The process.
+        mm: MmId,
+        /// Where.
+        addr: u64,
+        /// How much.
+        len: u64,
+    },
+    /// A pin of the page at `addr` for I/O ([`SimMemory::pin`]).
+    Pin {
+        /// The process.
+        mm: MmId,
+        /// Where.
+        addr: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct QueuedMerge {
+    mm: MmId,
+    addr: u64,
+    page: FrameId,
+    into: MergeInto,
+}
+
+/// Merges accepted and not carried out yet ([`SimMemory::defer_merges`]).
+#[derive(Clone, Debug, Default)]
+struct Deferred {
+    /// Merges are deferred (else only races wait here).
+    on: bool,
+    fail: Option<FailEvery>,
+    queue: Vec<QueuedMerge>,
+    /// Frames accepted for promotion.
+    promoted: BTreeSet<FrameId>,
+    failed: Vec<FailedMerge>,
+    /// Merges accepted so far (the number of the last one).
+    seq: u64,
+    /// Done by the process before the queued merges are carried out.
+    races: Vec<BatchRace>,
+}
+
 /// The simulated memory manager.
 #[derive(Clone, Debug, Default)]
 pub struct SimMemory {
@@ -271,6 +361,8 @@ pub struct SimMemory {
     next_mm: u32,
     /// Writes that copied a KSM page.
     cow_ksm: u64,
+    /// Deferred merges, when on.
+    deferred: Option<Deferred>,
 }
 
 impl SimMemory {
@@ -585,6 +677,105 @@ impl SimMemory {
         self.frames.limit = limit;
     }
 
+    /// From now on, accept every merge at once ([`Memory::merge`] returns `Ok`) and carry it
+    /// out only when the engine calls [`Memory::take_failed_merges`] (at the end of each
+    /// scan batch), as the live backend does: merges are carried out in the order they were
+    /// accepted and fail for real if the page changed, went away or was pinned in between
+    /// (see [`SimMemory::during_batch`]), and `fail` makes a deterministic subset fail on
+    /// purpose. Until then, a page accepted for promotion counts as a KSM page
+    /// ([`Memory::ksm_page_alive`]).
+    ///
+    /// ```
+    /// use samepage_engine::{FailedMerge, Memory, MergeError, MergeInto};
+    /// use samepage_sim::{FailEvery, Prot, SimMemory};
+    /// let mut mem = SimMemory::new();
+    /// let mm = mem.create_mm();
+    /// let a = mem.mmap(mm, 4096, Prot::RW, false, 0).unwrap();
+    /// mem.write(mm, a, &[7; 4096]).unwrap();
+    /// mem.set_mergeable(mm, a, a + 4096, true);
+    /// let page = mem.get_page(mm, a).unwrap().frame;
+    /// mem.defer_merges(Some(FailEvery { n: 1, seed: 0 })); // fail every one
+    /// assert_eq!(mem.merge(mm, a, page, MergeInto::Promote), Ok(page));
+    /// assert!(mem.ksm_page_alive(page));
+    /// let mut failed = Vec::new();
+    /// mem.take_failed_merges(&mut failed);
+    /// assert_eq!(failed.len(), 1);
+    /// assert_eq!((failed[0].mm, failed[0].addr), (mm, a));
+    /// assert!(!mem.ksm_page_alive(page));
+    /// ```
+    pub fn defer_merges(&mut self, fail: Option<FailEvery>) {
+        let d = self.deferred.get_or_insert_with(Deferred::default);
+        d.on = true;
+        d.fail = fail;
+    }
+
+    /// Merge synchronously again ([`Memory::merge`] says at once whether it worked); merges
+    /// still queued are carried out first and their failures kept for the next
+    /// [`Memory::take_failed_merges`].
+    pub fn merge_synchronously(&mut self) {
+        self.carry_out_merges();
+        if let Some(d) = &mut self.deferred {
+            d.on = false;
+        }
+    }
+
+    /// Merges accepted and not carried out yet.
+    pub fn queued_merges(&self) -> usize {
+        self.deferred.as_ref().map_or(0, |d| d.queue.len())
+    }
+
+    /// Have the process do `race` while the current scan batch runs: after the merges the
+    /// engine asks for in the batch are accepted, before they are carried out (at the next
+    /// [`Memory::take_failed_merges`], [`Memory::break_ksm`] or [`Memory::set_mergeable`]).
+    /// Without [`SimMemory::defer_merges`] it still waits for that moment. A race that fails
+    /// (no such process, address not mapped) is dropped, as a faulting process would be.
+    pub fn during_batch(&mut self, race: BatchRace) {
+        self.deferred
+            .get_or_insert_with(Deferred::default)
+            .races
+            .push(race);
+    }
+
+    /// Do the queued races, then carry out the queued merges in order, keeping failures.
+    fn carry_out_merges(&mut self) {
+        let Some(d) = &mut self.deferred else {
+            return;
+        };
+        let races = std::mem::take(&mut d.races);
+        let queue = std::mem::take(&mut d.queue);
+        for race in races {
+            // A racing access that faults is the process's problem, not the merge's.
+            let _ = match race {
+                BatchRace::Write { mm, addr, data } => self.write(mm, addr, &data),
+                BatchRace::DontNeed { mm, addr, len } => self.madv_dontneed(mm, addr, len),
+                BatchRace::Pin { mm, addr } => self.pin(mm, addr).map(|_| ()),
+            };
+        }
+        for q in queue {
+            let d = self.deferred.as_mut().expect("deferred merges");
+            d.seq += 1;
+            let injected = d.fail.and_then(|f| f.verdict(d.seq));
+            let result = match injected {
+                Some(e) => Err(e),
+                None => self.merge_now(q.mm, q.addr, q.page, q.into).map(|_| ()),
+            };
+            let d = self.deferred.as_mut().expect("deferred merges");
+            if let MergeInto::Promote = q.into {
+                d.promoted.remove(&q.page);
+            }
+            if let Err(error) = result {
+                d.failed.push(FailedMerge {
+                    mm: q.mm,
+                    addr: q.addr,
+                    error,
+                });
+            }
+        }
+        if let Some(d) = &mut self.deferred {
+            d.promoted.clear();
+        }
+    }
+
     /// The limit set by [`SimMemory::set_frame_limit`].
     pub fn frame_limit(&self) -> Option<usize> {
         self.frames.limit
@@ -675,6 +866,57 @@ impl SimMemory {
     pub fn unpin(&mut self, f: FrameId) {
         let fr = self.frames.get_mut(f);
         fr.pins -= 1;
+    }
+
+    /// `try_to_merge_one_page`, at once.
+    fn merge_now(
+        &mut self,
+        mm: MmId,
+        addr: u64,
+        page: FrameId,
+        into: MergeInto,
+    ) -> Result<FrameId, MergeError> {
+        if self.mergeable_pte(mm, addr) != Some(Pte::Page(page)) {
+            return Err(MergeError::Gone);
+        }
+        let fr = self.frames.get(page).ok_or(MergeError::Gone)?;
+        if !fr.anon {
+            return Err(MergeError::Gone);
+        }
+        // write_protect_page: an extra reference (a pin) means I/O may write the page.
+        if fr.pins > 0 {
+            return Err(MergeError::Pinned);
+        }
+        match into {
+            MergeInto::ZeroPage => {
+                if !is_zero_page(self.frames.data(page)) {
+                    return Err(MergeError::Changed);
+                }
+                self.set_pte(mm, addr, Pte::Zero { ksm: true });
+                self.frames.put(page);
+                self.zero.map_zero_page(mm);
+                Ok(page)
+            }
+            MergeInto::Promote => {
+                self.frames.get_mut(page).ksm = true;
+                Ok(page)
+            }
+            MergeInto::KsmPage(k) => {
+                if k == page {
+                    return Ok(k);
+                }
+                if !self.frame_is_ksm(k) {
+                    return Err(MergeError::Gone);
+                }
+                if !self.pages_identical(page, k) {
+                    return Err(MergeError::Changed);
+                }
+                self.frames.get_mut(k).refcount += 1;
+                self.set_pte(mm, addr, Pte::Page(k));
+                self.frames.put(page);
+                Ok(k)
+            }
+        }
     }
 
     fn set_pte(&mut self, mm: MmId, addr: u64, pte: Pte) {
@@ -768,7 +1010,12 @@ impl Memory for SimMemory {
     }
 
     fn ksm_page_alive(&self, frame: FrameId) -> bool {
+        // A page accepted for promotion is a KSM page already, as far as the engine asks.
         self.frame_is_ksm(frame)
+            || self
+                .deferred
+                .as_ref()
+                .is_some_and(|d| d.promoted.contains(&frame))
     }
 
     fn merge(
@@ -778,50 +1025,29 @@ impl Memory for SimMemory {
         page: FrameId,
         into: MergeInto,
     ) -> Result<FrameId, MergeError> {
-        if self.mergeable_pte(mm, addr) != Some(Pte::Page(page)) {
-            return Err(MergeError::Gone);
-        }
-        let fr = self.frames.get(page).ok_or(MergeError::Gone)?;
-        if !fr.anon {
-            return Err(MergeError::Gone);
-        }
-        // write_protect_page: an extra reference (a pin) means I/O may write the page.
-        if fr.pins > 0 {
-            return Err(MergeError::Pinned);
-        }
-        match into {
-            MergeInto::ZeroPage => {
-                if !is_zero_page(self.frames.data(page)) {
-                    return Err(MergeError::Changed);
-                }
-                self.set_pte(mm, addr, Pte::Zero { ksm: true });
-                self.frames.put(page);
-                self.zero.map_zero_page(mm);
-                Ok(page)
-            }
+        let Some(d) = self.deferred.as_mut().filter(|d| d.on) else {
+            return self.merge_now(mm, addr, page, into);
+        };
+        // Accepted now, carried out (or failed) in take_failed_merges.
+        d.queue.push(QueuedMerge {
+            mm,
+            addr,
+            page,
+            into,
+        });
+        Ok(match into {
             MergeInto::Promote => {
-                self.frames.get_mut(page).ksm = true;
-                Ok(page)
+                d.promoted.insert(page);
+                page
             }
-            MergeInto::KsmPage(k) => {
-                if k == page {
-                    return Ok(k);
-                }
-                if !self.frame_is_ksm(k) {
-                    return Err(MergeError::Gone);
-                }
-                if !self.pages_identical(page, k) {
-                    return Err(MergeError::Changed);
-                }
-                self.frames.get_mut(k).refcount += 1;
-                self.set_pte(mm, addr, Pte::Page(k));
-                self.frames.put(page);
-                Ok(k)
-            }
-        }
+            MergeInto::KsmPage(k) => k,
+            MergeInto::ZeroPage => page,
+        })
     }
 
     fn break_ksm(&mut self, mm: MmId, start: u64, end: u64) -> Result<(), UnmergeError> {
+        // Calls take effect in order: merges accepted before this one first.
+        self.carry_out_merges();
         let Some(sp) = self.mms.get_mut(&mm) else {
             return Ok(());
         };
@@ -863,6 +1089,7 @@ impl Memory for SimMemory {
     }
 
     fn set_mergeable(&mut self, mm: MmId, start: u64, end: u64, on: bool) {
+        self.carry_out_merges();
         let Some(sp) = self.mms.get_mut(&mm) else {
             return;
         };
@@ -886,6 +1113,13 @@ impl Memory for SimMemory {
         match mm {
             None => self.zero.global(),
             Some(m) => self.zero.mm(m),
+        }
+    }
+
+    fn take_failed_merges(&mut self, out: &mut Vec<FailedMerge>) {
+        self.carry_out_merges();
+        if let Some(d) = &mut self.deferred {
+            out.append(&mut d.failed);
         }
     }
 }

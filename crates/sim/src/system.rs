@@ -1,7 +1,7 @@
 //! A simulated machine: the memory manager, KSM wired into it where the kernel calls its
 //! hooks (madvise, prctl, mmap, fork, exec, exit), ksmd, and a deterministic virtual clock.
 
-use crate::mm::{Prot, SimError, SimMemory};
+use crate::mm::{BatchRace, FailEvery, Prot, SimError, SimMemory};
 use samepage_engine::{
     Clock, Convergence, DomainError, DomainId, KnobError, Ksm, KsmCounters, KsmStat, MmExit, MmId,
     ScanBatch, UnmergeError, Until, PAGE_SIZE, PAGE_SIZE_U64,
@@ -217,6 +217,18 @@ impl SimSystem {
     /// Give the machine room for at most `limit` frames: see [`SimMemory::set_frame_limit`].
     pub fn set_frame_limit(&mut self, limit: Option<usize>) {
         self.mem.set_frame_limit(limit)
+    }
+
+    /// Carry out merges at the end of each scan batch instead of at once, failing some on
+    /// purpose: see [`SimMemory::defer_merges`].
+    pub fn defer_merges(&mut self, fail: Option<FailEvery>) {
+        self.mem.defer_merges(fail)
+    }
+
+    /// Have a process do `race` while the next scan batch runs, after the engine asked for
+    /// its merges and before they are carried out: see [`SimMemory::during_batch`].
+    pub fn during_batch(&mut self, race: BatchRace) {
+        self.mem.during_batch(race)
     }
 
     /// `madvise`.
