@@ -231,7 +231,7 @@ fn apply(sys: &mut SimSystem, sh: &mut Shadow, op: &Op) {
                     addr,
                     data: vec![val; PAGE_SIZE],
                 });
-                *old = Box::new([val; PAGE_SIZE]);
+                **old = [val; PAGE_SIZE];
             }
             sys.scan(batch);
         }
