@@ -1,4 +1,5 @@
-//! The scanner: `mm/ksm.c`'s algorithm over a [`Memory`] backend.
+//! The scanner: `mm/ksm.c`'s algorithm over a [`Memory`] backend (see the crate
+//! documentation for the algorithm).
 
 use crate::advisor::{AdvisorCtx, AdvisorKnobs, Clock};
 use crate::arena::Arena;
@@ -93,7 +94,7 @@ pub enum MmExit {
 /// What one call of [`Ksm::do_scan`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScanBatch {
-    /// Pages passed to `cmp_and_merge_page`.
+    /// Pages passed to `cmp_and_merge_page` (added to `pages_scanned`).
     pub scanned: u64,
     /// The batch ended because a full scan completed.
     pub full_scan_done: bool,
@@ -102,7 +103,38 @@ pub struct ScanBatch {
     pub merges_failed: u64,
 }
 
-/// The engine: every tunable, counter, tree and rmap item of KSM.
+/// The engine: every tunable, counter, tree and rmap item of KSM, for the address spaces of
+/// one [`Memory`] backend.
+///
+/// The backend's memory manager calls the entry points where the kernel calls KSM's hooks
+/// ([`Ksm::madvise_mergeable`], [`Ksm::prctl_set_memory_merge`], [`Ksm::new_vma_mergeable`],
+/// [`Ksm::fork`], [`Ksm::execve`], [`Ksm::exit`]); a scanner thread (ksmd) calls
+/// [`Ksm::ksmd_batch`] every `sleep_millisecs`; the knobs and counters of
+/// `/sys/kernel/mm/ksm` are [`Ksm::write_knob`], [`Ksm::show`] and [`Ksm::counters`].
+///
+/// ```
+/// use samepage_engine::{Clock, Ksm, Memory, PAGE_SIZE_U64 as PS};
+/// use samepage_sim::{Prot, SimMemory, VirtualClock};
+/// let mut mem = SimMemory::new();
+/// let mut ksm = Ksm::new();
+/// let mm = mem.create_mm();
+/// let a = mem.mmap(mm, 8 * PS, Prot::RW, false, 0).unwrap();
+/// for i in 0..8 {
+///     mem.write(mm, a + i * PS, &[0x5a; 4096]).unwrap();
+/// }
+/// ksm.madvise_mergeable(&mut mem, mm, a, a + 8 * PS);
+/// ksm.write_knob(&mut mem, "run", "1").unwrap();
+/// let clock = VirtualClock::default();
+/// while ksm.full_scans() < 2 {
+///     // A page merges on its second visit: two full scans.
+///     ksm.ksmd_batch(&mut mem, &clock);
+/// }
+/// let c = ksm.counters(&mem);
+/// assert_eq!((c.pages_shared, c.pages_sharing), (1, 7));
+/// assert_eq!(ksm.ksm_stat(&mem, mm).ksm_merging_pages, 8);
+/// ksm.write_knob(&mut mem, "run", "2").unwrap(); // unmerge everything
+/// assert_eq!(ksm.counters(&mem).pages_sharing, 0);
+/// ```
 #[derive(Debug)]
 pub struct Ksm {
     tun: Tunables,
@@ -196,7 +228,7 @@ impl Ksm {
         &self.tun
     }
 
-    /// `full_scans`.
+    /// `full_scans`: full scans completed since the start or the last `run=2`.
     pub fn full_scans(&self) -> u64 {
         self.seqnr
     }
@@ -207,7 +239,7 @@ impl Ksm {
         self.merges_failed
     }
 
-    /// Number of rmap items (`ksm_rmap_items`, not a sysfs file).
+    /// rmap items: pages KSM tracks (the kernel's `ksm_rmap_items`, not a sysfs file).
     pub fn rmap_items(&self) -> u64 {
         self.items.len() as u64
     }
@@ -237,7 +269,9 @@ impl Ksm {
             + self.slots.capacity() * std::mem::size_of::<MmSlot>()
     }
 
-    /// Every counter of `/sys/kernel/mm/ksm`.
+    /// Every counter of `/sys/kernel/mm/ksm`, `ksm_zero_pages` read from `mem`. Every merge
+    /// the backend accepted is settled when [`Ksm::do_scan`] returns, so the counters read
+    /// between batches never count a merge that failed.
     pub fn counters<M: Memory + ?Sized>(&self, mem: &M) -> KsmCounters {
         let rmap_items = self.items.len() as i64;
         let volatile =
@@ -259,7 +293,7 @@ impl Ksm {
         }
     }
 
-    /// `/proc/<pid>/ksm_stat` for `mm`.
+    /// `/proc/<pid>/ksm_stat` for `mm` (zeros for an address space KSM never saw).
     pub fn ksm_stat<M: Memory + ?Sized>(&self, mem: &M, mm: MmId) -> KsmStat {
         let st = self.mms.get(&mm).cloned().unwrap_or_default();
         let zero = mem.ksm_zero_pages(Some(mm));
@@ -292,7 +326,20 @@ impl Ksm {
     }
 
     /// Write a tunable as `echo VALUE > /sys/kernel/mm/ksm/NAME` would, with the kernel's
-    /// validation, errors and side effects (`run=2` unmerges everything).
+    /// validation, errors and side effects: `run=2` unmerges everything and frees every rmap
+    /// item and stable node (on failure, [`KnobError::Unmerge`] with `run` back at 0 and the
+    /// scan cursor at the head); `max_page_sharing` and `merge_across_nodes` change only
+    /// while no KSM page exists ([`KnobError::Busy`]); `advisor_mode` resets `pages_to_scan`.
+    ///
+    /// ```
+    /// use samepage_engine::{KnobError, Ksm};
+    /// let mut mem = samepage_sim::SimMemory::new();
+    /// let mut ksm = Ksm::new();
+    /// ksm.write_knob(&mut mem, "pages_to_scan", "1000\n").unwrap();
+    /// assert_eq!(ksm.show(&mem, "pages_to_scan").as_deref(), Some("1000"));
+    /// assert!(matches!(ksm.write_knob(&mut mem, "run", "3"), Err(KnobError::Invalid { .. })));
+    /// assert!(matches!(ksm.write_knob(&mut mem, "full_scans", "0"), Err(KnobError::ReadOnly(_))));
+    /// ```
     pub fn write_knob<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -388,7 +435,8 @@ impl Ksm {
         }
     }
 
-    /// `MADV_MERGEABLE` on `[start, end)`.
+    /// `MADV_MERGEABLE` on `[start, end)`: the compatible areas become `VM_MERGEABLE` and the
+    /// address space joins the scan list (just behind the cursor, as `__ksm_enter` puts it).
     pub fn madvise_mergeable<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -500,7 +548,7 @@ impl Ksm {
         Ok(())
     }
 
-    /// `prctl(PR_GET_MEMORY_MERGE)`.
+    /// `prctl(PR_GET_MEMORY_MERGE)`: `MMF_VM_MERGE_ANY`.
     pub fn prctl_get_memory_merge(&self, mm: MmId) -> bool {
         self.mms.get(&mm).is_some_and(|s| s.merge_any)
     }
@@ -618,7 +666,7 @@ impl Ksm {
         self.tun.run == Run::Merge && !self.slots.is_empty()
     }
 
-    /// One ksmd wake-up: `ksm_do_scan(pages_to_scan)` if ksmd should run.
+    /// One ksmd wake-up: `ksm_do_scan(pages_to_scan)` if ksmd should run, else nothing.
     pub fn ksmd_batch<M: Memory + ?Sized>(&mut self, mem: &mut M, clock: &dyn Clock) -> ScanBatch {
         if !self.ksmd_should_run() {
             return ScanBatch::default();
@@ -626,7 +674,23 @@ impl Ksm {
         self.do_scan(mem, clock, self.tun.pages_to_scan as u64)
     }
 
-    /// `ksm_do_scan(n)`: scan up to `n` pages; stops early at the end of a full scan.
+    /// `ksm_do_scan(n)`: scan up to `n` pages; stops early at the end of a full scan. `clock`
+    /// times the advisor and the pruning of chains.
+    ///
+    /// Before it returns (and before a full scan counts as completed) it asks the backend
+    /// which merges it accepted and could not carry out ([`Memory::take_failed_merges`]) and
+    /// undoes each, so that the counters are those of the merge failing at once:
+    ///
+    /// - a page merged into a KSM page of the stable tree leaves that node (the kernel's
+    ///   `try_to_merge_with_ksm_page` failing: the page is in neither tree);
+    /// - a pair made into a new KSM page (`try_to_merge_two_pages`) where either half failed:
+    ///   both pages leave the new stable node, which goes (with what was attached to it, if
+    ///   the promotion failed), a chain made in the batch and left with one KSM page becomes
+    ///   a regular node again, the unstable tree's page goes back to the unstable tree, and
+    ///   the half that succeeded is unshared again (`break_cow`), as the kernel does when the
+    ///   second half fails. A page merged into that KSM page later in the same batch keeps
+    ///   its merge if it went through (the KSM page stays, with that mapping);
+    /// - a zero-page merge needs nothing: the backend counts zero pages itself.
     pub fn do_scan<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -655,20 +719,7 @@ impl Ksm {
     }
 
     /// Ask the backend which of the merges it accepted failed ([`Memory::take_failed_merges`])
-    /// and undo the engine's side of each, so that the counters are as if the merge had
-    /// failed at once:
-    ///
-    /// - a page merged into a KSM page of the stable tree leaves that node (the kernel's
-    ///   `try_to_merge_with_ksm_page` failing: the item stays out of both trees);
-    /// - a pair made into a new KSM page (`try_to_merge_two_pages`) where either half failed
-    ///   is undone as the kernel undoes it: both items leave the new node, which goes (and a
-    ///   chain made in this batch that is left with one dup turns back into a regular node),
-    ///   the unstable tree's item goes back to the unstable tree, and the half that did
-    ///   succeed is unshared again (`break_cow`). Pages merged into that KSM page later in
-    ///   the same batch keep their merge if it succeeded: the kernel would have put them in
-    ///   the unstable tree instead, and the next pass goes on from either state;
-    /// - a zero-page merge needs nothing: the item stayed volatile and the backend counts
-    ///   zero pages itself.
+    /// and undo the engine's side of each, as [`Ksm::do_scan`] describes.
     fn settle_merges<M: Memory + ?Sized>(&mut self, mem: &mut M) {
         let mut failed = std::mem::take(&mut self.failed);
         failed.clear();

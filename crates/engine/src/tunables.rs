@@ -34,21 +34,47 @@ pub enum AdvisorMode {
     ScanTime,
 }
 
-/// Every tunable, with the kernel's defaults (`mm/ksm.c`).
+/// Every tunable, with the kernel's defaults (`mm/ksm.c`). Read them with
+/// [`Ksm::tunables`](crate::Ksm::tunables); change them with
+/// [`Ksm::write_knob`](crate::Ksm::write_knob), which validates as the kernel does.
+///
+/// ```
+/// use samepage_engine::{Run, Tunables};
+/// let t = Tunables::default();
+/// assert_eq!((t.run, t.pages_to_scan, t.max_page_sharing), (Run::Stop, 100, 256));
+/// assert_eq!(t.show("advisor_mode").as_deref(), Some("[none] scan-time"));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Tunables {
+    /// `run` (default 0): stop, merge, or unmerge everything.
     pub run: Run,
+    /// `pages_to_scan` (100): pages ksmd scans per wake-up.
     pub pages_to_scan: u32,
+    /// `sleep_millisecs` (20): how long ksmd sleeps between wake-ups.
     pub sleep_millisecs: u32,
+    /// `merge_across_nodes` (1): merge pages of different NUMA nodes; with 0, one stable and
+    /// one unstable tree per node. Changes only while no KSM page exists (else EBUSY).
     pub merge_across_nodes: bool,
+    /// `use_zero_pages` (0): merge zero-filled pages with the shared zero page instead of
+    /// into a KSM page, and count them in `ksm_zero_pages`.
     pub use_zero_pages: bool,
+    /// `max_page_sharing` (256): mappings one KSM page may have; more identical pages make
+    /// more KSM pages, chained. At least 2; changes only while no KSM page exists.
     pub max_page_sharing: i32,
+    /// `stable_node_chains_prune_millisecs` (2000): how often a chain's stale KSM pages are
+    /// pruned.
     pub stable_node_chains_prune_millisecs: u32,
+    /// `smart_scan` (1): visit pages that keep failing to merge less and less often.
     pub smart_scan: bool,
+    /// `advisor_mode` (none): with `scan-time`, the advisor sets `pages_to_scan`.
     pub advisor_mode: AdvisorMode,
+    /// `advisor_max_cpu` (70): CPU percentage the advisor lets ksmd use at most.
     pub advisor_max_cpu: u64,
+    /// `advisor_min_pages_to_scan` (500): the advisor's lower bound for `pages_to_scan`.
     pub advisor_min_pages_to_scan: u64,
+    /// `advisor_max_pages_to_scan` (30000): its upper bound.
     pub advisor_max_pages_to_scan: u64,
+    /// `advisor_target_scan_time` (200): seconds a full scan should take.
     pub advisor_target_scan_time: u64,
     /// samepage's own knob, not the kernel's: with `use_zero_pages`, merge a zero-filled page
     /// with the zero page on its first visit instead of waiting a full scan for its checksum
@@ -111,8 +137,11 @@ pub enum KnobError {
     /// EINVAL: the value does not parse or is out of range.
     #[error("invalid value '{value}' for {name} (EINVAL): {why}")]
     Invalid {
+        /// The knob.
         name: String,
+        /// The value written.
         value: String,
+        /// What is wrong with it.
         why: &'static str,
     },
     /// EBUSY: `max_page_sharing` or `merge_across_nodes` cannot change while KSM pages exist.

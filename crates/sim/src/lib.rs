@@ -18,6 +18,20 @@
 //! let c = sys.counters();
 //! assert_eq!((c.pages_shared, c.pages_sharing), (1, 3));
 //! ```
+//!
+//! It models what KSM's behaviour depends on (see [`mm`]), and on purpose the failures a real
+//! backend meets: a machine with few frames ([`SimMemory::set_frame_limit`]: unmerging runs
+//! out of memory), merges carried out at the end of the scan batch and failing
+//! ([`SimMemory::defer_merges`], [`FailEvery`]), processes acting while a batch runs
+//! ([`SimMemory::during_batch`]).
+//!
+//! ## Features
+//!
+//! - `test-hooks`: `SimSystem::mem_mut` and `SimSystem::parts_mut` (the parts of the
+//!   machine, to act behind KSM's back), and the engine's own test hooks.
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod mm;
 pub mod system;

@@ -16,19 +16,24 @@ use thiserror::Error;
 /// Access rights of an area.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Prot {
+    /// `PROT_READ`.
     pub read: bool,
+    /// `PROT_WRITE`.
     pub write: bool,
 }
 
 impl Prot {
+    /// `PROT_NONE`: every access faults (KSM still merges the pages).
     pub const NONE: Prot = Prot {
         read: false,
         write: false,
     };
+    /// `PROT_READ`.
     pub const READ: Prot = Prot {
         read: true,
         write: false,
     };
+    /// `PROT_READ | PROT_WRITE`.
     pub const RW: Prot = Prot {
         read: true,
         write: true,
@@ -42,7 +47,10 @@ pub enum Pte {
     None,
     /// The shared zero page. `ksm` is the mark KSM sets when it places it (the kernel's
     /// `pte_dirty` on a zero-pfn PTE); a read fault maps it unmarked.
-    Zero { ksm: bool },
+    Zero {
+        /// Placed by KSM (counted in `ksm_zero_pages`).
+        ksm: bool,
+    },
     /// A frame: private anonymous (possibly shared copy-on-write after fork), a KSM page, or
     /// a shared-memory page.
     Page(FrameId),
@@ -51,14 +59,19 @@ pub enum Pte {
 /// Errors of the simulated system calls and accesses.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum SimError {
+    /// The process does not exist (it never did, or it exited).
     #[error("no such address space {0:?}")]
     NoMm(MmId),
+    /// No area covers the address.
     #[error("address {0:#x} is not mapped (SIGSEGV)")]
     NotMapped(u64),
+    /// The area's protection forbids the access.
     #[error("access to {0:#x} violates the area's protection (SIGSEGV)")]
     Protection(u64),
+    /// The address or length (the two values) is not a multiple of the page size.
     #[error("address {0:#x} or length {1:#x} is not page aligned (EINVAL)")]
     Unaligned(u64, u64),
+    /// The range is empty or runs past the end of the address space.
     #[error("zero-length or overflowing range (EINVAL)")]
     BadRange,
     /// Every frame allowed by [`SimMemory::set_frame_limit`] is in use: the fault that needed
@@ -67,11 +80,14 @@ pub enum SimError {
     OutOfMemory(u64),
 }
 
-/// One area.
+/// One area (`struct vm_area_struct`), as [`SimMemory::vmas`] shows it.
 #[derive(Clone, Debug)]
 pub struct Vma {
+    /// First address.
     pub start: u64,
+    /// One past the last address.
     pub end: u64,
+    /// Access rights.
     pub prot: Prot,
     /// MAP_SHARED memory: not anonymous, never merged.
     pub shared: bool,
