@@ -64,6 +64,8 @@ struct MmState {
 struct MmSlot {
     mm: MmId,
     next: u64,
+    /// The mm's security domain (kept here too: the scan needs it for every page).
+    domain: DomainId,
 }
 
 /// Why [`Ksm::set_domain`] refused.
@@ -425,7 +427,12 @@ impl Ksm {
             return;
         }
         self.mm_state(mm).registered = true;
-        let slot = MmSlot { mm, next: 0 };
+        let domain = self.mm_state(mm).domain;
+        let slot = MmSlot {
+            mm,
+            next: 0,
+            domain,
+        };
         match (self.tun.run, self.cur) {
             (Run::Unmerge, _) | (_, None) => self.slots.push(slot),
             (_, Some(i)) => {
@@ -839,6 +846,9 @@ impl Ksm {
             return Err(DomainError::AlreadyScanned { mm, domain });
         }
         self.mm_state(mm).domain = domain;
+        for s in self.slots.iter_mut().filter(|s| s.mm == mm) {
+            s.domain = domain;
+        }
         Ok(())
     }
 
@@ -1485,12 +1495,13 @@ impl Ksm {
         page: PageRef,
     ) {
         let (mm, addr) = (self.items.mm(it), self.items.address(it));
-        let domain = self.domain(mm);
+        // The scan is on the slot of this mm.
+        let domain = match self.cur {
+            Some(si) if self.slots[si].mm == mm => self.slots[si].domain,
+            _ => self.domain(mm),
+        };
         let mut bypass = false;
-        // A page promoted in this batch may not be a KSM page yet in a backend that defers
-        // merges, but it has its stable node already: it is treated as the KSM page it is
-        // about to be (never promoted twice).
-        let page_node = if page.ksm || !self.pending_pairs.is_empty() {
+        let page_node = if page.ksm {
             self.frame_node.get(&page.frame).copied()
         } else {
             None

@@ -347,8 +347,9 @@ pub trait Memory {
     /// call, which the engine makes at the end of every scan batch and before a full scan
     /// completes; after it returns, every accepted merge is done or reported. Until then the
     /// backend answers as if the accepted merges were done: a frame accepted for
-    /// [`MergeInto::Promote`] is a live KSM page for [`Memory::ksm_page_alive`], and a merge
-    /// into it ([`MergeInto::KsmPage`]) is accepted too and carried out after the promotion.
+    /// [`MergeInto::Promote`] is a KSM page ([`PageRef::ksm`] wherever it is mapped, a fork's
+    /// mappings included) and alive ([`Memory::ksm_page_alive`]), and a merge into it
+    /// ([`MergeInto::KsmPage`]) is accepted too and carried out after the promotion.
     /// Merges are carried out in the order they were accepted. For each failure the engine
     /// undoes its bookkeeping for that page (see [`Ksm::do_scan`](crate::Ksm::do_scan)).
     ///

@@ -76,15 +76,14 @@ pub fn zero_page_hash() -> u64 {
 /// assert!(is_zero_page(&[]));
 /// ```
 pub fn is_zero_page(bytes: &[u8]) -> bool {
-    let mut chunks = bytes.chunks_exact(64);
-    let whole = chunks.by_ref().all(|c| {
+    let (whole, tail) = bytes.split_at(bytes.len() / 64 * 64);
+    whole.chunks_exact(64).all(|c| {
         let mut acc = 0u64;
         for w in c.chunks_exact(8) {
             acc |= u64::from_ne_bytes(w.try_into().expect("8-byte chunk"));
         }
         acc == 0
-    });
-    whole && chunks.remainder().iter().all(|&b| b == 0)
+    }) && tail.iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]

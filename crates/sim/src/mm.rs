@@ -752,6 +752,14 @@ impl SimMemory {
             .push(race);
     }
 
+    /// The frames accepted for promotion and not promoted yet, if there are any.
+    fn promoted(&self) -> Option<&BTreeSet<FrameId>> {
+        self.deferred
+            .as_ref()
+            .map(|d| &d.promoted)
+            .filter(|p| !p.is_empty())
+    }
+
     /// Do the queued races, then carry out the queued merges in order, keeping failures.
     fn carry_out_merges(&mut self) {
         let Some(d) = &mut self.deferred else {
@@ -967,6 +975,7 @@ impl Memory for SimMemory {
     }
 
     fn next_page(&mut self, mm: MmId, from: u64, end: u64) -> Option<(u64, PageRef)> {
+        let promoted = self.promoted();
         let sp = self.mms.get(&mm)?;
         let v = &sp.vmas[sp.vma_index(from)?];
         let (a, b) = (v.idx(from), v.idx(end.min(v.end)));
@@ -979,7 +988,7 @@ impl Memory for SimMemory {
                         addr,
                         PageRef {
                             frame: *f,
-                            ksm: fr.ksm,
+                            ksm: fr.ksm || promoted.is_some_and(|p| p.contains(f)),
                             nid: fr.nid,
                         },
                     ));
@@ -990,12 +999,13 @@ impl Memory for SimMemory {
     }
 
     fn get_page(&mut self, mm: MmId, addr: u64) -> Option<PageRef> {
+        let promoted = self.promoted();
         match self.mergeable_pte(mm, addr)? {
             Pte::Page(f) => {
                 let fr = self.frames.get(f)?;
                 fr.anon.then_some(PageRef {
                     frame: f,
-                    ksm: fr.ksm,
+                    ksm: fr.ksm || promoted.is_some_and(|p| p.contains(&f)),
                     nid: fr.nid,
                 })
             }
@@ -1027,11 +1037,7 @@ impl Memory for SimMemory {
 
     fn ksm_page_alive(&self, frame: FrameId) -> bool {
         // A page accepted for promotion is a KSM page already, as far as the engine asks.
-        self.frame_is_ksm(frame)
-            || self
-                .deferred
-                .as_ref()
-                .is_some_and(|d| d.promoted.contains(&frame))
+        self.frame_is_ksm(frame) || self.promoted().is_some_and(|p| p.contains(&frame))
     }
 
     fn merge(
