@@ -63,8 +63,8 @@ const HOT_PAGES: usize = 32;
 /// or zero page breaks its sharing (copy-on-write).
 const ONCE_PAGES: usize = 512;
 
-/// The application inside guest 0: it rewrites a few hot pages continually and, during the
-/// second and third full scans, writes once into pages of the OS image and of free memory.
+/// The application inside guest 0: it rewrites a few hot pages continually and, from the
+/// second full scan on, writes once into pages of the OS image and of free memory.
 fn application(l: &Loaded, stop: &AtomicBool, kinds: &[GuestPage]) -> Changed {
     app_in(&l.ksm, &l.regions[0], stop, kinds)
 }
@@ -103,11 +103,12 @@ pub fn app_in(
             write(data[n as usize % data.len()], n, &mut changed);
         }
         // Reading the counters costs a page-table walk (and, with a daemon, a round trip):
-        // look every 32 writes.
-        if n % 32 == 1 {
+        // look every 8 writes.
+        if scans < 2 && n % 8 == 1 {
             scans = ksm.counters().full_scans;
         }
-        if (2..4).contains(&scans) && next_once < once.len() {
+        // From the second full scan on (pages are merged by then), one write at a time.
+        if scans >= 2 && next_once < once.len() {
             write(once[next_once], n, &mut changed);
             next_once += 1;
         }

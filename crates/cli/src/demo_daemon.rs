@@ -146,6 +146,8 @@ fn start_daemon(exe: &Path, socket: &Path, knobs: &[(String, String)]) -> Result
 pub fn run(a: &DemoArgs) -> Result<(), String> {
     engines::catch_interrupts();
     crate::preflight::check_outputs(&a.live)?;
+    // Every guest process needs a userfaultfd: say so once, before starting anything.
+    samepage_linux::check_userfaultfd().map_err(|e| e.to_string())?;
     let spec = crate::demo::spec(a);
     let kinds = spec.layout().map_err(|e| e.to_string())?;
     let workload = samepage_workload::Workload::guests(&spec).map_err(|e| e.to_string())?;

@@ -3,7 +3,7 @@
 use crate::args::RunArgs;
 use crate::report::{tunables_of, Report, SpaceInfo};
 use clap::Args;
-use samepage_sim::{merge_state, SimSystem, SIM_NS_PER_PAGE};
+use samepage_sim::{SimSystem, SIM_NS_PER_PAGE};
 use std::time::{Duration, Instant};
 
 /// `samepage simulate` arguments: the workload, and a limit on the time it may take.
@@ -28,9 +28,10 @@ pub fn load(args: &RunArgs) -> Result<(SimSystem, Vec<SpaceInfo>), String> {
     let mut sys = SimSystem::new();
     let mut info = Vec::new();
     for space in &workload.spaces {
-        let (mm, _) = sys
+        let mm = sys
             .spawn_with_pages(space.pages(), |i, buf| space.fill_page(i, buf))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .mm;
         info.push(SpaceInfo {
             pid: mm.0,
             name: space.name.clone(),
@@ -76,7 +77,7 @@ pub fn converge(
         ),
     };
     sys.write_knob("run", "1").map_err(|e| e.to_string())?;
-    let mut prev = merge_state(&sys.counters());
+    let mut prev = sys.counters().merge_state();
     let mut last_change_ns = 0;
     let mut passes = 0;
     let mut steps = 0u64;
@@ -91,19 +92,19 @@ pub fn converge(
             }
             _ => {}
         }
-        if !sys.ksm.ksmd_should_run() {
+        if !sys.ksm().ksmd_should_run() {
             return Err("nothing to scan: no address space has a mergeable area".into());
         }
-        let target = sys.ksm.full_scans() + 1;
+        let target = sys.ksm().full_scans() + 1;
         let mut changed = false;
-        while sys.ksm.full_scans() < target {
+        while sys.ksm().full_scans() < target {
             steps += 1;
             if steps.is_multiple_of(256) && t0.elapsed() > timeout {
                 return Err(too_long(passes));
             }
-            let before = sys.clock.now_ns;
+            let before = sys.clock().now_ns;
             let batch = sys.ksmd_step();
-            let now = merge_state(&sys.counters());
+            let now = sys.counters().merge_state();
             if now != prev {
                 changed = true;
                 last_change_ns = before + batch.scanned * SIM_NS_PER_PAGE;
@@ -147,8 +148,8 @@ pub fn run(a: &SimArgs) -> Result<(), String> {
         live: None,
         verification: None,
         metadata: Some(crate::report::MetadataBytes::new(
-            sys.ksm.metadata_bytes() as u64,
-            sys.ksm.rmap_items(),
+            sys.ksm().metadata_bytes() as u64,
+            sys.ksm().rmap_items(),
             None,
         )),
     };

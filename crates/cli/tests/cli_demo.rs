@@ -138,7 +138,7 @@ fn text_report_says_what_was_saved() {
     );
     let t = String::from_utf8(out.stdout).unwrap();
     for s in [
-        "samepage demo: 2 guests of 4 MiB each",
+        "samepage demo: 2 guest processes of 4 MiB each",
         "\npages_sharing ",
         "\nksm_zero_pages ",
         "saved: ",

@@ -1,4 +1,5 @@
-//! A vector with a free list: stable `u32` indices for rmap items and stable nodes.
+//! A vector with a free list: stable `u32` indices for the stable nodes (rmap items live in
+//! the dense chunks of `rmap.rs`).
 
 /// Slots are reused after `remove`; indices stay valid while the value lives.
 #[derive(Clone, Debug)]

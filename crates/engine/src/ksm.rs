@@ -1,19 +1,25 @@
-//! The scanner: `mm/ksm.c`'s algorithm over a [`Memory`] backend.
+//! The scanner: `mm/ksm.c`'s algorithm over a [`Memory`] backend (see the crate
+//! documentation for the algorithm).
 
 use crate::advisor::{AdvisorCtx, AdvisorKnobs, Clock};
 use crate::arena::Arena;
 use crate::counters::{KsmCounters, KsmStat};
 use crate::memory::{FailedMerge, Memory, MergeError, MergeInto, PageRef, UnmergeError};
-use crate::page::{zero_page_hash, FrameId, MmId, PAGE_SIZE_U64};
+use crate::page::{zero_page_hash, DomainId, FrameId, MmId, PAGE_SIZE_U64};
 use crate::rmap::{ItemState, Items, UnstableIndex, NIL};
 use crate::tunables::{parse_knob, AdvisorMode, KnobError, KnobValue, Run, Tunables};
 use rustc_hash::FxHashMap;
 
 pub use crate::rmap::RMAP_ITEM_BYTES;
 
-/// Key of the stable tree's index: the full XXH64 of the contents and the NUMA root
-/// (always 0 with `merge_across_nodes=1`).
-type Key = (u64, u32);
+/// Key of the stable tree's index: the full XXH64 of the contents, the NUMA root (always 0
+/// with `merge_across_nodes=1`) and the security domain: one stable tree per root and domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    hash: u64,
+    nid: u32,
+    domain: DomainId,
+}
 
 #[derive(Clone, Debug)]
 enum NodeKind {
@@ -45,10 +51,10 @@ struct MmState {
     merge_any: bool,
     /// `MMF_VM_MERGEABLE`: the mm has a slot on the scan list.
     registered: bool,
-    /// Security domain: pages of different domains are never merged.
-    domain: u32,
     ksm_rmap_items: u64,
     ksm_merging_pages: u64,
+    /// The security domain whose pages this mm's pages may merge with.
+    domain: DomainId,
 }
 
 /// `struct ksm_mm_slot`. Its `rmap_list` is the mm's items in [`Items`], by address; the
@@ -58,22 +64,79 @@ struct MmState {
 struct MmSlot {
     mm: MmId,
     next: u64,
+    /// The mm's security domain (kept here too: the scan needs it for every page).
+    domain: DomainId,
 }
 
-/// A security domain: pages of different domains are never compared or merged.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DomainId(pub u32);
+/// Why [`Ksm::set_domain`] refused.
+#[derive(Clone, Copy, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DomainError {
+    /// The address space's pages were scanned under its current domain already.
+    #[error(
+        "{mm:?} cannot move to {domain:?}: its pages were scanned in its current domain;          set the domain before it is scanned (or after run=2)"
+    )]
+    AlreadyScanned {
+        /// The address space.
+        mm: MmId,
+        /// The domain it was to move to.
+        domain: DomainId,
+    },
+}
+
+/// What [`Ksm::exit`] did with an exited address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmExit {
+    /// Everything of the mm is freed: the backend may forget it.
+    Released,
+    /// The mm stays on the scan list until the scan frees its rmap items (it had some, or
+    /// the scan cursor was on it); [`Ksm::mm_released`] says when.
+    Deferred,
+}
 
 /// What one call of [`Ksm::do_scan`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScanBatch {
-    /// Pages passed to `cmp_and_merge_page`.
+    /// Pages passed to `cmp_and_merge_page` (added to `pages_scanned`).
     pub scanned: u64,
     /// The batch ended because a full scan completed.
     pub full_scan_done: bool,
+    /// Merges the backend accepted and then reported failed
+    /// ([`Memory::take_failed_merges`]); the engine undid them.
+    pub merges_failed: u64,
 }
 
-/// The engine: every tunable, counter, tree and rmap item of KSM.
+/// The engine: every tunable, counter, tree and rmap item of KSM, for the address spaces of
+/// one [`Memory`] backend.
+///
+/// The backend's memory manager calls the entry points where the kernel calls KSM's hooks
+/// ([`Ksm::madvise_mergeable`], [`Ksm::prctl_set_memory_merge`], [`Ksm::new_vma_mergeable`],
+/// [`Ksm::fork`], [`Ksm::execve`], [`Ksm::exit`]); a scanner thread (ksmd) calls
+/// [`Ksm::ksmd_batch`] every `sleep_millisecs`; the knobs and counters of
+/// `/sys/kernel/mm/ksm` are [`Ksm::write_knob`], [`Ksm::show`] and [`Ksm::counters`].
+///
+/// ```
+/// use samepage_engine::{Clock, Ksm, Memory, PAGE_SIZE_U64 as PS};
+/// use samepage_sim::{Prot, SimMemory, VirtualClock};
+/// let mut mem = SimMemory::new();
+/// let mut ksm = Ksm::new();
+/// let mm = mem.create_mm();
+/// let a = mem.mmap(mm, 8 * PS, Prot::RW, false, 0).unwrap();
+/// for i in 0..8 {
+///     mem.write(mm, a + i * PS, &[0x5a; 4096]).unwrap();
+/// }
+/// ksm.madvise_mergeable(&mut mem, mm, a, a + 8 * PS);
+/// ksm.write_knob(&mut mem, "run", "1").unwrap();
+/// let clock = VirtualClock::default();
+/// while ksm.full_scans() < 2 {
+///     // A page merges on its second visit: two full scans.
+///     ksm.ksmd_batch(&mut mem, &clock);
+/// }
+/// let c = ksm.counters(&mem);
+/// assert_eq!((c.pages_shared, c.pages_sharing), (1, 7));
+/// assert_eq!(ksm.ksm_stat(&mem, mm).ksm_merging_pages, 8);
+/// ksm.write_knob(&mut mem, "run", "2").unwrap(); // unmerge everything
+/// assert_eq!(ksm.counters(&mem).pages_sharing, 0);
+/// ```
 #[derive(Debug)]
 pub struct Ksm {
     tun: Tunables,
@@ -87,6 +150,8 @@ pub struct Ksm {
     stable_node_dups: u64,
     /// `ksm_scan.seqnr`, i.e. `full_scans`.
     seqnr: u64,
+    /// Merges the backend accepted and then reported failed, since the engine was made.
+    merges_failed: u64,
     mms: FxHashMap<MmId, MmState>,
     /// The scan list (`ksm_mm_head`).
     slots: Vec<MmSlot>,
@@ -101,9 +166,27 @@ pub struct Ksm {
     /// `page_stable_node()`: which stable node a KSM page belongs to.
     frame_node: FxHashMap<FrameId, u32>,
     advisor: AdvisorCtx,
-    /// The domain of the page `cmp_and_merge_page` is working on (the index root).
-    cur_domain: u32,
+    /// The new KSM pages of this batch (`try_to_merge_two_pages`), until the backend says
+    /// which of its accepted merges failed.
+    pending_pairs: Vec<PendingPair>,
+    /// Scratch for [`Memory::take_failed_merges`].
     failed: Vec<FailedMerge>,
+}
+
+/// A KSM page made in this batch from two pages, whose merges the backend may still fail.
+#[derive(Clone, Copy, Debug)]
+struct PendingPair {
+    /// The stable node inserted for it.
+    node: u32,
+    kpfn: FrameId,
+    /// The item of the page promoted into the KSM page.
+    promoted: u32,
+    /// The item of the unstable tree's page merged into it.
+    merged: u32,
+    /// Where `merged` was before: the unstable tree of this pass.
+    merged_was: ItemState,
+    /// The chain that `stable_tree_insert` made for the node, if it made one.
+    new_chain: Option<u32>,
 }
 
 impl Default for Ksm {
@@ -126,6 +209,7 @@ impl Ksm {
             stable_node_chains: 0,
             stable_node_dups: 0,
             seqnr: 0,
+            merges_failed: 0,
             mms: FxHashMap::default(),
             slots: Vec::new(),
             cur: None,
@@ -136,20 +220,9 @@ impl Ksm {
             stable: FxHashMap::default(),
             frame_node: FxHashMap::default(),
             advisor: AdvisorCtx::default(),
-            cur_domain: 0,
+            pending_pairs: Vec::new(),
             failed: Vec::new(),
         }
-    }
-
-    /// Put `mm` in security domain `d` (before its pages are scanned).
-    pub fn set_domain(&mut self, mm: MmId, d: DomainId) {
-        self.mm_state(mm).domain = d.0;
-    }
-
-    /// Whether the engine holds nothing of `mm` any more (no slot on the scan list, no
-    /// rmap item).
-    pub fn mm_released(&self, mm: MmId) -> bool {
-        !self.slots.iter().any(|s| s.mm == mm) && !self.items.has_items(mm)
     }
 
     /// The current tunables.
@@ -157,12 +230,18 @@ impl Ksm {
         &self.tun
     }
 
-    /// `full_scans`.
+    /// `full_scans`: full scans completed since the start or the last `run=2`.
     pub fn full_scans(&self) -> u64 {
         self.seqnr
     }
 
-    /// Number of rmap items (`ksm_rmap_items`, not a sysfs file).
+    /// Merges the backend accepted and later reported failed
+    /// ([`Memory::take_failed_merges`]), since the engine was made (not a kernel counter).
+    pub fn merges_failed(&self) -> u64 {
+        self.merges_failed
+    }
+
+    /// rmap items: pages KSM tracks (the kernel's `ksm_rmap_items`, not a sysfs file).
     pub fn rmap_items(&self) -> u64 {
         self.items.len() as u64
     }
@@ -192,7 +271,9 @@ impl Ksm {
             + self.slots.capacity() * std::mem::size_of::<MmSlot>()
     }
 
-    /// Every counter of `/sys/kernel/mm/ksm`.
+    /// Every counter of `/sys/kernel/mm/ksm`, `ksm_zero_pages` read from `mem`. Every merge
+    /// the backend accepted is settled when [`Ksm::do_scan`] returns, so the counters read
+    /// between batches never count a merge that failed.
     pub fn counters<M: Memory + ?Sized>(&self, mem: &M) -> KsmCounters {
         let rmap_items = self.items.len() as i64;
         let volatile =
@@ -214,7 +295,7 @@ impl Ksm {
         }
     }
 
-    /// `/proc/<pid>/ksm_stat` for `mm`.
+    /// `/proc/<pid>/ksm_stat` for `mm` (zeros for an address space KSM never saw).
     pub fn ksm_stat<M: Memory + ?Sized>(&self, mem: &M, mm: MmId) -> KsmStat {
         let st = self.mms.get(&mm).cloned().unwrap_or_default();
         let zero = mem.ksm_zero_pages(Some(mm));
@@ -247,13 +328,27 @@ impl Ksm {
     }
 
     /// Write a tunable as `echo VALUE > /sys/kernel/mm/ksm/NAME` would, with the kernel's
-    /// validation, errors and side effects (`run=2` unmerges everything).
+    /// validation, errors and side effects: `run=2` unmerges everything and frees every rmap
+    /// item and stable node (on failure, [`KnobError::Unmerge`] with `run` back at 0 and the
+    /// scan cursor at the head); `max_page_sharing` and `merge_across_nodes` change only
+    /// while no KSM page exists ([`KnobError::Busy`]); `advisor_mode` resets `pages_to_scan`.
+    ///
+    /// ```
+    /// use samepage_engine::{KnobError, Ksm};
+    /// let mut mem = samepage_sim::SimMemory::new();
+    /// let mut ksm = Ksm::new();
+    /// ksm.write_knob(&mut mem, "pages_to_scan", "1000\n").unwrap();
+    /// assert_eq!(ksm.show(&mem, "pages_to_scan").as_deref(), Some("1000"));
+    /// assert!(matches!(ksm.write_knob(&mut mem, "run", "3"), Err(KnobError::Invalid { .. })));
+    /// assert!(matches!(ksm.write_knob(&mut mem, "full_scans", "0"), Err(KnobError::ReadOnly(_))));
+    /// ```
     pub fn write_knob<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
         name: &str,
         value: &str,
     ) -> Result<(), KnobError> {
+        self.settle_merges(mem);
         match parse_knob(name, value)? {
             KnobValue::Run(r) => {
                 if r != self.tun.run {
@@ -261,7 +356,7 @@ impl Ksm {
                     if r == Run::Unmerge {
                         if let Err(e) = self.unmerge_and_remove_all_rmap_items(mem) {
                             self.tun.run = Run::Stop;
-                            return Err(KnobError::Unmerge(e.to_string()));
+                            return Err(KnobError::Unmerge(e));
                         }
                     }
                 }
@@ -332,7 +427,12 @@ impl Ksm {
             return;
         }
         self.mm_state(mm).registered = true;
-        let slot = MmSlot { mm, next: 0 };
+        let domain = self.mm_state(mm).domain;
+        let slot = MmSlot {
+            mm,
+            next: 0,
+            domain,
+        };
         match (self.tun.run, self.cur) {
             (Run::Unmerge, _) | (_, None) => self.slots.push(slot),
             (_, Some(i)) => {
@@ -342,7 +442,8 @@ impl Ksm {
         }
     }
 
-    /// `MADV_MERGEABLE` on `[start, end)`.
+    /// `MADV_MERGEABLE` on `[start, end)`: the compatible areas become `VM_MERGEABLE` and the
+    /// address space joins the scan list (just behind the cursor, as `__ksm_enter` puts it).
     pub fn madvise_mergeable<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -391,9 +492,14 @@ impl Ksm {
         Ok(())
     }
 
-    /// `MADV_UNMERGEABLE` on `[start, end)`: unshare KSM pages and KSM-placed zero pages, then
-    /// clear `VM_MERGEABLE`. As in the kernel, the rmap items (and so `pages_sharing`) are
-    /// left for the next pass to clean up; zero pages are uncounted at once.
+    /// `MADV_UNMERGEABLE` on `[start, end)`: area by area, unshare KSM pages and KSM-placed
+    /// zero pages, then clear `VM_MERGEABLE`. As in the kernel, the rmap items (and so
+    /// `pages_sharing`) are left for the next pass to clean up; zero pages are uncounted at
+    /// once.
+    ///
+    /// If unsharing fails (no memory for the copies), the error is returned as `ksm_madvise`
+    /// returns it: the areas before the failing one are unmergeable already, the failing one
+    /// and those after it stay mergeable, and the pages unshared so far stay unshared.
     pub fn madvise_unmergeable<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -401,8 +507,21 @@ impl Ksm {
         start: u64,
         end: u64,
     ) -> Result<(), UnmergeError> {
-        self.unmerge_range(mem, mm, start, end)?;
-        mem.set_mergeable(mm, start, end, false);
+        self.settle_merges(mem);
+        let mut addr = start;
+        while let Some(v) = mem.find_vma(mm, addr) {
+            if v.start >= end {
+                break;
+            }
+            if v.mergeable {
+                let (s, e) = (v.start.max(start), v.end.min(end));
+                if v.anon {
+                    mem.break_ksm(mm, s, e)?;
+                }
+                mem.set_mergeable(mm, s, e, false);
+            }
+            addr = v.end;
+        }
         Ok(())
     }
 
@@ -413,6 +532,7 @@ impl Ksm {
         mm: MmId,
         enable: bool,
     ) -> Result<(), UnmergeError> {
+        self.settle_merges(mem);
         let merge_any = self.mm_state(mm).merge_any;
         if enable {
             if merge_any {
@@ -435,7 +555,7 @@ impl Ksm {
         Ok(())
     }
 
-    /// `prctl(PR_GET_MEMORY_MERGE)`.
+    /// `prctl(PR_GET_MEMORY_MERGE)`: `MMF_VM_MERGE_ANY`.
     pub fn prctl_get_memory_merge(&self, mm: MmId) -> bool {
         self.mms.get(&mm).is_some_and(|s| s.merge_any)
     }
@@ -454,12 +574,14 @@ impl Ksm {
     /// `ksm_fork`: the child inherits `MMF_VM_MERGE_ANY` and joins the scan list if the parent
     /// is on it. It inherits no rmap items, so its `ksm_rmap_items` and `ksm_merging_pages`
     /// start at 0 (the 2025 fix); its zero pages are counted by the backend's fork.
+    /// The child is in the parent's security domain.
     pub fn fork(&mut self, parent: MmId, child: MmId) {
         let p = self.mms.get(&parent).cloned().unwrap_or_default();
         self.mms.insert(
             child,
             MmState {
                 merge_any: p.merge_any,
+                domain: p.domain,
                 ..MmState::default()
             },
         );
@@ -469,13 +591,16 @@ impl Ksm {
     }
 
     /// `ksm_execve`: a process that asked to merge everything keeps asking after exec; its
-    /// new address space `new` (replacing `old`) joins the scan list.
+    /// new address space `new` (replacing `old`) joins the scan list. The process stays in
+    /// its security domain.
     pub fn execve(&mut self, old: MmId, new: MmId) {
         let merge_any = self.prctl_get_memory_merge(old);
+        let domain = self.domain(old);
         self.mms.insert(
             new,
             MmState {
                 merge_any,
+                domain,
                 ..MmState::default()
             },
         );
@@ -484,21 +609,28 @@ impl Ksm {
         }
     }
 
-    /// `ksm_exit`: the backend has torn down `mm`. A slot with no rmap items that the cursor
-    /// is not on is freed at once; otherwise it is moved right behind the cursor so that the
-    /// scan frees it next.
-    pub fn exit(&mut self, mm: MmId) {
+    /// `ksm_exit` (`__ksm_exit`): the backend has torn down `mm`. A slot with no rmap items
+    /// that the cursor is not on is freed at once; otherwise it is moved right behind the
+    /// cursor so that the scan frees it next (the items of an exiting mm are freed when the
+    /// scan reaches it, and `pages_shared`/`pages_sharing` keep counting them until then, as
+    /// in the kernel).
+    ///
+    /// Says which: with [`MmExit::Deferred`], the backend keeps what the engine may still ask
+    /// about `mm` (it answers [`Memory::mm_exiting`] with true) until
+    /// [`Ksm::mm_released`] says the engine let go of it, after some later scan batch.
+    #[must_use = "with MmExit::Deferred the backend must keep answering for the mm"]
+    pub fn exit(&mut self, mm: MmId) -> MmExit {
         let Some(j) = self.slots.iter().position(|s| s.mm == mm) else {
             self.mms.remove(&mm);
-            return;
+            return MmExit::Released;
         };
         if self.cur == Some(j) {
-            return;
+            return MmExit::Deferred;
         }
         if !self.items.has_items(mm) {
             self.remove_slot(j);
             self.mms.remove(&mm);
-            return;
+            return MmExit::Released;
         }
         let slot = self.slots.remove(j);
         match self.cur {
@@ -509,6 +641,16 @@ impl Ksm {
                 self.cur = Some(c);
             }
         }
+        MmExit::Deferred
+    }
+
+    /// The engine holds nothing of `mm` any more: no slot on the scan list, no rmap item, no
+    /// per-mm record. True of an mm the engine never saw; after [`Ksm::exit`], true at once
+    /// or once the scan has freed the mm's items.
+    pub fn mm_released(&self, mm: MmId) -> bool {
+        !self.mms.contains_key(&mm)
+            && !self.items.has_items(mm)
+            && !self.slots.iter().any(|s| s.mm == mm)
     }
 
     fn remove_slot(&mut self, j: usize) {
@@ -531,7 +673,7 @@ impl Ksm {
         self.tun.run == Run::Merge && !self.slots.is_empty()
     }
 
-    /// One ksmd wake-up: `ksm_do_scan(pages_to_scan)` if ksmd should run.
+    /// One ksmd wake-up: `ksm_do_scan(pages_to_scan)` if ksmd should run, else nothing.
     pub fn ksmd_batch<M: Memory + ?Sized>(&mut self, mem: &mut M, clock: &dyn Clock) -> ScanBatch {
         if !self.ksmd_should_run() {
             return ScanBatch::default();
@@ -539,7 +681,23 @@ impl Ksm {
         self.do_scan(mem, clock, self.tun.pages_to_scan as u64)
     }
 
-    /// `ksm_do_scan(n)`: scan up to `n` pages; stops early at the end of a full scan.
+    /// `ksm_do_scan(n)`: scan up to `n` pages; stops early at the end of a full scan. `clock`
+    /// times the advisor and the pruning of chains.
+    ///
+    /// Before it returns (and before a full scan counts as completed) it asks the backend
+    /// which merges it accepted and could not carry out ([`Memory::take_failed_merges`]) and
+    /// undoes each, so that the counters are those of the merge failing at once:
+    ///
+    /// - a page merged into a KSM page of the stable tree leaves that node (the kernel's
+    ///   `try_to_merge_with_ksm_page` failing: the page is in neither tree);
+    /// - a pair made into a new KSM page (`try_to_merge_two_pages`) where either half failed:
+    ///   both pages leave the new stable node, which goes (with what was attached to it, if
+    ///   the promotion failed), a chain made in the batch and left with one KSM page becomes
+    ///   a regular node again, the unstable tree's page goes back to the unstable tree, and
+    ///   the half that succeeded is unshared again (`break_cow`), as the kernel does when the
+    ///   second half fails. A page merged into that KSM page later in the same batch keeps
+    ///   its merge if it went through (the KSM page stays, with that mapping);
+    /// - a zero-page merge needs nothing: the backend counts zero pages itself.
     pub fn do_scan<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -548,6 +706,7 @@ impl Ksm {
     ) -> ScanBatch {
         let mut batch = ScanBatch::default();
         let seqnr = self.seqnr;
+        let failed = self.merges_failed;
         for _ in 0..n {
             match self.scan_get_next_rmap_item(mem, clock) {
                 Some((item, page)) => {
@@ -561,21 +720,149 @@ impl Ksm {
                 }
             }
         }
-        // Merges the backend carried out at the end of the batch and that failed: undo.
-        let mut failed = std::mem::take(&mut self.failed);
-        mem.take_failed_merges(&mut failed);
-        for f in failed.drain(..) {
-            if let Some(it) = self.items.find(f.mm, f.addr) {
-                self.remove_rmap_item_from_tree(mem, it);
-            }
-        }
-        self.failed = failed;
+        self.settle_merges(mem);
+        batch.merges_failed = self.merges_failed - failed;
         batch
     }
 
+    /// Ask the backend which of the merges it accepted failed ([`Memory::take_failed_merges`])
+    /// and undo the engine's side of each, as [`Ksm::do_scan`] describes.
+    fn settle_merges<M: Memory + ?Sized>(&mut self, mem: &mut M) {
+        let mut failed = std::mem::take(&mut self.failed);
+        failed.clear();
+        mem.take_failed_merges(&mut failed);
+        let pairs = std::mem::take(&mut self.pending_pairs);
+        if !failed.is_empty() {
+            self.merges_failed += failed.len() as u64;
+            let mut items: FxHashMap<(MmId, u64), bool> =
+                failed.iter().map(|f| ((f.mm, f.addr), false)).collect();
+            let key = |ksm: &Self, it: u32| (ksm.items.mm(it), ksm.items.address(it));
+            // Pairs first: a later page merged into a pair's KSM page is undone on its own.
+            for p in &pairs {
+                let a = items.get_mut(&key(self, p.promoted)).map(|d| *d = true);
+                let b = items.get_mut(&key(self, p.merged)).map(|d| *d = true);
+                if a.is_some() || b.is_some() {
+                    self.undo_pair(mem, p, a.is_some(), b.is_some());
+                }
+            }
+            for ((mm, addr), done) in items {
+                if done {
+                    continue;
+                }
+                if let Some(it) = self.items.find(mm, addr) {
+                    if matches!(self.items.state(it), ItemState::Stable { .. }) {
+                        self.remove_rmap_item_from_tree(mem, it);
+                    }
+                }
+            }
+            // A chain made in this batch that is down to one dup (or none) would not have
+            // been made had the failed merges failed at once.
+            for chain in pairs.iter().filter_map(|p| p.new_chain) {
+                self.unmake_chain(chain);
+            }
+        }
+        self.pending_pairs = pairs;
+        self.pending_pairs.clear();
+        self.failed = failed;
+    }
+
+    /// Undo the pair `p` after the backend failed its promotion (`promote_failed`) or the
+    /// merge of the unstable tree's page into it (`merge_failed`).
+    fn undo_pair<M: Memory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        p: &PendingPair,
+        promote_failed: bool,
+        merge_failed: bool,
+    ) {
+        let node_ok = self
+            .nodes
+            .get(p.node)
+            .is_some_and(|n| n.kpfn == p.kpfn && !matches!(n.kind, NodeKind::Chain { .. }));
+        if !node_ok {
+            return;
+        }
+        for it in [p.promoted, p.merged] {
+            if self.items.state(it) == (ItemState::Stable { node: p.node }) {
+                self.unlink_stable_item(p.node, it);
+            }
+        }
+        // The unstable tree's page stays in the unstable tree when the merge fails.
+        if self.items.state(p.merged) == ItemState::Volatile {
+            if let ItemState::Unstable { nid, seqnr } = p.merged_was {
+                self.items.set_state(p.merged, p.merged_was);
+                if seqnr == self.seqnr as u8 {
+                    self.unstable.insert(&mut self.items, p.merged, nid);
+                }
+                self.pages_unshared += 1;
+            }
+        }
+        // Without the promotion nothing on the node maps a KSM page: the pages merged into
+        // it failed too (and are reported), and the forks that share the promoted page were
+        // attached to it without a merge of their own.
+        if promote_failed || self.nodes[p.node].len == 0 {
+            self.remove_node_from_stable_tree(p.node);
+        }
+        match (promote_failed, merge_failed) {
+            (false, true) => self.break_cow(mem, p.promoted),
+            (true, false) => self.break_cow(mem, p.merged),
+            _ => {}
+        }
+    }
+
+    /// A chain made in this batch with fewer than two dups left: with one it turns back into
+    /// that regular node, with none it goes.
+    fn unmake_chain(&mut self, chain: u32) {
+        let Some(NodeKind::Chain { dups, .. }) = self.nodes.get(chain).map(|n| &n.kind) else {
+            return;
+        };
+        match dups[..] {
+            [] => self.free_stable_node_chain(chain),
+            [dup] => {
+                let key = self.nodes[chain].key;
+                self.nodes.remove(chain);
+                self.nodes[dup].kind = NodeKind::Regular;
+                self.stable.insert(key, dup);
+                self.stable_node_chains -= 1;
+                self.stable_node_dups -= 1;
+            }
+            _ => {}
+        }
+    }
+
+    /// Put `mm` in security `domain`: from now on its pages are compared and merged only with
+    /// pages of address spaces in the same domain (zero pages are merged in every domain).
+    /// Every mm is in domain 0 until this is called, and a forked or exec'ed mm starts in its
+    /// parent's.
+    ///
+    /// The domain must be set before the mm's pages are scanned: once the mm has rmap items
+    /// (some of its pages may be merged or waiting in the unstable tree under the old domain)
+    /// the change is refused with [`DomainError::AlreadyScanned`]; `run=2`, which frees every
+    /// rmap item, makes it possible again. KSM pages an mm maps from before (inherited over
+    /// `fork`, say) are left alone if their domain is not the mm's: they are not counted as
+    /// the mm's, and a write gives the mm its own copy as usual.
+    pub fn set_domain(&mut self, mm: MmId, domain: DomainId) -> Result<(), DomainError> {
+        if self.items.has_items(mm) {
+            return Err(DomainError::AlreadyScanned { mm, domain });
+        }
+        self.mm_state(mm).domain = domain;
+        for s in self.slots.iter_mut().filter(|s| s.mm == mm) {
+            s.domain = domain;
+        }
+        Ok(())
+    }
+
+    /// The security domain of `mm` (see [`Ksm::set_domain`]).
+    pub fn domain(&self, mm: MmId) -> DomainId {
+        self.mms.get(&mm).map_or(DomainId::default(), |s| s.domain)
+    }
+
     fn nid_root(&self, nid: u32) -> u32 {
-        let n = if self.tun.merge_across_nodes { 0 } else { nid };
-        (self.cur_domain << 10) | n
+        if self.tun.merge_across_nodes {
+            0
+        } else {
+            nid
+        }
     }
 
     /// `scan_get_next_rmap_item`.
@@ -594,6 +881,13 @@ impl Ksm {
                     self.advisor.start_scan(clock.now_ns());
                 }
                 // A new pass starts with an empty unstable tree; the old one is just dropped.
+                // It is empty already unless a failed run=2 put the cursor back to the head in
+                // mid-pass: its items then become items of a past tree (still counted in
+                // pages_unshared until visited, as after a completed pass).
+                if self.unstable.len() != 0 {
+                    let past = (self.seqnr as u8).wrapping_sub(1);
+                    self.unstable.retag_all(&mut self.items, past);
+                }
                 self.unstable.clear();
                 for s in &mut self.slots {
                     s.next = 0;
@@ -652,6 +946,8 @@ impl Ksm {
             }
             self.address = 0;
             if next >= self.slots.len() {
+                // Every merge of the pass settled before the pass counts as done.
+                self.settle_merges(mem);
                 self.cur = None;
                 if self.tun.advisor_mode == AdvisorMode::ScanTime {
                     let k = AdvisorKnobs {
@@ -764,14 +1060,8 @@ impl Ksm {
                     self.remove_node_from_stable_tree(node);
                     return;
                 }
-                self.unlink_from_node(node, it);
-                if self.nodes[node].len == 0 {
-                    self.pages_shared -= 1;
-                } else {
-                    self.pages_sharing -= 1;
-                }
-                let mm = self.items.mm(it);
-                self.mm_state(mm).ksm_merging_pages -= 1;
+                self.unlink_stable_item(node, it);
+                return;
             }
             ItemState::Unstable { nid, seqnr } => {
                 let age = (self.seqnr as u8).wrapping_sub(seqnr);
@@ -784,6 +1074,19 @@ impl Ksm {
             }
         }
         self.items.set_link(it, NIL);
+        self.items.set_state(it, ItemState::Volatile);
+    }
+
+    /// Take the stable item `it` off its live `node`, uncounted; it is volatile afterwards.
+    fn unlink_stable_item(&mut self, node: u32, it: u32) {
+        self.unlink_from_node(node, it);
+        if self.nodes[node].len == 0 {
+            self.pages_shared -= 1;
+        } else {
+            self.pages_sharing -= 1;
+        }
+        let mm = self.items.mm(it);
+        self.mm_state(mm).ksm_merging_pages -= 1;
         self.items.set_state(it, ItemState::Volatile);
     }
 
@@ -986,8 +1289,13 @@ impl Ksm {
         clock: &dyn Clock,
         page: &PageRef,
         hash: u64,
+        domain: DomainId,
     ) -> Option<(FrameId, u32)> {
-        let key = (hash, self.nid_root(page.nid));
+        let key = Key {
+            hash,
+            nid: self.nid_root(page.nid),
+            domain,
+        };
         let now_ms = clock.now_ns() / 1_000_000;
         loop {
             let &root = self.stable.get(&key)?;
@@ -1014,15 +1322,21 @@ impl Ksm {
 
     /// `stable_tree_insert`: a node for the new KSM page `kpfn`, as a regular node, or as a
     /// dup of a chain when the content is already there (all its KSM pages being full).
+    /// Returns the node, and the chain if one was made for it.
     fn stable_tree_insert<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
         kpfn: FrameId,
         hash: u64,
         nid: u32,
+        domain: DomainId,
         now_ms: u64,
-    ) -> u32 {
-        let key = (hash, self.nid_root(nid));
+    ) -> (u32, Option<u32>) {
+        let key = Key {
+            hash,
+            nid: self.nid_root(nid),
+            domain,
+        };
         let mut chain_with: Option<u32> = None;
         let mut in_index = true;
         while let Some(&root) = self.stable.get(&key) {
@@ -1050,6 +1364,7 @@ impl Ksm {
             len: 0,
         });
         self.frame_node.insert(kpfn, node);
+        let mut new_chain = None;
         match chain_with {
             None if in_index => {
                 self.stable.insert(key, node);
@@ -1074,6 +1389,7 @@ impl Ksm {
                     self.stable.insert(key, chain);
                     self.stable_node_chains += 1;
                     self.stable_node_dups += 1;
+                    new_chain = Some(chain);
                     chain
                 };
                 if let NodeKind::Chain { dups, .. } = &mut self.nodes[chain].kind {
@@ -1083,12 +1399,20 @@ impl Ksm {
                 self.stable_node_dups += 1;
             }
         }
-        node
+        (node, new_chain)
     }
 
-    /// `stable_tree_append`.
-    fn stable_tree_append(&mut self, it: u32, node: u32, _max_page_sharing_bypass: bool) {
+    /// `stable_tree_append`. Only a forked KSM page (`max_page_sharing_bypass`) may take a
+    /// node past `max_page_sharing` mappings; anything else doing so is a bug in the chain
+    /// logic (the kernel's `WARN_ON_ONCE`).
+    fn stable_tree_append(&mut self, it: u32, node: u32, max_page_sharing_bypass: bool) {
+        let max = self.tun.max_page_sharing as u32;
         let n = &mut self.nodes[node];
+        debug_assert!(
+            max_page_sharing_bypass || n.len < max,
+            "stable node {node} would get {} mappings, max_page_sharing is {max}",
+            n.len + 1
+        );
         if n.len == 0 {
             self.pages_shared += 1;
         } else {
@@ -1102,14 +1426,16 @@ impl Ksm {
         self.mm_state(mm).ksm_merging_pages += 1;
     }
 
-    /// `unstable_tree_search_insert`: an identical page met earlier in this pass, or insert
-    /// this one.
+    /// `unstable_tree_search_insert`: an identical page of the same domain met earlier in
+    /// this pass, or insert this one. (The domain is not part of the bucket: the items of
+    /// other domains are passed over like other contents under the same checksum.)
     fn unstable_tree_search_insert<M: Memory + ?Sized>(
         &mut self,
         mem: &mut M,
         it: u32,
         page: &PageRef,
         hash: u64,
+        domain: DomainId,
     ) -> Option<(u32, PageRef)> {
         let nid = self.nid_root(page.nid);
         let checksum = hash as u32;
@@ -1118,7 +1444,10 @@ impl Ksm {
             let next = self.items.link(t);
             let in_root =
                 matches!(self.items.state(t), ItemState::Unstable { nid: n, .. } if n == nid);
-            if in_root && self.items.checksum(t) == checksum {
+            if in_root
+                && self.items.checksum(t) == checksum
+                && self.domain(self.items.mm(t)) == domain
+            {
                 let (tmm, taddr) = (self.items.mm(t), self.items.address(t));
                 // As the kernel's tree walk: a node whose page is gone ends the search.
                 let tree_page = mem.get_page(tmm, taddr)?;
@@ -1166,7 +1495,11 @@ impl Ksm {
         page: PageRef,
     ) {
         let (mm, addr) = (self.items.mm(it), self.items.address(it));
-        self.cur_domain = self.mms.get(&mm).map_or(0, |s| s.domain);
+        // The scan is on the slot of this mm.
+        let domain = match self.cur {
+            Some(si) if self.slots[si].mm == mm => self.slots[si].domain,
+            _ => self.domain(mm),
+        };
         let mut bypass = false;
         let page_node = if page.ksm {
             self.frame_node.get(&page.frame).copied()
@@ -1178,6 +1511,13 @@ impl Ksm {
             if self.items.state(it) == (ItemState::Stable { node }) {
                 return;
             }
+            if self.nodes[node].key.domain != domain {
+                // A KSM page of another domain (mapped since before set_domain, or promoted
+                // while a fork of this mm shared it): never joined to this mm's pages, and
+                // out of both trees.
+                self.remove_rmap_item_from_tree(mem, it);
+                return;
+            }
             // A KSM page forked: this mapping may go over the sharing limit.
             if !self.is_page_sharing_candidate(node) {
                 bypass = true;
@@ -1186,7 +1526,7 @@ impl Ksm {
         } else {
             self.remove_rmap_item_from_tree(mem, it);
             let Some(h) = mem.page_hash(page.frame) else {
-                return; // gone meanwhile: the next visit drops it
+                return; // gone meanwhile: its next visit drops it
             };
             hash = h;
             let checksum = hash as u32;
@@ -1206,7 +1546,7 @@ impl Ksm {
                     Err(_) => {}
                 }
             }
-            self.stable_tree_search(mem, clock, &page, hash)
+            self.stable_tree_search(mem, clock, &page, hash, domain)
         };
         if let Some((kpfn, node)) = found {
             if kpfn == page.frame && self.items.state(it) == (ItemState::Stable { node }) {
@@ -1226,7 +1566,8 @@ impl Ksm {
             }
             return;
         }
-        let Some((tree_it, tree_page)) = self.unstable_tree_search_insert(mem, it, &page, hash)
+        let Some((tree_it, tree_page)) =
+            self.unstable_tree_search_insert(mem, it, &page, hash, domain)
         else {
             return;
         };
@@ -1242,11 +1583,21 @@ impl Ksm {
             self.break_cow(mem, it);
             return;
         }
+        let merged_was = self.items.state(tree_it);
         self.remove_rmap_item_from_tree(mem, tree_it);
         let now_ms = clock.now_ns() / 1_000_000;
-        let node = self.stable_tree_insert(mem, kpfn, hash, page.nid, now_ms);
+        let (node, new_chain) = self.stable_tree_insert(mem, kpfn, hash, page.nid, domain, now_ms);
         self.stable_tree_append(tree_it, node, false);
         self.stable_tree_append(it, node, false);
+        // Either merge may still fail in the backend (take_failed_merges).
+        self.pending_pairs.push(PendingPair {
+            node,
+            kpfn,
+            promoted: it,
+            merged: tree_it,
+            merged_was,
+            new_chain,
+        });
     }
 
     // ----- run=2 -----
@@ -1291,7 +1642,7 @@ impl Ksm {
         let ids: Vec<u32> = self.nodes.iter().map(|(i, _)| i).collect();
         for id in &ids {
             let Some(NodeKind::Regular | NodeKind::Dup { .. }) =
-                self.nodes_get(*id).map(|n| n.kind.clone())
+                self.nodes.get(*id).map(|n| n.kind.clone())
             else {
                 continue;
             };
@@ -1302,7 +1653,7 @@ impl Ksm {
             }
         }
         for id in ids {
-            if let Some(NodeKind::Chain { dups, .. }) = self.nodes_get(id).map(|n| &n.kind) {
+            if let Some(NodeKind::Chain { dups, .. }) = self.nodes.get(id).map(|n| &n.kind) {
                 if dups.is_empty() {
                     self.free_stable_node_chain(id);
                 }
@@ -1311,12 +1662,9 @@ impl Ksm {
         busy
     }
 
-    fn nodes_get(&self, id: u32) -> Option<&StableNode> {
-        self.nodes.get(id)
-    }
-
-    /// Check the engine's internal identities (used by tests): the counters agree with the
-    /// trees and the per-mm records.
+    /// Test hook (feature `test-hooks`): check the engine's internal identities: the
+    /// counters agree with the trees and the per-mm records.
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn check_invariants(&self) -> Result<(), String> {
         let (mut shared, mut sharing, mut unshared) = (0u64, 0u64, 0u64);
         let mut merging: FxHashMap<MmId, u64> = FxHashMap::default();
@@ -1391,19 +1739,32 @@ impl Ksm {
         Ok(())
     }
 
-    /// The stable items of every address space, as `(mm, address, KSM page)`; used by tests
-    /// to compare the engine's view with the page tables.
-    pub fn stable_mappings(&self) -> Vec<(MmId, u64, FrameId)> {
+    /// Test hook (feature `test-hooks`): the stable rmap items of every address space, to
+    /// compare the engine's view with the page tables.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub fn stable_mappings(&self) -> Vec<StableMapping> {
         self.items
             .iter()
             .filter_map(|it| match self.items.state(it) {
-                ItemState::Stable { node } => Some((
-                    self.items.mm(it),
-                    self.items.address(it),
-                    self.nodes[node].kpfn,
-                )),
+                ItemState::Stable { node } => Some(StableMapping {
+                    mm: self.items.mm(it),
+                    addr: self.items.address(it),
+                    kpfn: self.nodes[node].kpfn,
+                }),
                 _ => None,
             })
             .collect()
     }
+}
+
+/// One stable rmap item, as [`Ksm::stable_mappings`] lists them (feature `test-hooks`).
+#[cfg(any(test, feature = "test-hooks"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StableMapping {
+    /// The address space.
+    pub mm: MmId,
+    /// The page's address.
+    pub addr: u64,
+    /// The KSM page the item's stable node stands for.
+    pub kpfn: FrameId,
 }

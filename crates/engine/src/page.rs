@@ -6,12 +6,18 @@ use serde::{Deserialize, Serialize};
 pub const PAGE_SIZE: usize = 4096;
 /// `PAGE_SIZE` as a `u64`, for address arithmetic.
 pub const PAGE_SIZE_U64: u64 = PAGE_SIZE as u64;
-/// Mask that clears the offset within a page.
-pub const PAGE_MASK: u64 = !(PAGE_SIZE_U64 - 1);
 
 /// One address space (the kernel's `mm_struct`): a simulated process, or a live region group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MmId(pub u32);
+
+/// A security domain: pages of address spaces in different domains are never compared or
+/// merged (KSM pages are per domain; the shared zero page is everyone's). Every address space
+/// starts in domain 0 (`DomainId::default()`); see [`Ksm::set_domain`](crate::Ksm::set_domain).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct DomainId(pub u32);
 
 /// The identity of a physical page (the kernel's PFN), as the backend names it.
 ///
@@ -52,15 +58,32 @@ pub fn zero_page_hash() -> u64 {
     *ZERO_HASH.get_or_init(|| xxhash_rust::xxh64::xxh64(&[0u8; PAGE_SIZE], 0))
 }
 
-/// True if every byte of the page is zero. Exits at the first non-zero 64-byte chunk.
-pub fn is_zero_page(page: &[u8]) -> bool {
-    page.chunks_exact(64).all(|c| {
+/// True if every byte of `bytes` is zero, for a slice of any length (the empty slice
+/// included).
+///
+/// Whole 64-byte chunks are tested eight words at a time and the test stops at the first
+/// chunk that holds a non-zero byte, so a zero-filled page is checked at memory speed and most
+/// other pages after their first cache line; the bytes after the last whole chunk are tested
+/// one by one.
+///
+/// ```
+/// use samepage_engine::{is_zero_page, PAGE_SIZE};
+/// let mut page = [0u8; PAGE_SIZE];
+/// assert!(is_zero_page(&page));
+/// page[PAGE_SIZE - 1] = 1;
+/// assert!(!is_zero_page(&page));
+/// assert!(!is_zero_page(&[1u8; 10]));
+/// assert!(is_zero_page(&[]));
+/// ```
+pub fn is_zero_page(bytes: &[u8]) -> bool {
+    let (whole, tail) = bytes.split_at(bytes.len() / 64 * 64);
+    whole.chunks_exact(64).all(|c| {
         let mut acc = 0u64;
         for w in c.chunks_exact(8) {
             acc |= u64::from_ne_bytes(w.try_into().expect("8-byte chunk"));
         }
         acc == 0
-    })
+    }) && tail.iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]
@@ -98,5 +121,26 @@ mod tests {
         p[PAGE_SIZE - 1] = 0;
         p[0] = 1;
         assert!(!is_zero_page(&p));
+    }
+
+    #[test]
+    fn zero_detection_for_every_length() {
+        for len in [
+            0usize, 1, 7, 8, 63, 64, 65, 127, 128, 4095, 4096, 4097, 8192,
+        ] {
+            let zeros = vec![0u8; len];
+            assert!(is_zero_page(&zeros), "{len} zero bytes");
+            // One non-zero byte anywhere makes it non-zero: first, last, in the tail after the
+            // last whole 64-byte chunk, and inside a chunk.
+            for at in [0, len / 2, len.saturating_sub(1), len / 64 * 64] {
+                if at >= len {
+                    continue;
+                }
+                let mut v = zeros.clone();
+                v[at] = 0x80;
+                assert!(!is_zero_page(&v), "len {len}, byte {at} set");
+            }
+        }
+        assert!(!is_zero_page(&[1u8; 10]));
     }
 }

@@ -115,14 +115,6 @@ impl Items {
         Some(c)
     }
 
-    /// The item for `(mm, addr)`, if there is one.
-    pub fn find(&mut self, mm: MmId, addr: u64) -> Option<u32> {
-        let base = addr & !(CHUNK_SPAN - 1);
-        let slot = ((addr - base) / PAGE_SIZE_U64) as usize;
-        let c = self.chunk_of(mm, base)?;
-        (self.chunks[c as usize].present & 1 << slot != 0).then_some(c << CHUNK_SHIFT | slot as u32)
-    }
-
     /// The item for `(mm, addr)`, made (volatile, checksum 0, age 0) if there is none; the
     /// flag says whether it was made.
     pub fn get_or_insert(&mut self, mm: MmId, addr: u64) -> (u32, bool) {
@@ -170,6 +162,14 @@ impl Items {
         ch.age_skips[slot] = 0;
         self.len += 1;
         (it, true)
+    }
+
+    /// The item for `(mm, addr)`, if there is one.
+    pub fn find(&mut self, mm: MmId, addr: u64) -> Option<u32> {
+        let base = addr & !(CHUNK_SPAN - 1);
+        let slot = ((addr - base) / PAGE_SIZE_U64) as usize;
+        let c = self.chunk_of(mm, base)?;
+        (self.chunks[c as usize].present & 1 << slot != 0).then_some(c << CHUNK_SHIFT | slot as u32)
     }
 
     /// Free a volatile item.
@@ -269,6 +269,7 @@ impl Items {
     }
 
     /// Every item id.
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         // Free chunks have no present bit.
         self.chunks.iter().enumerate().flat_map(|(c, ch)| {
@@ -417,6 +418,21 @@ impl UnstableIndex {
         }
         items.set_link(it, NIL);
         self.len -= 1;
+    }
+
+    /// Mark every item in the index as an unstable item of the pass whose `seqnr & 0xff` is
+    /// `seqnr` (an older pass: the caller clears the index next).
+    pub fn retag_all(&mut self, items: &mut Items, seqnr: u8) {
+        for &head in &self.heads {
+            let mut it = head;
+            while it != NIL {
+                let ItemState::Unstable { nid, .. } = items.state(it) else {
+                    unreachable!("only unstable items are chained in the index")
+                };
+                items.set_state(it, ItemState::Unstable { nid, seqnr });
+                it = items.link(it);
+            }
+        }
     }
 
     fn grow(&mut self, items: &mut Items) {

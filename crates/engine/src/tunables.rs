@@ -34,21 +34,47 @@ pub enum AdvisorMode {
     ScanTime,
 }
 
-/// Every tunable, with the kernel's defaults (`mm/ksm.c`).
+/// Every tunable, with the kernel's defaults (`mm/ksm.c`). Read them with
+/// [`Ksm::tunables`](crate::Ksm::tunables); change them with
+/// [`Ksm::write_knob`](crate::Ksm::write_knob), which validates as the kernel does.
+///
+/// ```
+/// use samepage_engine::{Run, Tunables};
+/// let t = Tunables::default();
+/// assert_eq!((t.run, t.pages_to_scan, t.max_page_sharing), (Run::Stop, 100, 256));
+/// assert_eq!(t.show("advisor_mode").as_deref(), Some("[none] scan-time"));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Tunables {
+    /// `run` (default 0): stop, merge, or unmerge everything.
     pub run: Run,
+    /// `pages_to_scan` (100): pages ksmd scans per wake-up.
     pub pages_to_scan: u32,
+    /// `sleep_millisecs` (20): how long ksmd sleeps between wake-ups.
     pub sleep_millisecs: u32,
+    /// `merge_across_nodes` (1): merge pages of different NUMA nodes; with 0, one stable and
+    /// one unstable tree per node. Changes only while no KSM page exists (else EBUSY).
     pub merge_across_nodes: bool,
+    /// `use_zero_pages` (0): merge zero-filled pages with the shared zero page instead of
+    /// into a KSM page, and count them in `ksm_zero_pages`.
     pub use_zero_pages: bool,
+    /// `max_page_sharing` (256): mappings one KSM page may have; more identical pages make
+    /// more KSM pages, chained. At least 2; changes only while no KSM page exists.
     pub max_page_sharing: i32,
+    /// `stable_node_chains_prune_millisecs` (2000): how often a chain's stale KSM pages are
+    /// pruned.
     pub stable_node_chains_prune_millisecs: u32,
+    /// `smart_scan` (1): visit pages that keep failing to merge less and less often.
     pub smart_scan: bool,
+    /// `advisor_mode` (none): with `scan-time`, the advisor sets `pages_to_scan`.
     pub advisor_mode: AdvisorMode,
+    /// `advisor_max_cpu` (70): CPU percentage the advisor lets ksmd use at most.
     pub advisor_max_cpu: u64,
+    /// `advisor_min_pages_to_scan` (500): the advisor's lower bound for `pages_to_scan`.
     pub advisor_min_pages_to_scan: u64,
+    /// `advisor_max_pages_to_scan` (30000): its upper bound.
     pub advisor_max_pages_to_scan: u64,
+    /// `advisor_target_scan_time` (200): seconds a full scan should take.
     pub advisor_target_scan_time: u64,
     /// samepage's own knob, not the kernel's: with `use_zero_pages`, merge a zero-filled page
     /// with the zero page on its first visit instead of waiting a full scan for its checksum
@@ -100,7 +126,7 @@ pub const TUNABLE_NAMES: &[&str] = &[
 pub const SAMEPAGE_ONLY_TUNABLES: &[&str] = &["zero_pages_first_visit"];
 
 /// Why a write to a knob was refused. The errno names are the kernel's.
-#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error)]
 pub enum KnobError {
     /// No such file in `/sys/kernel/mm/ksm`.
     #[error("unknown KSM knob '{0}'; known knobs: {known}", known = TUNABLE_NAMES.join(", "))]
@@ -111,8 +137,11 @@ pub enum KnobError {
     /// EINVAL: the value does not parse or is out of range.
     #[error("invalid value '{value}' for {name} (EINVAL): {why}")]
     Invalid {
+        /// The knob.
         name: String,
+        /// The value written.
         value: String,
+        /// What is wrong with it.
         why: &'static str,
     },
     /// EBUSY: `max_page_sharing` or `merge_across_nodes` cannot change while KSM pages exist.
@@ -120,9 +149,10 @@ pub enum KnobError {
         "cannot change {0} while KSM pages exist (EBUSY); write 2 to run first to unmerge them"
     )]
     Busy(String),
-    /// Unmerging (`run=2`) failed; `run` is left at 0 as the kernel does.
-    #[error("unmerging failed: {0}")]
-    Unmerge(String),
+    /// Unmerging (`run=2`) failed; `run` is left at 0 as the kernel's `run_store` leaves it,
+    /// with the scan cursor back at the head of the list. The source says why.
+    #[error("writing 2 to run failed, run is 0 now")]
+    Unmerge(#[from] crate::memory::UnmergeError),
 }
 
 /// A parsed value for one knob, before the engine applies the side effects.
@@ -298,7 +328,10 @@ mod tests {
 
     #[test]
     fn parsing_follows_kstrto() {
-        assert_eq!(parse_knob("run", "1\n"), Ok(KnobValue::Run(Run::Merge)));
+        assert!(matches!(
+            parse_knob("run", "1\n"),
+            Ok(KnobValue::Run(Run::Merge))
+        ));
         assert!(matches!(
             parse_knob("run", "3"),
             Err(KnobError::Invalid { .. })
@@ -311,26 +344,26 @@ mod tests {
             parse_knob("pages_to_scan", "4294967296"),
             Err(KnobError::Invalid { .. })
         ));
-        assert_eq!(
+        assert!(matches!(
             parse_knob("pages_to_scan", "+7"),
             Ok(KnobValue::PagesToScan(7))
-        );
+        ));
         assert!(matches!(
             parse_knob("max_page_sharing", "1"),
             Err(KnobError::Invalid { .. })
         ));
-        assert_eq!(
+        assert!(matches!(
             parse_knob("max_page_sharing", "2"),
             Ok(KnobValue::MaxPageSharing(2))
-        );
-        assert_eq!(
+        ));
+        assert!(matches!(
             parse_knob("use_zero_pages", "on"),
             Ok(KnobValue::UseZeroPages(true))
-        );
-        assert_eq!(
+        ));
+        assert!(matches!(
             parse_knob("smart_scan", "N"),
             Ok(KnobValue::SmartScan(false))
-        );
+        ));
         assert!(matches!(
             parse_knob("use_zero_pages", "2"),
             Err(KnobError::Invalid { .. })
@@ -343,10 +376,10 @@ mod tests {
             parse_knob("advisor_target_scan_time", "0"),
             Err(KnobError::Invalid { .. })
         ));
-        assert_eq!(
+        assert!(matches!(
             parse_knob("advisor_mode", "scan-time\n"),
             Ok(KnobValue::AdvisorMode(AdvisorMode::ScanTime))
-        );
+        ));
         assert!(matches!(
             parse_knob("pages_shared", "1"),
             Err(KnobError::ReadOnly(_))

@@ -26,6 +26,17 @@ use crate::page::MmId;
 use rustc_hash::FxHashMap;
 
 /// Global and per-address-space counts of KSM-placed zero pages still mapped.
+///
+/// ```
+/// use samepage_engine::{KsmZeroPages, MmId};
+/// let mut z = KsmZeroPages::new();
+/// z.map_zero_page(MmId(1)); // KSM placed one
+/// z.fork(MmId(1), MmId(2)); // the child maps it too
+/// assert_eq!(z.global(), 2);
+/// assert!(z.might_unmap_zero_page(MmId(2), true)); // the child wrote it
+/// assert!(!z.might_unmap_zero_page(MmId(1), false)); // a read-fault zero page: not counted
+/// assert_eq!((z.global(), z.mm(MmId(1)), z.mm(MmId(2))), (1, 1, 0));
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct KsmZeroPages {
     global: i64,

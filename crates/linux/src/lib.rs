@@ -57,7 +57,7 @@ pub mod ipc {
     pub use crate::sys::{poll, process_cpu_ns, EventFd};
 }
 
-pub use agent::{AgentError, AgentStats};
+pub use agent::{check_userfaultfd, AgentError, AgentStats};
 pub use ksmd::{Ksmd, KsmdStats, Snapshot};
 pub use live::{
     ConnectOptions, LiveError, LiveKsm, LiveStats, Metadata, PageInfo, PageKind, Region,

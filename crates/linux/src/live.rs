@@ -642,7 +642,7 @@ impl LiveKsm {
             if left.is_zero() || !self.wait_full_scans(1, left) {
                 return None;
             }
-            if conv.observe(&self.counters()) {
+            if conv.observe(&self.counters()).done {
                 return Some(conv.passes());
             }
         }

@@ -5,28 +5,35 @@
 //! by read faults, the zero page placed by KSM (marked, like the kernel's dirty bit), discards,
 //! unmaps, protection changes, fork and exit, pinned pages, and the NUMA node of each frame.
 
-use samepage_engine::memory::{Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo};
+use samepage_engine::memory::{
+    FailedMerge, Memory, MergeError, MergeInto, PageRef, UnmergeError, VmaInfo,
+};
 use samepage_engine::page::{is_zero_page, page_hash, FrameId, MmId, PAGE_SIZE, PAGE_SIZE_U64};
 use samepage_engine::KsmZeroPages;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;
 
 /// Access rights of an area.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Prot {
+    /// `PROT_READ`.
     pub read: bool,
+    /// `PROT_WRITE`.
     pub write: bool,
 }
 
 impl Prot {
+    /// `PROT_NONE`: every access faults (KSM still merges the pages).
     pub const NONE: Prot = Prot {
         read: false,
         write: false,
     };
+    /// `PROT_READ`.
     pub const READ: Prot = Prot {
         read: true,
         write: false,
     };
+    /// `PROT_READ | PROT_WRITE`.
     pub const RW: Prot = Prot {
         read: true,
         write: true,
@@ -40,7 +47,10 @@ pub enum Pte {
     None,
     /// The shared zero page. `ksm` is the mark KSM sets when it places it (the kernel's
     /// `pte_dirty` on a zero-pfn PTE); a read fault maps it unmarked.
-    Zero { ksm: bool },
+    Zero {
+        /// Placed by KSM (counted in `ksm_zero_pages`).
+        ksm: bool,
+    },
     /// A frame: private anonymous (possibly shared copy-on-write after fork), a KSM page, or
     /// a shared-memory page.
     Page(FrameId),
@@ -49,23 +59,35 @@ pub enum Pte {
 /// Errors of the simulated system calls and accesses.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum SimError {
+    /// The process does not exist (it never did, or it exited).
     #[error("no such address space {0:?}")]
     NoMm(MmId),
+    /// No area covers the address.
     #[error("address {0:#x} is not mapped (SIGSEGV)")]
     NotMapped(u64),
+    /// The area's protection forbids the access.
     #[error("access to {0:#x} violates the area's protection (SIGSEGV)")]
     Protection(u64),
+    /// The address or length (the two values) is not a multiple of the page size.
     #[error("address {0:#x} or length {1:#x} is not page aligned (EINVAL)")]
     Unaligned(u64, u64),
+    /// The range is empty or runs past the end of the address space.
     #[error("zero-length or overflowing range (EINVAL)")]
     BadRange,
+    /// Every frame allowed by [`SimMemory::set_frame_limit`] is in use: the fault that needed
+    /// a new page fails (the kernel's `VM_FAULT_OOM`).
+    #[error("out of memory: no free frame for the fault at {0:#x}")]
+    OutOfMemory(u64),
 }
 
-/// One area.
+/// One area (`struct vm_area_struct`), as [`SimMemory::vmas`] shows it.
 #[derive(Clone, Debug)]
 pub struct Vma {
+    /// First address.
     pub start: u64,
+    /// One past the last address.
     pub end: u64,
+    /// Access rights.
     pub prot: Prot,
     /// MAP_SHARED memory: not anonymous, never merged.
     pub shared: bool,
@@ -146,14 +168,28 @@ struct Frames {
     data: Vec<[u8; PAGE_SIZE]>,
     free: Vec<u32>,
     live: usize,
+    /// At most this many frames in use at once (the machine's RAM); `None` is unlimited.
+    limit: Option<usize>,
 }
+
+/// No frame is free: [`SimMemory::set_frame_limit`] frames are in use.
+#[derive(Clone, Copy, Debug)]
+struct OutOfFrames;
 
 fn fid(slot: u32, gen: u32) -> FrameId {
     FrameId((gen as u64) << 32 | slot as u64)
 }
 
 impl Frames {
-    fn alloc(&mut self, nid: u32, anon: bool, src: Option<&[u8; PAGE_SIZE]>) -> FrameId {
+    fn alloc(
+        &mut self,
+        nid: u32,
+        anon: bool,
+        src: Option<&[u8; PAGE_SIZE]>,
+    ) -> Result<FrameId, OutOfFrames> {
+        if self.limit.is_some_and(|l| self.live >= l) {
+            return Err(OutOfFrames);
+        }
         self.live += 1;
         let slot = match self.free.pop() {
             Some(s) => s,
@@ -184,7 +220,13 @@ impl Frames {
             Some(s) => d.copy_from_slice(s),
             None => d.fill(0),
         }
-        fid(slot, gen)
+        Ok(fid(slot, gen))
+    }
+
+    /// Frames that can still be allocated.
+    fn available(&self) -> usize {
+        self.limit
+            .map_or(usize::MAX, |l| l.saturating_sub(self.live))
     }
 
     fn data(&self, id: FrameId) -> &[u8; PAGE_SIZE] {
@@ -238,6 +280,94 @@ impl Frames {
 /// Start of the address range new areas are placed in (above `mmap_min_addr`).
 const MMAP_BASE: u64 = 0x1000_0000;
 
+/// Which deferred merges [`SimMemory::defer_merges`] fails on purpose: about one in `n`,
+/// chosen by a hash of `seed` and the merge's number (merges are numbered from 1 in the order
+/// they were accepted), so a run is the same every time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailEvery {
+    /// One merge in `n` fails on average; 1 fails them all, 0 none.
+    pub n: u32,
+    /// Picks which ones.
+    pub seed: u64,
+}
+
+impl FailEvery {
+    /// Whether merge number `seq` fails, and as what.
+    fn verdict(&self, seq: u64) -> Option<MergeError> {
+        if self.n == 0 {
+            return None;
+        }
+        let h = splitmix64(self.seed ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        if !h.is_multiple_of(self.n as u64) {
+            return None;
+        }
+        // What a real backend meets: the page went away, changed, or got pinned meanwhile.
+        Some([MergeError::Gone, MergeError::Changed, MergeError::Pinned][(h >> 32) as usize % 3])
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Something the process does while a scan batch runs, between the engine's accepting a
+/// merge and the backend's carrying it out ([`SimMemory::during_batch`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BatchRace {
+    /// A store of `data` at `addr`.
+    Write {
+        /// The process.
+        mm: MmId,
+        /// Where.
+        addr: u64,
+        /// What.
+        data: Vec<u8>,
+    },
+    /// `MADV_DONTNEED` of `len` bytes at `addr`.
+    DontNeed {
+        /// The process.
+        mm: MmId,
+        /// Where.
+        addr: u64,
+        /// How much.
+        len: u64,
+    },
+    /// A pin of the page at `addr` for I/O ([`SimMemory::pin`]).
+    Pin {
+        /// The process.
+        mm: MmId,
+        /// Where.
+        addr: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct QueuedMerge {
+    mm: MmId,
+    addr: u64,
+    page: FrameId,
+    into: MergeInto,
+}
+
+/// Merges accepted and not carried out yet ([`SimMemory::defer_merges`]).
+#[derive(Clone, Debug, Default)]
+struct Deferred {
+    /// Merges are deferred (else only races wait here).
+    on: bool,
+    fail: Option<FailEvery>,
+    queue: Vec<QueuedMerge>,
+    /// Frames accepted for promotion.
+    promoted: BTreeSet<FrameId>,
+    failed: Vec<FailedMerge>,
+    /// Merges accepted so far (the number of the last one).
+    seq: u64,
+    /// Done by the process before the queued merges are carried out.
+    races: Vec<BatchRace>,
+}
+
 /// The simulated memory manager.
 #[derive(Clone, Debug, Default)]
 pub struct SimMemory {
@@ -245,8 +375,10 @@ pub struct SimMemory {
     frames: Frames,
     zero: KsmZeroPages,
     next_mm: u32,
-    /// Writes that copied a KSM page (`/proc/vmstat` `cow_ksm`).
-    pub cow_ksm: u64,
+    /// Writes that copied a KSM page.
+    cow_ksm: u64,
+    /// Deferred merges, when on.
+    deferred: Option<Deferred>,
 }
 
 impl SimMemory {
@@ -272,9 +404,9 @@ impl SimMemory {
         mm
     }
 
-    /// The address space does not exist (any more).
-    pub fn mm_exiting_pub(&self, mm: MmId) -> bool {
-        !self.mms.contains_key(&mm)
+    /// The address space exists (it was created and has not exited).
+    pub fn has_mm(&self, mm: MmId) -> bool {
+        self.mms.contains_key(&mm)
     }
 
     /// Live address spaces.
@@ -394,6 +526,7 @@ impl SimMemory {
         write: bool,
         force: bool,
     ) -> Result<Option<FrameId>, SimError> {
+        let oom = |_: OutOfFrames| SimError::OutOfMemory(addr);
         let sp = self.mms.get_mut(&mm).ok_or(SimError::NoMm(mm))?;
         let i = sp.vma_index(addr).ok_or(SimError::NotMapped(addr))?;
         let v = &mut sp.vmas[i];
@@ -405,7 +538,7 @@ impl SimMemory {
         let pte = &mut v.ptes[idx];
         match *pte {
             Pte::None if shared => {
-                let f = self.frames.alloc(node, false, None);
+                let f = self.frames.alloc(node, false, None).map_err(oom)?;
                 *pte = Pte::Page(f);
                 Ok(Some(f))
             }
@@ -414,15 +547,16 @@ impl SimMemory {
                 Ok(None)
             }
             Pte::None => {
-                let f = self.frames.alloc(node, true, None);
+                let f = self.frames.alloc(node, true, None).map_err(oom)?;
                 *pte = Pte::Page(f);
                 Ok(Some(f))
             }
             Pte::Zero { .. } if !write => Ok(None),
             Pte::Zero { ksm } => {
-                // Copy-on-write of the zero page (`wp_page_copy`): a marked one is uncounted.
+                // Copy-on-write of the zero page (`wp_page_copy`): a marked one is uncounted
+                // once the new page is there.
+                let f = self.frames.alloc(node, true, None).map_err(oom)?;
                 self.zero.might_unmap_zero_page(mm, ksm);
-                let f = self.frames.alloc(node, true, None);
                 *pte = Pte::Page(f);
                 Ok(Some(f))
             }
@@ -431,11 +565,12 @@ impl SimMemory {
                 let fr = self.frames.get_mut(f);
                 if fr.anon && (fr.ksm || fr.refcount > 1) {
                     // KSM pages are never reused on write; shared COW pages are copied.
-                    if fr.ksm {
+                    let ksm = fr.ksm;
+                    let data = *self.frames.data(f);
+                    let new = self.frames.alloc(node, true, Some(&data)).map_err(oom)?;
+                    if ksm {
                         self.cow_ksm += 1;
                     }
-                    let data = *self.frames.data(f);
-                    let new = self.frames.alloc(node, true, Some(&data));
                     self.frames.put(f);
                     *pte = Pte::Page(new);
                     Ok(Some(new))
@@ -528,9 +663,146 @@ impl SimMemory {
         self.frames.get(f).is_some_and(|fr| fr.ksm)
     }
 
+    /// Write faults that copied a KSM page (`/proc/vmstat` `cow_ksm`).
+    pub fn cow_ksm(&self) -> u64 {
+        self.cow_ksm
+    }
+
     /// Frames in use.
     pub fn frames_in_use(&self) -> usize {
         self.frames.live
+    }
+
+    /// Limit the frames in use to `limit` (`None`: no limit), as if the machine had that much
+    /// RAM and no swap. When no frame is free, a fault that needs a new page fails with
+    /// [`SimError::OutOfMemory`] and unsharing a KSM page or a KSM-placed zero page
+    /// ([`Memory::break_ksm`], so `MADV_UNMERGEABLE`, `PR_SET_MEMORY_MERGE=0` and `run=2`)
+    /// fails with [`UnmergeError::NoMemory`], the kernel's -ENOMEM. Frames already in use
+    /// above a lower limit stay.
+    ///
+    /// ```
+    /// use samepage_sim::{Prot, SimError, SimMemory};
+    /// let mut mem = SimMemory::new();
+    /// let mm = mem.create_mm();
+    /// let a = mem.mmap(mm, 2 * 4096, Prot::RW, false, 0).unwrap();
+    /// mem.set_frame_limit(Some(1));
+    /// mem.write(mm, a, &[1]).unwrap();
+    /// assert_eq!(mem.write(mm, a + 4096, &[1]), Err(SimError::OutOfMemory(a + 4096)));
+    /// ```
+    pub fn set_frame_limit(&mut self, limit: Option<usize>) {
+        self.frames.limit = limit;
+    }
+
+    /// From now on, accept every merge at once ([`Memory::merge`] returns `Ok`) and carry it
+    /// out only when the engine calls [`Memory::take_failed_merges`] (at the end of each
+    /// scan batch), as the live backend does: merges are carried out in the order they were
+    /// accepted and fail for real if the page changed, went away or was pinned in between
+    /// (see [`SimMemory::during_batch`]), and `fail` makes a deterministic subset fail on
+    /// purpose. Until then, a page accepted for promotion counts as a KSM page
+    /// ([`Memory::ksm_page_alive`]).
+    ///
+    /// ```
+    /// use samepage_engine::{FailedMerge, Memory, MergeError, MergeInto};
+    /// use samepage_sim::{FailEvery, Prot, SimMemory};
+    /// let mut mem = SimMemory::new();
+    /// let mm = mem.create_mm();
+    /// let a = mem.mmap(mm, 4096, Prot::RW, false, 0).unwrap();
+    /// mem.write(mm, a, &[7; 4096]).unwrap();
+    /// mem.set_mergeable(mm, a, a + 4096, true);
+    /// let page = mem.get_page(mm, a).unwrap().frame;
+    /// mem.defer_merges(Some(FailEvery { n: 1, seed: 0 })); // fail every one
+    /// assert_eq!(mem.merge(mm, a, page, MergeInto::Promote), Ok(page));
+    /// assert!(mem.ksm_page_alive(page));
+    /// let mut failed = Vec::new();
+    /// mem.take_failed_merges(&mut failed);
+    /// assert_eq!(failed.len(), 1);
+    /// assert_eq!((failed[0].mm, failed[0].addr), (mm, a));
+    /// assert!(!mem.ksm_page_alive(page));
+    /// ```
+    pub fn defer_merges(&mut self, fail: Option<FailEvery>) {
+        let d = self.deferred.get_or_insert_with(Deferred::default);
+        d.on = true;
+        d.fail = fail;
+    }
+
+    /// Merge synchronously again ([`Memory::merge`] says at once whether it worked); merges
+    /// still queued are carried out first and their failures kept for the next
+    /// [`Memory::take_failed_merges`].
+    pub fn merge_synchronously(&mut self) {
+        self.carry_out_merges();
+        if let Some(d) = &mut self.deferred {
+            d.on = false;
+        }
+    }
+
+    /// Merges accepted and not carried out yet.
+    pub fn queued_merges(&self) -> usize {
+        self.deferred.as_ref().map_or(0, |d| d.queue.len())
+    }
+
+    /// Have the process do `race` while the current scan batch runs: after the merges the
+    /// engine asks for in the batch are accepted, before they are carried out (at the next
+    /// [`Memory::take_failed_merges`], [`Memory::break_ksm`] or [`Memory::set_mergeable`]).
+    /// Without [`SimMemory::defer_merges`] it still waits for that moment. A race that fails
+    /// (no such process, address not mapped) is dropped, as a faulting process would be.
+    pub fn during_batch(&mut self, race: BatchRace) {
+        self.deferred
+            .get_or_insert_with(Deferred::default)
+            .races
+            .push(race);
+    }
+
+    /// The frames accepted for promotion and not promoted yet, if there are any.
+    fn promoted(&self) -> Option<&BTreeSet<FrameId>> {
+        self.deferred
+            .as_ref()
+            .map(|d| &d.promoted)
+            .filter(|p| !p.is_empty())
+    }
+
+    /// Do the queued races, then carry out the queued merges in order, keeping failures.
+    fn carry_out_merges(&mut self) {
+        let Some(d) = &mut self.deferred else {
+            return;
+        };
+        let races = std::mem::take(&mut d.races);
+        let queue = std::mem::take(&mut d.queue);
+        for race in races {
+            // A racing access that faults is the process's problem, not the merge's.
+            let _ = match race {
+                BatchRace::Write { mm, addr, data } => self.write(mm, addr, &data),
+                BatchRace::DontNeed { mm, addr, len } => self.madv_dontneed(mm, addr, len),
+                BatchRace::Pin { mm, addr } => self.pin(mm, addr).map(|_| ()),
+            };
+        }
+        for q in queue {
+            let d = self.deferred.as_mut().expect("deferred merges");
+            d.seq += 1;
+            let injected = d.fail.and_then(|f| f.verdict(d.seq));
+            let result = match injected {
+                Some(e) => Err(e),
+                None => self.merge_now(q.mm, q.addr, q.page, q.into).map(|_| ()),
+            };
+            let d = self.deferred.as_mut().expect("deferred merges");
+            if let MergeInto::Promote = q.into {
+                d.promoted.remove(&q.page);
+            }
+            if let Err(error) = result {
+                d.failed.push(FailedMerge {
+                    mm: q.mm,
+                    addr: q.addr,
+                    error,
+                });
+            }
+        }
+        if let Some(d) = &mut self.deferred {
+            d.promoted.clear();
+        }
+    }
+
+    /// The limit set by [`SimMemory::set_frame_limit`].
+    pub fn frame_limit(&self) -> Option<usize> {
+        self.frames.limit
     }
 
     /// `fork`: the child gets a copy of every area; private pages become shared
@@ -567,7 +839,9 @@ impl SimMemory {
     /// khugepaged collapses the 2 MiB-aligned range at `addr` into a huge page: every entry
     /// becomes a private copy (zero pages, KSM-placed ones included, become zeroed pages and
     /// are uncounted). Like khugepaged, it refuses a range that maps KSM pages or is not inside
-    /// one private area. The simulator has no huge pages, so the result is 512 base pages.
+    /// one private area, or when there are not 512 free frames for the new huge page (it is
+    /// allocated before the old pages are freed). The simulator has no huge pages, so the
+    /// result is 512 base pages.
     pub fn collapse_huge(&mut self, mm: MmId, addr: u64) -> Result<bool, SimError> {
         const HPAGE: u64 = 2 << 20;
         let start = addr & !(HPAGE - 1);
@@ -587,6 +861,9 @@ impl SimMemory {
         {
             return Ok(false);
         }
+        if frames.available() < (hi - lo) {
+            return Ok(false);
+        }
         let node = v.node;
         for pte in &mut v.ptes[lo..hi] {
             let data = match *pte {
@@ -594,7 +871,8 @@ impl SimMemory {
                 _ => [0; PAGE_SIZE],
             };
             Self::zap_pte(frames, &mut self.zero, mm, pte);
-            *pte = Pte::Page(frames.alloc(node, true, Some(&data)));
+            let new = frames.alloc(node, true, Some(&data));
+            *pte = Pte::Page(new.expect("frames checked available above"));
         }
         Ok(true)
     }
@@ -614,101 +892,8 @@ impl SimMemory {
         fr.pins -= 1;
     }
 
-    fn set_pte(&mut self, mm: MmId, addr: u64, pte: Pte) {
-        let sp = self.mms.get_mut(&mm).expect("mm");
-        let i = sp.vma_index(addr).expect("vma");
-        let v = &mut sp.vmas[i];
-        let idx = v.idx(addr);
-        v.ptes[idx] = pte;
-    }
-
-    fn mergeable_pte(&self, mm: MmId, addr: u64) -> Option<Pte> {
-        let sp = self.mms.get(&mm)?;
-        let v = &sp.vmas[sp.vma_index(addr)?];
-        (v.mergeable && !v.shared).then(|| v.ptes[v.idx(addr)])
-    }
-}
-
-impl Memory for SimMemory {
-    fn mm_exiting(&self, mm: MmId) -> bool {
-        !self.mms.contains_key(&mm)
-    }
-
-    fn find_vma(&self, mm: MmId, addr: u64) -> Option<VmaInfo> {
-        let sp = self.mms.get(&mm)?;
-        let i = sp.vmas.partition_point(|v| v.end <= addr);
-        sp.vmas.get(i).map(|v| VmaInfo {
-            start: v.start,
-            end: v.end,
-            mergeable: v.mergeable,
-            anon: !v.shared,
-        })
-    }
-
-    fn next_page(&mut self, mm: MmId, from: u64, end: u64) -> Option<(u64, PageRef)> {
-        let sp = self.mms.get(&mm)?;
-        let v = &sp.vmas[sp.vma_index(from)?];
-        let (a, b) = (v.idx(from), v.idx(end.min(v.end)));
-        for (i, p) in v.ptes[a..b].iter().enumerate() {
-            if let Pte::Page(f) = p {
-                let fr = self.frames.get(*f).expect("mapped frame");
-                if fr.anon {
-                    let addr = from + i as u64 * PAGE_SIZE_U64;
-                    return Some((
-                        addr,
-                        PageRef {
-                            frame: *f,
-                            ksm: fr.ksm,
-                            nid: fr.nid,
-                        },
-                    ));
-                }
-            }
-        }
-        None
-    }
-
-    fn get_page(&mut self, mm: MmId, addr: u64) -> Option<PageRef> {
-        match self.mergeable_pte(mm, addr)? {
-            Pte::Page(f) => {
-                let fr = self.frames.get(f)?;
-                fr.anon.then_some(PageRef {
-                    frame: f,
-                    ksm: fr.ksm,
-                    nid: fr.nid,
-                })
-            }
-            _ => None,
-        }
-    }
-
-    fn page_hash(&mut self, frame: FrameId) -> Option<u64> {
-        Some(self.frames.hash(frame))
-    }
-
-    fn pages_identical(&mut self, a: FrameId, b: FrameId) -> bool {
-        if a == b {
-            return true;
-        }
-        let (fa, fb) = (self.frames.get(a), self.frames.get(b));
-        match (fa, fb) {
-            (Some(x), Some(y)) => {
-                if let (Some(h1), Some(h2)) = (x.hash, y.hash) {
-                    if h1 != h2 {
-                        return false;
-                    }
-                }
-                self.frames.data(a) == self.frames.data(b)
-            }
-            _ => false,
-        }
-    }
-
-    fn ksm_page_alive(&self, frame: FrameId) -> bool {
-        self.frame_is_ksm(frame)
-    }
-
-    fn merge(
+    /// `try_to_merge_one_page`, at once.
+    fn merge_now(
         &mut self,
         mm: MmId,
         addr: u64,
@@ -758,7 +943,133 @@ impl Memory for SimMemory {
         }
     }
 
+    fn set_pte(&mut self, mm: MmId, addr: u64, pte: Pte) {
+        let sp = self.mms.get_mut(&mm).expect("mm");
+        let i = sp.vma_index(addr).expect("vma");
+        let v = &mut sp.vmas[i];
+        let idx = v.idx(addr);
+        v.ptes[idx] = pte;
+    }
+
+    fn mergeable_pte(&self, mm: MmId, addr: u64) -> Option<Pte> {
+        let sp = self.mms.get(&mm)?;
+        let v = &sp.vmas[sp.vma_index(addr)?];
+        (v.mergeable && !v.shared).then(|| v.ptes[v.idx(addr)])
+    }
+}
+
+impl Memory for SimMemory {
+    fn mm_exiting(&self, mm: MmId) -> bool {
+        !self.mms.contains_key(&mm)
+    }
+
+    fn find_vma(&self, mm: MmId, addr: u64) -> Option<VmaInfo> {
+        let sp = self.mms.get(&mm)?;
+        let i = sp.vmas.partition_point(|v| v.end <= addr);
+        sp.vmas.get(i).map(|v| VmaInfo {
+            start: v.start,
+            end: v.end,
+            mergeable: v.mergeable,
+            anon: !v.shared,
+        })
+    }
+
+    fn next_page(&mut self, mm: MmId, from: u64, end: u64) -> Option<(u64, PageRef)> {
+        let promoted = self.promoted();
+        let sp = self.mms.get(&mm)?;
+        let v = &sp.vmas[sp.vma_index(from)?];
+        let (a, b) = (v.idx(from), v.idx(end.min(v.end)));
+        for (i, p) in v.ptes[a..b].iter().enumerate() {
+            if let Pte::Page(f) = p {
+                let fr = self.frames.get(*f).expect("mapped frame");
+                if fr.anon {
+                    let addr = from + i as u64 * PAGE_SIZE_U64;
+                    return Some((
+                        addr,
+                        PageRef {
+                            frame: *f,
+                            ksm: fr.ksm || promoted.is_some_and(|p| p.contains(f)),
+                            nid: fr.nid,
+                        },
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    fn get_page(&mut self, mm: MmId, addr: u64) -> Option<PageRef> {
+        let promoted = self.promoted();
+        match self.mergeable_pte(mm, addr)? {
+            Pte::Page(f) => {
+                let fr = self.frames.get(f)?;
+                fr.anon.then_some(PageRef {
+                    frame: f,
+                    ksm: fr.ksm || promoted.is_some_and(|p| p.contains(&f)),
+                    nid: fr.nid,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn page_hash(&mut self, frame: FrameId) -> Option<u64> {
+        Some(self.frames.hash(frame))
+    }
+
+    fn pages_identical(&mut self, a: FrameId, b: FrameId) -> bool {
+        if a == b {
+            return true;
+        }
+        let (fa, fb) = (self.frames.get(a), self.frames.get(b));
+        match (fa, fb) {
+            (Some(x), Some(y)) => {
+                if let (Some(h1), Some(h2)) = (x.hash, y.hash) {
+                    if h1 != h2 {
+                        return false;
+                    }
+                }
+                self.frames.data(a) == self.frames.data(b)
+            }
+            _ => false,
+        }
+    }
+
+    fn ksm_page_alive(&self, frame: FrameId) -> bool {
+        // A page accepted for promotion is a KSM page already, as far as the engine asks.
+        self.frame_is_ksm(frame) || self.promoted().is_some_and(|p| p.contains(&frame))
+    }
+
+    fn merge(
+        &mut self,
+        mm: MmId,
+        addr: u64,
+        page: FrameId,
+        into: MergeInto,
+    ) -> Result<FrameId, MergeError> {
+        let Some(d) = self.deferred.as_mut().filter(|d| d.on) else {
+            return self.merge_now(mm, addr, page, into);
+        };
+        // Accepted now, carried out (or failed) in take_failed_merges.
+        d.queue.push(QueuedMerge {
+            mm,
+            addr,
+            page,
+            into,
+        });
+        Ok(match into {
+            MergeInto::Promote => {
+                d.promoted.insert(page);
+                page
+            }
+            MergeInto::KsmPage(k) => k,
+            MergeInto::ZeroPage => page,
+        })
+    }
+
     fn break_ksm(&mut self, mm: MmId, start: u64, end: u64) -> Result<(), UnmergeError> {
+        // Calls take effect in order: merges accepted before this one first.
+        self.carry_out_merges();
         let Some(sp) = self.mms.get_mut(&mm) else {
             return Ok(());
         };
@@ -771,14 +1082,24 @@ impl Memory for SimMemory {
             for pte in &mut v.ptes[lo..hi] {
                 match *pte {
                     Pte::Zero { ksm: true } => {
-                        // FAULT_FLAG_UNSHARE on a KSM zero page: a private zeroed page.
+                        // FAULT_FLAG_UNSHARE on a KSM zero page: a private zeroed page. Out of
+                        // frames, the fault ends in VM_FAULT_OOM and break_ksm in -ENOMEM,
+                        // with the pages before this one unshared.
+                        let new = self
+                            .frames
+                            .alloc(v.node, true, None)
+                            .map_err(|_| UnmergeError::NoMemory)?;
                         self.zero.might_unmap_zero_page(mm, true);
-                        *pte = Pte::Page(self.frames.alloc(v.node, true, None));
+                        *pte = Pte::Page(new);
                     }
                     Pte::Page(f) if self.frames.get(f).is_some_and(|fr| fr.ksm) => {
+                        // A KSM page is never reused, even by its last mapping: always a copy.
                         let data = *self.frames.data(f);
                         let nid = self.frames.get(f).expect("frame").nid;
-                        let new = self.frames.alloc(nid, true, Some(&data));
+                        let new = self
+                            .frames
+                            .alloc(nid, true, Some(&data))
+                            .map_err(|_| UnmergeError::NoMemory)?;
                         self.frames.put(f);
                         *pte = Pte::Page(new);
                     }
@@ -790,6 +1111,7 @@ impl Memory for SimMemory {
     }
 
     fn set_mergeable(&mut self, mm: MmId, start: u64, end: u64, on: bool) {
+        self.carry_out_merges();
         let Some(sp) = self.mms.get_mut(&mm) else {
             return;
         };
@@ -813,6 +1135,13 @@ impl Memory for SimMemory {
         match mm {
             None => self.zero.global(),
             Some(m) => self.zero.mm(m),
+        }
+    }
+
+    fn take_failed_merges(&mut self, out: &mut Vec<FailedMerge>) {
+        self.carry_out_merges();
+        if let Some(d) = &mut self.deferred {
+            out.append(&mut d.failed);
         }
     }
 }

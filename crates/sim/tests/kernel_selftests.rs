@@ -9,7 +9,7 @@ const MIB2: u64 = 2 << 20;
 
 fn fill(sys: &mut SimSystem, mm: MmId, addr: u64, size: u64, val: u8) {
     for off in (0..size).step_by(PS as usize) {
-        sys.mem.write(mm, addr + off, &[val; 4096]).unwrap();
+        sys.write(mm, addr + off, &[val; 4096]).unwrap();
     }
 }
 
@@ -37,7 +37,7 @@ fn mmap_and_merge_range(
     );
     let a = sys.mmap(mm, size, Prot::RW).unwrap();
     fill(sys, mm, a, size, val);
-    sys.mem.mprotect(mm, a, size, prot).unwrap();
+    sys.mprotect(mm, a, size, prot).unwrap();
     match mode {
         Mode::Madvise => sys.madvise(mm, a, size, Advice::Mergeable).unwrap(),
         Mode::Prctl => sys.prctl_set_memory_merge(mm, true).unwrap(),
@@ -60,7 +60,7 @@ fn range_maps_duplicates(sys: &SimSystem, mm: MmId, addr: u64, size: u64) -> boo
     let mut seen: HashSet<FrameId> = HashSet::new();
     let mut zero = 0;
     for off in (0..size).step_by(PS as usize) {
-        match sys.mem.pte(mm, addr + off) {
+        match sys.mem().pte(mm, addr + off) {
             Some(Pte::Page(f)) if !seen.insert(f) => return true,
             Some(Pte::Zero { .. }) => zero += 1,
             _ => {}
@@ -94,7 +94,7 @@ fn test_unmerge_zero_pages() {
     sys.madvise(mm, a, MIB2 / 2, Advice::Unmergeable).unwrap();
     assert_eq!(sys.ksm_stat(mm).ksm_zero_pages, 256);
     for off in (MIB2 / 2..MIB2).step_by(PS as usize) {
-        sys.mem.write(mm, a + off, &7u32.to_ne_bytes()).unwrap();
+        sys.write(mm, a + off, &7u32.to_ne_bytes()).unwrap();
     }
     assert_eq!(sys.ksm_stat(mm).ksm_zero_pages, 0);
     assert_eq!(sys.counters().ksm_zero_pages, 0);
@@ -116,8 +116,7 @@ fn test_prot_none() {
     let a = mmap_and_merge_range(&mut sys, mm, 0x11, MIB2, Prot::NONE, Mode::Madvise);
     // Write a unique value into each page of the first half through /proc/self/mem.
     for (i, off) in (0..MIB2 / 2).step_by(PS as usize).enumerate() {
-        sys.mem
-            .force_write(mm, a + off, &(i as u32).to_ne_bytes())
+        sys.force_write(mm, a + off, &(i as u32).to_ne_bytes())
             .unwrap();
     }
     sys.madvise(mm, a + MIB2 / 2, MIB2 / 2, Advice::Unmergeable)
@@ -188,7 +187,7 @@ fn fork_counts_the_childs_zero_pages_globally() {
     let child = sys.fork(mm).unwrap();
     assert_eq!(sys.ksm_stat(child).ksm_zero_pages, 64);
     assert_eq!(sys.counters().ksm_zero_pages, 128);
-    sys.mem.write(child, a, &[1]).unwrap();
+    sys.write(child, a, &[1]).unwrap();
     assert_eq!(sys.ksm_stat(child).ksm_zero_pages, 63);
     assert_eq!(sys.ksm_stat(mm).ksm_zero_pages, 64);
     sys.exit(child).unwrap();
@@ -205,7 +204,7 @@ fn read_fault_zero_pages_are_never_counted_or_unshared() {
     let b = sys.mmap(mm, 8 * PS, Prot::RW).unwrap();
     let mut buf = [0u8; 1];
     for i in 0..8 {
-        sys.mem.read(mm, b + i * PS, &mut buf).unwrap();
+        sys.read(mm, b + i * PS, &mut buf).unwrap();
     }
     sys.madvise(mm, b, 8 * PS, Advice::Mergeable).unwrap();
     assert!(sys.run_full_scans(2));
@@ -213,8 +212,11 @@ fn read_fault_zero_pages_are_never_counted_or_unshared() {
     sys.ksm_stop().unwrap();
     assert_eq!(sys.ksm_stat(mm).ksm_zero_pages, 0);
     for i in 0..8 {
-        assert_eq!(sys.mem.pte(mm, b + i * PS), Some(Pte::Zero { ksm: false }));
-        assert!(matches!(sys.mem.pte(mm, a + i * PS), Some(Pte::Page(_))));
+        assert_eq!(
+            sys.mem().pte(mm, b + i * PS),
+            Some(Pte::Zero { ksm: false })
+        );
+        assert!(matches!(sys.mem().pte(mm, a + i * PS), Some(Pte::Page(_))));
     }
 }
 
@@ -271,8 +273,8 @@ fn check_ksm_unmerge() {
     fill(&mut sys, mm, a, 2 * PS, b'*');
     ksm_merge_pages(&mut sys, mm, a, 2 * PS);
     assert_eq!(sys.counters().pages_sharing, 1);
-    sys.mem.write(mm, a, b"-").unwrap();
-    sys.mem.write(mm, a + PS, b"+").unwrap();
+    sys.write(mm, a, b"-").unwrap();
+    sys.write(mm, a + PS, b"+").unwrap();
     // Stale until ksmd comes by, as in the kernel.
     assert_eq!(sys.counters().pages_sharing, 1);
     assert!(sys.run_full_scans(1));
@@ -337,7 +339,7 @@ fn max_page_sharing_follows_the_selftest_formula_and_makes_chains() {
             } else {
                 assert_eq!((c.stable_node_chains, c.stable_node_dups), (0, 0));
             }
-            sys.ksm.check_invariants().unwrap();
+            sys.ksm().check_invariants().unwrap();
         }
     }
 }
@@ -364,7 +366,7 @@ fn chain_collapses_when_one_dup_is_left() {
     // One mapping of the first KSM page diverges (it gets room again); both mappings of the
     // second diverge (its node goes stale).
     for i in 1..4u8 {
-        sys.mem.write(mm, a + i as u64 * PS, &[i]).unwrap();
+        sys.write(mm, a + i as u64 * PS, &[i]).unwrap();
     }
     assert!(sys.run_full_scans(1));
     assert_eq!(sys.counters().stable_node_dups, 1);
@@ -375,7 +377,7 @@ fn chain_collapses_when_one_dup_is_left() {
     let c = sys.counters();
     assert_eq!((c.stable_node_chains, c.stable_node_dups), (0, 0));
     assert_eq!((c.pages_shared, c.pages_sharing), (1, 1));
-    sys.ksm.check_invariants().unwrap();
+    sys.ksm().check_invariants().unwrap();
 }
 
 #[test]
@@ -466,7 +468,7 @@ fn exit_of_a_merged_process_is_cleaned_up_by_the_next_pass() {
     assert!(sys.run_full_scans(1));
     let c = sys.counters();
     assert_eq!((c.pages_shared, c.pages_sharing), (1, 9));
-    sys.ksm.check_invariants().unwrap();
+    sys.ksm().check_invariants().unwrap();
 }
 
 #[test]
@@ -486,7 +488,7 @@ fn forked_ksm_pages_join_the_stable_tree_past_the_limit() {
     // The child's mappings of the KSM page are attached with max_page_sharing_bypass.
     assert_eq!((c.pages_shared, c.pages_sharing), (1, 7));
     assert_eq!(sys.ksm_stat(child).ksm_merging_pages, 4);
-    sys.ksm.check_invariants().unwrap();
+    sys.ksm().check_invariants().unwrap();
 }
 
 #[test]
@@ -494,14 +496,14 @@ fn pinned_pages_are_not_merged() {
     let (mut sys, mm) = ksm_tests_setup(10);
     let a = sys.mmap(mm, 4 * PS, Prot::RW).unwrap();
     fill(&mut sys, mm, a, 4 * PS, 1);
-    let f = sys.mem.pin(mm, a + 3 * PS).unwrap();
+    let f = sys.pin(mm, a + 3 * PS).unwrap();
     ksm_merge_pages(&mut sys, mm, a, 4 * PS);
-    assert_eq!(sys.mem.pte(mm, a + 3 * PS), Some(Pte::Page(f)));
+    assert_eq!(sys.mem().pte(mm, a + 3 * PS), Some(Pte::Page(f)));
     assert_eq!(
         (sys.counters().pages_shared, sys.counters().pages_sharing),
         (1, 2)
     );
-    sys.mem.unpin(f);
+    sys.unpin(f);
     assert!(sys.run_full_scans(1));
     assert_eq!(sys.counters().pages_sharing, 3);
 }
@@ -512,15 +514,15 @@ fn khugepaged_collapse_uncounts_ksm_zero_pages() {
     sys.write_knob("use_zero_pages", "1").unwrap();
     let a = mmap_and_merge_range(&mut sys, mm, 0, MIB2, Prot::RW, Mode::Madvise);
     assert_eq!(sys.ksm_stat(mm).ksm_zero_pages, 512);
-    assert!(sys.mem.collapse_huge(mm, a).unwrap());
+    assert!(sys.collapse_huge(mm, a).unwrap());
     assert_eq!(sys.ksm_stat(mm).ksm_zero_pages, 0);
     assert_eq!(sys.counters().ksm_zero_pages, 0);
-    assert_eq!(sys.mem.peek_page(mm, a + 5 * PS), Some([0; 4096]));
+    assert_eq!(sys.mem().peek_page(mm, a + 5 * PS), Some([0; 4096]));
     // A range with KSM pages is not collapsed.
     let b = mmap_and_merge_range(&mut sys, mm, 0xcf, 2 * MIB2, Prot::RW, Mode::Madvise);
     let huge = (b + MIB2 - 1) & !(MIB2 - 1);
-    assert!(matches!(sys.mem.pte(mm, huge), Some(Pte::Page(f)) if sys.mem.frame_is_ksm(f)));
-    assert!(!sys.mem.collapse_huge(mm, huge).unwrap());
+    assert!(matches!(sys.mem().pte(mm, huge), Some(Pte::Page(f)) if sys.mem().frame_is_ksm(f)));
+    assert!(!sys.collapse_huge(mm, huge).unwrap());
 }
 
 /// samepage's own `zero_pages_first_visit`: zero-filled pages go to the zero page on the first
@@ -550,7 +552,7 @@ fn zero_pages_first_visit_places_zero_pages_in_the_first_full_scan() {
             (32, 31),
             "first={first}"
         );
-        sys.ksm.check_invariants().unwrap();
+        sys.ksm().check_invariants().unwrap();
     }
     assert!(matches!(
         SimSystem::new().write_knob("zero_pages_first_visit", "2"),

@@ -5,6 +5,9 @@
 //! mix of zero-filled, duplicated and unique pages ([`GenSpec`]) whose converged KSM counters
 //! are known in advance ([`GenSpec::expected`]).
 
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
@@ -18,38 +21,61 @@ use thiserror::Error;
 /// Why a workload could not be built.
 #[derive(Debug, Error)]
 pub enum WorkloadError {
+    /// An image file could not be read.
     #[error("cannot read image {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// An image's length is not a whole number of pages.
     #[error(
         "image {path} is {len} bytes, not a multiple of the 4096-byte page size; pad or trim it"
     )]
-    NotPageMultiple { path: PathBuf, len: u64 },
+    NotPageMultiple {
+        /// The file.
+        path: PathBuf,
+        /// Its length, bytes.
+        len: u64,
+    },
+    /// An image file is empty.
     #[error(
         "image {0} is empty (0 bytes); give a file of at least one 4096-byte page (files of \
          pseudo file systems report no size and cannot be images)"
     )]
     Empty(PathBuf),
+    /// An image is not a regular file.
     #[error(
         "image {path} is {kind}, not a regular file: an image is a file of 4096-byte pages \
          (FIFOs, devices, sockets, directories and the files of /proc and /sys are refused)"
     )]
-    NotRegular { path: PathBuf, kind: &'static str },
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// The workload would not fit in the machine's available memory.
     #[error(
         "{what} would take about {need} of memory, and this machine has {available} available \
          (MemAvailable in /proc/meminfo), of which samepage leaves {keep} to the rest of the \
          system; use a smaller --size or smaller images"
     )]
     TooLarge {
+        /// What was to be loaded.
         what: String,
+        /// Memory it needs.
         need: Bytes,
+        /// Memory available.
         available: Bytes,
+        /// Memory left to the rest of the system.
         keep: Bytes,
     },
+    /// Ctrl-C came while images were read.
     #[error("interrupted while reading the images")]
     Interrupted,
+    /// The parameters of a generated workload are out of range (the message says which).
     #[error("invalid workload: {0}")]
     Invalid(String),
 }
@@ -229,43 +255,90 @@ fn fill_class(class: u32, seed: u64, buf: &mut [u8; PAGE_SIZE]) {
 /// A generated workload: `size` bytes of one address space, `zero_pct` percent zero-filled
 /// pages, `dup_pct` percent pages in groups of `group` identical pages, the rest unique,
 /// shuffled with `seed`.
+///
+/// ```
+/// use samepage_workload::{GenSpec, Workload};
+/// let spec = GenSpec { size: 1000 * 4096, zero_pct: 30, dup_pct: 40, group: 16, seed: 7 };
+/// let c = spec.counts().unwrap();
+/// assert_eq!((c.zero, c.groups, c.unique), (300, 25, 300));
+/// // Converged with max_page_sharing=256 and use_zero_pages=1:
+/// let e = spec.expected(256, true).unwrap();
+/// assert_eq!((e.pages_shared, e.pages_sharing, e.ksm_zero_pages), (25, 375, 300));
+/// let w = Workload::generated(&spec).unwrap();
+/// assert_eq!(w.total_pages(), 1000);
+/// let mut page = [1u8; 4096];
+/// w.spaces[0].fill_page(0, &mut page);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GenSpec {
+    /// Bytes, a positive multiple of 4096.
     pub size: u64,
+    /// Percentage of zero-filled pages.
     pub zero_pct: u32,
+    /// Percentage of pages in duplicate groups (with `zero_pct`, at most 100).
     pub dup_pct: u32,
+    /// Identical pages per duplicate group, at least 2.
     pub group: u32,
+    /// Seeds the contents and the shuffle.
     pub seed: u64,
 }
 
 /// The page counts of a generated workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GenCounts {
+    /// All pages.
     pub pages: u64,
+    /// Zero-filled pages.
     pub zero: u64,
+    /// Duplicate groups.
     pub groups: u64,
+    /// Pages in duplicate groups (`groups * group`).
     pub dup: u64,
+    /// Pages of their own.
     pub unique: u64,
 }
 
 /// Converged counters a generated workload must reach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Expected {
+    /// `pages_shared`.
     pub pages_shared: u64,
+    /// `pages_sharing`.
     pub pages_sharing: u64,
+    /// `ksm_zero_pages`.
     pub ksm_zero_pages: u64,
 }
 
-/// KSM pages and extra mappings that `n` identical pages end up as with `max_page_sharing`
-/// `m` (the formula of the kernel's `ksm_tests.c`, `assert_ksm_pages_count`).
-pub fn group_outcome(n: u64, m: u64) -> (u64, u64) {
-    if n < 2 {
-        return (0, 0);
-    }
-    if n.is_multiple_of(m) || n % m == 1 {
+/// What a group of identical pages ends up as ([`group_outcome`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupOutcome {
+    /// KSM pages.
+    pub pages_shared: u64,
+    /// Mappings of them beyond the first of each.
+    pub pages_sharing: u64,
+}
+
+/// What `n` identical pages end up as with `max_page_sharing` `m` (the formula of the
+/// kernel's `ksm_tests.c`, `assert_ksm_pages_count`).
+///
+/// ```
+/// use samepage_workload::{group_outcome, GroupOutcome};
+/// // 16 pages, at most 5 mappings per KSM page: 16 % 5 == 1, so 3 full KSM pages and one
+/// // page left alone.
+/// assert_eq!(group_outcome(16, 5), GroupOutcome { pages_shared: 3, pages_sharing: 12 });
+/// assert_eq!(group_outcome(1, 256), GroupOutcome::default());
+/// ```
+pub fn group_outcome(n: u64, m: u64) -> GroupOutcome {
+    let (pages_shared, pages_sharing) = if n < 2 {
+        (0, 0)
+    } else if n.is_multiple_of(m) || n % m == 1 {
         (n / m, n / m * (m - 1))
     } else {
         (n / m + 1, n - (n / m + 1))
+    };
+    GroupOutcome {
+        pages_shared,
+        pages_sharing,
     }
 }
 
@@ -313,15 +386,15 @@ impl GenSpec {
         use_zero_pages: bool,
     ) -> Result<Expected, WorkloadError> {
         let c = self.counts()?;
-        let (gs, gsh) = group_outcome(self.group as u64, max_page_sharing);
-        let (mut shared, mut sharing) = (c.groups * gs, c.groups * gsh);
+        let g = group_outcome(self.group as u64, max_page_sharing);
+        let (mut shared, mut sharing) = (c.groups * g.pages_shared, c.groups * g.pages_sharing);
         let mut zero = 0;
         if use_zero_pages {
             zero = c.zero;
         } else {
-            let (zs, zsh) = group_outcome(c.zero, max_page_sharing);
-            shared += zs;
-            sharing += zsh;
+            let z = group_outcome(c.zero, max_page_sharing);
+            shared += z.pages_shared;
+            sharing += z.pages_sharing;
         }
         Ok(Expected {
             pages_shared: shared,
@@ -363,10 +436,15 @@ impl GenSpec {
 /// pages), data of its own (`unique_pct`), and free memory that the guest zeroed (the rest).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestSpec {
+    /// Bytes of all guests together.
     pub size: u64,
+    /// Number of guests, 1 to 64.
     pub guests: u32,
+    /// Percentage of each guest's pages that are the common OS image.
     pub shared_pct: u32,
+    /// Percentage that are the guest's own data (with `shared_pct`, at most 100).
     pub unique_pct: u32,
+    /// Seeds the layout and the contents.
     pub seed: u64,
 }
 
@@ -506,6 +584,7 @@ impl Workload {
 /// Address spaces to load.
 #[derive(Clone, Debug, Default)]
 pub struct Workload {
+    /// One per address space, in load order.
     pub spaces: Vec<Space>,
 }
 

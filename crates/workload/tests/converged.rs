@@ -32,7 +32,7 @@ fn run(w: &Workload, max_page_sharing: u64, use_zero_pages: bool) -> samepage_en
     }
     sys.write_knob("run", "1").unwrap();
     sys.run_until_stable(2, 100).expect("converges");
-    sys.ksm.check_invariants().unwrap();
+    sys.ksm().check_invariants().unwrap();
     sys.counters()
 }
 

@@ -135,6 +135,21 @@ pub(crate) struct Agent {
     owner: u32,
 }
 
+/// Whether this process may open the userfaultfd samepage needs (and the kernel has its
+/// features): the error says what to do if not.
+pub fn check_userfaultfd() -> Result<(), AgentError> {
+    Userfaultfd::open(FEATURES, None)
+        .map(drop)
+        .map_err(|e| match e {
+            OpenError::NotPermitted { syscall, dev } => AgentError::NoUserfaultfd { syscall, dev },
+            OpenError::Features { source, .. } => AgentError::MissingFeature(source),
+            OpenError::Other(e) => AgentError::Io {
+                what: "opening a userfaultfd",
+                source: e,
+            },
+        })
+}
+
 impl Agent {
     /// Open the userfaultfd (through `dev`, an open `/dev/userfaultfd`, if given), map the
     /// scratch area and start the handler thread.

@@ -53,6 +53,15 @@ fn decode(f: FrameId) -> Frame {
     }
 }
 
+/// The engine's name for why a merge did not happen.
+fn merge_error(why: FailReason) -> MergeError {
+    match why {
+        FailReason::Changed => MergeError::Changed,
+        FailReason::Pinned => MergeError::Pinned,
+        FailReason::Gone | FailReason::Raced | FailReason::Error => MergeError::Gone,
+    }
+}
+
 /// Present, non-zero, anonymous pages found by the last `PAGEMAP_SCAN` of one target.
 #[derive(Default)]
 struct ScanWindow {
@@ -409,13 +418,17 @@ impl KsmdMemory {
                 continue;
             };
             self.stats.failed += f.len() as u64;
-            for (addr, _) in f {
+            for (addr, why) in f {
                 let mm = t
                     .region_at(addr)
                     .map(|ri| t.regions[ri].mm)
                     .or_else(|| t.mms.first().copied());
                 if let Some(mm) = mm {
-                    failed.push(FailedMerge { mm, addr });
+                    failed.push(FailedMerge {
+                        mm,
+                        addr,
+                        error: merge_error(why),
+                    });
                 }
             }
         }

@@ -253,7 +253,8 @@ impl Ksmd {
         };
         let mut g = self.engine();
         g.mem.bind_mm(mm, target);
-        g.ksm.set_domain(mm, DomainId(domain));
+        // A fresh address space has no rmap items yet, so its domain can always be set.
+        let _ = g.ksm.set_domain(mm, DomainId(domain));
         publish(&self.inner, &g);
         drop(g);
         self.inner
@@ -327,7 +328,7 @@ impl Ksmd {
             .map(|t| t.mms.clone())
             .unwrap_or_default();
         for &mm in &mms {
-            g.ksm.exit(mm);
+            let _ = g.ksm.exit(mm);
         }
         g.mem.detach(target);
         publish(&self.inner, &g);
@@ -346,7 +347,7 @@ impl Ksmd {
             .map(|t| t.mms.clone())
             .unwrap_or_default();
         for &mm in &mms {
-            g.ksm.exit(mm);
+            let _ = g.ksm.exit(mm);
         }
         g.mem.mark_gone(target);
         publish(&self.inner, &g);
