@@ -267,7 +267,6 @@ fn run_in(
         &mut watch,
     )?;
     let after = memory_of(&all);
-    let st: StatReply = control.stat().map_err(|e| e.to_string())?;
     // Each guest checks its own memory; the demo checks that pages of the OS image every
     // guest has stand for one canonical page, whichever process they are in.
     let mut v = Verification::default();
@@ -317,6 +316,8 @@ fn run_in(
             }
         }
     }
+    // Read once every guest's application has stopped (the last one stops at its verify).
+    let st: StatReply = control.stat().map_err(|e| e.to_string())?;
     v.counted_zero_pages_global = counters_of(&st.ksm).ksm_zero_pages;
     v.canonical_pages = canonical_of
         .values()
