@@ -68,6 +68,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // SIGINT and SIGTERM are how a daemon is meant to stop: not a failure.
+    let daemon = matches!(cli.command, Command::Daemon(_));
     let result = match cli.command {
         Command::Simulate(a) => simulate::run(&a),
         Command::Merge(a) => merge::run(&a),
@@ -82,7 +84,11 @@ fn main() -> ExitCode {
     };
     // An interrupt that came after the last check (while printing, say) still fails the
     // command: its output may be cut short.
-    let result = result.and_then(|()| engines::interrupted());
+    let result = if daemon {
+        result
+    } else {
+        result.and_then(|()| engines::interrupted())
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

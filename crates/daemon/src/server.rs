@@ -9,7 +9,7 @@ use samepage_linux::wire::{self, ClientStat, Envelope, Message, Request, Respons
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -186,6 +186,11 @@ impl AgentLink for RemoteLink {
 /// What the daemon knows of a client with an agent.
 struct Client {
     pid: u32,
+    /// Its address space in the engine: one per connection, never the pid, since after an
+    /// exec the same pid has a new address space while the old one's state is still freed.
+    mm: MmId,
+    /// The process's start time: with `pid`, it names the process across exec.
+    started: u64,
     comm: String,
     domain: String,
     target: usize,
@@ -201,14 +206,17 @@ struct Shared {
     cfg: Config,
     stop: EventFd,
     clients: Mutex<FxHashMap<u64, Client>>,
+    /// Notified when a client leaves `clients`.
+    client_left: Condvar,
     next_client: AtomicU64,
+    next_mm: AtomicU32,
     /// Security domains by (uid, name).
     domains: Mutex<FxHashMap<(u32, String), u32>>,
     /// Processes that asked for PR_SET_MEMORY_MERGE, by (pid, start time): an exec keeps
     /// both, so a process that execs keeps merging everything, as the kernel's does.
     merge_any: Mutex<FxHashMap<(u32, u64), ()>>,
-    /// Clients whose connection ended while their process lives: (pidfd, target).
-    departed: Mutex<Vec<(OwnedFd, usize)>>,
+    /// Clients whose connection ended while their process lives.
+    departed: Mutex<Vec<Departed>>,
     departed_kick: EventFd,
     stopping: AtomicBool,
 }
@@ -243,7 +251,7 @@ impl Shared {
         let mut ksm_stat: Vec<ClientStat> = clients
             .values()
             .map(|cl| {
-                let s = self.ksmd.ksm_stat(MmId(cl.pid));
+                let s = self.ksmd.ksm_stat(cl.mm);
                 ClientStat {
                     pid: cl.pid,
                     comm: cl.comm.clone(),
@@ -369,7 +377,9 @@ fn start(cfg: Config) -> Result<Daemon, DaemonError> {
         cfg,
         stop: EventFd::new().map_err(io("creating an eventfd"))?,
         clients: Mutex::new(FxHashMap::default()),
+        client_left: Condvar::new(),
         next_client: AtomicU64::new(1),
+        next_mm: AtomicU32::new(1),
         domains: Mutex::new(FxHashMap::default()),
         merge_any: Mutex::new(FxHashMap::default()),
         departed: Mutex::new(Vec::new()),
@@ -515,8 +525,21 @@ fn serve_client(sh: &Arc<Shared>, sock: OwnedFd) {
         return;
     }
     if !agent {
-        // A control client (`samepage ctl`, `stat --daemon`): requests only.
-        conn.reply(0, Response::Ok);
+        // A control client (`samepage ctl`, `stat --daemon`, or a program under
+        // `samepage run` asking whether it merges everything since before an exec):
+        // requests only.
+        let inherited = sh
+            .merge_any
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&(cred.pid, start_time(cred.pid)));
+        conn.reply(
+            0,
+            Response::Welcome {
+                pid: cred.pid,
+                merge_any: inherited,
+            },
+        );
         while let Some(Ok(Message::Json(Envelope::Request(id, r)))) = recv(&conn, &mut buf, None) {
             let resp = handle(sh, None, r);
             conn.reply(id, resp);
@@ -572,6 +595,33 @@ fn serve_agent(
         return;
     };
     let started = start_time(pid);
+    {
+        // An exec closed the old image's connection before the new image could connect,
+        // but its end may not be handled yet: wait for it (briefly: it is closed).
+        let cl = sh.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = sh
+            .client_left
+            .wait_timeout_while(cl, Duration::from_secs(5), |cl| {
+                cl.values().any(|c| c.pid == pid && c.started == started)
+            });
+    }
+    // The same process connecting again has exec'd (its connection closed on exec): the
+    // address space its old image had is gone, and what only it used goes with it.
+    let old: Vec<Departed> = {
+        let mut d = sh.departed.lock().unwrap_or_else(|e| e.into_inner());
+        let (old, keep) = d
+            .drain(..)
+            .partition(|x: &Departed| x.pid == pid && x.started == started);
+        *d = keep;
+        old
+    };
+    for gone in old {
+        sh.ksmd.exit_target(gone.target);
+        sh.log(format_args!(
+            "pid {pid} ({}) exec'd; the state of its old image is freed",
+            gone.comm
+        ));
+    }
     let (target, store) = match sh
         .ksmd
         .add_target(pid, dom, Box::new(RemoteLink(conn.clone())))
@@ -592,7 +642,7 @@ fn serve_agent(
             return;
         }
     };
-    let mm = MmId(pid);
+    let mm = MmId(sh.next_mm.fetch_add(1, Ordering::Relaxed));
     if sh.ksmd.bind_mm(mm, target, dom).is_err() {
         sh.ksmd.exit_target(target);
         conn.close();
@@ -604,14 +654,13 @@ fn serve_agent(
         .unwrap_or_else(|e| e.into_inner())
         .contains_key(&(pid, started));
     let merge_any = merge_any || execed;
-    if merge_any {
-        let _ = sh.ksmd.set_memory_merge(mm, true);
-    }
     let id = sh.next_client.fetch_add(1, Ordering::Relaxed);
     sh.clients.lock().unwrap_or_else(|e| e.into_inner()).insert(
         id,
         Client {
             pid,
+            mm,
+            started,
             comm: comm(pid),
             domain: dname.clone(),
             target,
@@ -624,6 +673,10 @@ fn serve_agent(
     if conn.send(&welcome, &[store.as_fd()]).is_err() {
         departed(sh, id, pidfd);
         return;
+    }
+    // Only after the welcome: from here on the scanner may send this client batches.
+    if merge_any {
+        let _ = sh.ksmd.set_memory_merge(mm, true);
     }
     drop(store);
     sh.log(format_args!(
@@ -691,33 +744,55 @@ fn serve_agent(
 /// A client's connection ended: it gets no more batches; once its process has exited, what
 /// only it used is released.
 fn departed(sh: &Shared, id: u64, pidfd: OwnedFd) {
-    let Some(c) = sh
+    let Some((pid, started, comm, target, conn)) = sh
         .clients
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .remove(&id)
+        .get(&id)
+        .map(|c| (c.pid, c.started, c.comm.clone(), c.target, c.conn.clone()))
     else {
         return;
     };
-    c.conn.close();
+    conn.close();
     if ipc::pidfd_exited(pidfd.as_fd()) {
-        sh.ksmd.exit_target(c.target);
+        sh.ksmd.exit_target(target);
         sh.log(format_args!(
-            "pid {} ({}) exited; its state is freed",
-            c.pid, c.comm
+            "pid {pid} ({comm}) exited; its state is freed"
         ));
     } else {
-        sh.ksmd.detach_target(c.target);
+        sh.ksmd.detach_target(target);
         sh.log(format_args!(
-            "pid {} ({}) disconnected; its merged pages stay valid until it exits",
-            c.pid, c.comm
+            "pid {pid} ({comm}) disconnected; its merged pages stay valid until it exits"
         ));
         sh.departed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((pidfd, c.target));
+            .push(Departed {
+                pidfd,
+                target,
+                pid,
+                started,
+                comm,
+            });
         sh.departed_kick.signal();
     }
+    // Only now: a new image of this process (after exec) waits for its old one to be
+    // either freed or in `departed`.
+    sh.clients
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+    sh.client_left.notify_all();
+}
+
+/// A client whose connection ended before its process did: its pidfd says when to free
+/// its state.
+struct Departed {
+    pidfd: OwnedFd,
+    target: usize,
+    pid: u32,
+    started: u64,
+    comm: String,
 }
 
 /// Release the state of departed clients as their processes exit.
@@ -730,7 +805,7 @@ fn reap_loop(sh: &Shared) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter_map(|(p, _)| p.try_clone().ok())
+            .filter_map(|d| d.pidfd.try_clone().ok())
             .collect();
         let mut fds = vec![sh.departed_kick.fd(), sh.stop.fd()];
         fds.extend(watched.iter().map(|p| p.as_fd()));
@@ -744,9 +819,13 @@ fn reap_loop(sh: &Shared) {
         let mut d = sh.departed.lock().unwrap_or_else(|e| e.into_inner());
         let mut i = 0;
         while i < d.len() {
-            if ipc::pidfd_exited(d[i].0.as_fd()) {
-                let (_, t) = d.remove(i);
-                sh.ksmd.exit_target(t);
+            if ipc::pidfd_exited(d[i].pidfd.as_fd()) {
+                let gone = d.remove(i);
+                sh.ksmd.exit_target(gone.target);
+                sh.log(format_args!(
+                    "pid {} ({}) exited; its state is freed",
+                    gone.pid, gone.comm
+                ));
             } else {
                 i += 1;
             }
@@ -805,32 +884,32 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
                 e => return e,
             };
             let (id, _) = client.expect("checked above");
-            let pid = sh
+            let mm = sh
                 .clients
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&id)
-                .map(|c| c.pid);
-            let Some(pid) = pid else {
+                .map(|c| c.mm);
+            let Some(mm) = mm else {
                 return err(libc_einval(), "the connection is closing".into());
             };
-            sh.ksmd.add_region(target, MmId(pid), start, end, mergeable);
+            sh.ksmd.add_region(target, mm, start, end, mergeable);
             Response::Ok
         }
         Request::Madvise { start, end, on } => {
-            let Some(pid) = client_pid(sh, client) else {
+            let Some((_, mm)) = client_mm(sh, client) else {
                 return err(
                     libc_einval(),
                     "only a process with an agent can ask this".into(),
                 );
             };
-            match sh.ksmd.madvise(MmId(pid), start, end, on) {
+            match sh.ksmd.madvise(mm, start, end, on) {
                 Ok(()) => Response::Ok,
                 Err(e) => err(12, format!("unmerging failed: {e}")),
             }
         }
         Request::SetMemoryMerge { on } => {
-            let Some(pid) = client_pid(sh, client) else {
+            let Some((pid, mm)) = client_mm(sh, client) else {
                 return err(
                     libc_einval(),
                     "only a process with an agent can ask this".into(),
@@ -845,13 +924,13 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
                     m.remove(&(pid, started));
                 }
             }
-            match sh.ksmd.set_memory_merge(MmId(pid), on) {
+            match sh.ksmd.set_memory_merge(mm, on) {
                 Ok(()) => Response::Ok,
                 Err(e) => err(12, format!("unmerging failed: {e}")),
             }
         }
-        Request::GetMemoryMerge => match client_pid(sh, client) {
-            Some(pid) => Response::MemoryMerge(sh.ksmd.memory_merge(MmId(pid))),
+        Request::GetMemoryMerge => match client_mm(sh, client) {
+            Some((_, mm)) => Response::MemoryMerge(sh.ksmd.memory_merge(mm)),
             None => err(
                 libc_einval(),
                 "only a process with an agent can ask this".into(),
@@ -867,7 +946,7 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
         Request::Stat => Response::Stat(sh.stat()),
         Request::Ignored { start, end, reason } => {
             let msg = format!("{start:#x}-{end:#x}: {reason}");
-            let pid = client_pid(sh, client).unwrap_or(0);
+            let pid = client_mm(sh, client).map_or(0, |c| c.0);
             sh.log(format_args!(
                 "pid {pid} advised {msg}; ignored, as the kernel's KSM ignores it"
             ));
@@ -895,13 +974,13 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
     }
 }
 
-fn client_pid(sh: &Shared, client: Option<(u64, u64)>) -> Option<u32> {
+fn client_mm(sh: &Shared, client: Option<(u64, u64)>) -> Option<(u32, MmId)> {
     let (id, _) = client?;
     sh.clients
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(&id)
-        .map(|c| c.pid)
+        .map(|c| (c.pid, c.mm))
 }
 
 /// The errno `echo` into `/sys/kernel/mm/ksm` would report for a knob error.

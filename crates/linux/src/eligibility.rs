@@ -83,6 +83,64 @@ fn refusal(m: &Mapping) -> Option<String> {
     None
 }
 
+/// A piece of `[start, end)` within one mapping.
+#[derive(Debug, Clone)]
+pub(crate) struct Piece {
+    pub start: u64,
+    pub end: u64,
+    /// Why it cannot be merged, if it cannot.
+    pub refusal: Option<String>,
+    /// It is the main thread's stack.
+    pub stack: bool,
+    /// It is writable.
+    pub writable: bool,
+    /// It is anonymous memory that starts where a file mapping ends: a shared object's
+    /// `.bss` (or a program's, below `[heap]`), the data its loader and libc keep.
+    pub bss: bool,
+}
+
+/// The mappings inside `[start, end)`, clipped to it, and whether some of the range is not
+/// mapped at all.
+pub(crate) fn pieces(start: u64, end: u64) -> Result<(Vec<Piece>, bool), LiveError> {
+    let text = std::fs::read_to_string("/proc/self/smaps").map_err(|source| LiveError::Io {
+        what: "reading /proc/self/smaps",
+        source,
+    })?;
+    let maps = parse_smaps(&text);
+    let mut out = Vec::new();
+    let mut covered = start;
+    let mut gaps = false;
+    let is_file = |m: &Mapping| m.path.starts_with('/');
+    for (i, m) in maps.iter().enumerate() {
+        if m.end <= start || m.start >= end {
+            continue;
+        }
+        if m.start > covered {
+            gaps = true;
+        }
+        let bss = m.path.is_empty() && i > 0 && maps[i - 1].end == m.start && is_file(&maps[i - 1]);
+        out.push(Piece {
+            start: m.start.max(start),
+            end: m.end.min(end),
+            refusal: refusal(m),
+            stack: m.path == "[stack]",
+            writable: m.perms.as_bytes().get(1) == Some(&b'w'),
+            bss,
+        });
+        covered = m.end;
+    }
+    Ok((out, gaps || covered < end))
+}
+
+/// The whole mapping that contains `addr`, if one does.
+pub(crate) fn mapping_around(addr: u64) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/self/maps").ok()?;
+    parse_smaps(&text)
+        .into_iter()
+        .find(|m| m.start <= addr && addr < m.end)
+        .map(|m| (m.start, m.end))
+}
+
 /// Check that `[start, end)` is entirely private anonymous memory samepage can manage.
 pub(crate) fn check(start: u64, end: u64) -> Result<(), LiveError> {
     let text = std::fs::read_to_string("/proc/self/smaps").map_err(|source| LiveError::Io {

@@ -44,7 +44,7 @@
 //!   `vm.max_map_count`, `run` last; then everything is read back, and the file is removed only
 //!   if all of it is as saved.
 
-use crate::sys::{Mapping, PAGE};
+use crate::sys::Mapping;
 use samepage_engine::{KsmCounters, KsmStat, COUNTER_NAMES, TUNABLE_NAMES};
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -1374,6 +1374,7 @@ impl AnonMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::PAGE;
 
     #[test]
     fn shown_values_are_written_back_as_values() {

@@ -42,6 +42,7 @@ pub mod host;
 pub mod ksmd;
 mod live;
 pub mod ops;
+pub mod preload;
 mod remote;
 pub(crate) mod sys;
 pub mod verify;
@@ -54,7 +55,7 @@ pub mod ipc {
         accept, allow_ptracer, euid, peer_cred, pidfd_exited, pidfd_open, recv_with_fds,
         send_with_fds, seqpacket_connect, seqpacket_listen, shutdown, terminate, PeerCred, MAX_FDS,
     };
-    pub use crate::sys::{poll, process_cpu_ns, EventFd};
+    pub use crate::sys::{note_own, poll, process_cpu_ns, EventFd};
 }
 
 pub use agent::{check_userfaultfd, AgentError, AgentStats};

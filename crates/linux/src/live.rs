@@ -349,7 +349,7 @@ impl LiveKsm {
             .attach_store(store)
             .map_err(LiveError::io("mapping the store of canonical pages"))?;
         let k = ksmd.changes_notifier();
-        agent.set_notify(Box::new(move || k()));
+        agent.set_notify(Box::new(k));
         Ok(Self {
             engine: Engine::Local { ksmd, target },
             agent: Arc::new(AgentOwner(agent)),
@@ -553,6 +553,57 @@ impl LiveKsm {
                 self.request(Request::SetMemoryMerge { on })?;
                 Ok(())
             }
+        }
+    }
+
+    /// Manage `[start, end)` for `mm` without a region handle (`samepage run`'s preload
+    /// library, for the program's own memory): the parts the agent does not manage yet are
+    /// registered. The caller checked that the range is private anonymous memory.
+    pub(crate) fn manage_range(&self, mm: MmId, start: u64, end: u64) -> Result<(), LiveError> {
+        let mut have: Vec<(u64, u64)> = self
+            .agent
+            .0
+            .regions(None)
+            .into_iter()
+            .map(|r| (r.1, r.2))
+            .filter(|&(s, e)| s < end && e > start)
+            .collect();
+        have.sort_unstable();
+        let mut a = start;
+        for (s, e) in have.into_iter().chain([(end, end)]) {
+            if s > a {
+                let b = s.min(end);
+                self.agent.0.register(mm, a, b - a, false)?;
+                self.add_region(mm, a, b)?;
+            }
+            a = a.max(e);
+            if a >= end {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// `MADV_MERGEABLE` / `MADV_UNMERGEABLE` on `[start, end)` of the managed memory.
+    pub(crate) fn advise_range(
+        &self,
+        mm: MmId,
+        start: u64,
+        end: u64,
+        on: bool,
+    ) -> Result<(), LiveError> {
+        self.agent.0.set_mergeable(start, end, on)?;
+        self.engine_madvise(mm, start, end, on)
+    }
+
+    /// Tell the daemon of memory advised that cannot be merged.
+    pub(crate) fn report_ignored(&self, start: u64, end: u64, reason: &str) {
+        if let Engine::Remote { .. } = &self.engine {
+            let _ = self.request(Request::Ignored {
+                start,
+                end,
+                reason: reason.into(),
+            });
         }
     }
 

@@ -20,6 +20,9 @@ pub enum Op {
     /// `break_ksm` over `[start, end)`: give every merged page and every KSM-placed zero
     /// page a private copy. Ordinary zero pages are left alone.
     Unshare { start: u64, end: u64 },
+    /// The process asked to merge everything (`PR_SET_MEMORY_MERGE`): register its
+    /// anonymous memory mapped since the last time, as the kernel makes new areas mergeable.
+    Refresh,
 }
 
 /// Why a merge did not happen (reported back to the engine, which undoes its bookkeeping).
@@ -54,6 +57,9 @@ pub enum Change {
     Moved { from: u64, to: u64, len: u64 },
     /// An `Op::Unshare` failed with this errno (ENOMEM: no memory for the copies).
     UnshareFailed { start: u64, end: u64, errno: i32 },
+    /// The agent registered `[start, end)` for its address space, mergeable (after
+    /// `Op::Refresh`).
+    Registered { start: u64, end: u64 },
     /// The batch with this sequence number is done: every change it caused is above, and
     /// `zeros` zero pages were placed by it.
     BatchDone { seq: u64, zeros: u32 },

@@ -53,20 +53,35 @@ pub enum RemoteError {
 
 /// A connection to `samepage daemon` that controls or reads it (`samepage ctl`,
 /// `samepage stat --daemon`): it offers no memory.
-pub struct Control(Arc<Connection>);
+pub struct Control(Arc<Connection>, bool);
 
 impl Control {
     /// Connect to the daemon listening at `socket`.
     pub fn connect(socket: &Path) -> Result<Self, RemoteError> {
         let c = Connection::connect(socket)?;
-        c.hello(Request::Hello {
+        let (r, _) = c.hello(Request::Hello {
             version: wire::VERSION,
             domain: None,
             agent: false,
             merge_any: false,
         })?;
         c.start_link(None)?;
-        Ok(Self(c))
+        Ok(Self(
+            c,
+            matches!(
+                r,
+                Response::Welcome {
+                    merge_any: true,
+                    ..
+                }
+            ),
+        ))
+    }
+
+    /// This process asked the daemon for `PR_SET_MEMORY_MERGE` before an exec (the kernel
+    /// keeps the flag across exec).
+    pub fn merge_any_inherited(&self) -> bool {
+        self.1
     }
 
     /// `echo value > /sys/kernel/mm/ksm/name` on the daemon, with the kernel's validation.
@@ -124,8 +139,6 @@ pub(crate) struct Connection {
     stop: EventFd,
     stopping: AtomicBool,
     link: Mutex<Option<JoinHandle<()>>>,
-    /// The daemon's pid (as the socket's peer).
-    pub daemon_pid: u32,
 }
 
 impl Connection {
@@ -148,7 +161,6 @@ impl Connection {
             stop: EventFd::new()?,
             stopping: AtomicBool::new(false),
             link: Mutex::new(None),
-            daemon_pid,
         }))
     }
 
@@ -207,6 +219,7 @@ impl Connection {
             .name("samepage-link".into())
             .spawn(move || {
                 sys::block_all_signals();
+                sys::note_own_stack();
                 c.link_loop(agent.as_deref());
                 let mut p = c.pending.lock().unwrap_or_else(|e| e.into_inner());
                 p.gone = true;

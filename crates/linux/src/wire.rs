@@ -252,6 +252,7 @@ pub fn encode_execute(seq: u64, ops: &[Op]) -> Vec<u8> {
             Op::Merge { addr, k } => (1u8, addr, k as u64),
             Op::Zero { addr } => (2, addr, 0),
             Op::Unshare { start, end } => (3, start, end),
+            Op::Refresh => (4, 0, 0),
         };
         record(&mut v, t, a, b);
     }
@@ -279,6 +280,7 @@ pub fn encode_changes(changes: &[Change]) -> Vec<u8> {
                 record(&mut v, 8, errno as u64, 0);
             }
             Change::BatchDone { seq, zeros } => record(&mut v, 9, seq, zeros as u64),
+            Change::Registered { start, end } => record(&mut v, 10, start, end),
         }
     }
     v
@@ -344,6 +346,7 @@ pub fn decode(m: &[u8]) -> Result<Message, WireError> {
                         }),
                         2 => Ok(Op::Zero { addr: a }),
                         3 => Ok(Op::Unshare { start: a, end: b }),
+                        4 => Ok(Op::Refresh),
                         t => Err(WireError::Tag {
                             what: "operation",
                             tag: t,
@@ -399,6 +402,7 @@ pub fn decode(m: &[u8]) -> Result<Message, WireError> {
                             errno: errno as i32,
                         }
                     }
+                    10 => Change::Registered { start: a, end: b },
                     9 => Change::BatchDone {
                         seq: a,
                         zeros: b as u32,
@@ -433,6 +437,7 @@ mod tests {
         prop_oneof![
             (any::<u64>(), any::<u32>()).prop_map(|(addr, k)| Op::Merge { addr, k }),
             any::<u64>().prop_map(|addr| Op::Zero { addr }),
+            Just(Op::Refresh),
             (any::<u64>(), any::<u64>()).prop_map(|(start, end)| Op::Unshare { start, end }),
         ]
     }
@@ -454,6 +459,7 @@ mod tests {
             (any::<u64>(), any::<u64>(), any::<i32>())
                 .prop_map(|(start, end, errno)| Change::UnshareFailed { start, end, errno }),
             (any::<u64>(), any::<u32>()).prop_map(|(seq, zeros)| Change::BatchDone { seq, zeros }),
+            (any::<u64>(), any::<u64>()).prop_map(|(start, end)| Change::Registered { start, end }),
         ]
     }
 

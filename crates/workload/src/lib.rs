@@ -139,6 +139,7 @@ pub fn check_fits(need: u64, what: &str) -> Result<(), WorkloadError> {
 /// Why a path cannot be read as an input file.
 #[derive(Debug)]
 pub enum InputFileError {
+    /// It could not be opened or its metadata read.
     Io(std::io::Error),
     /// Not a regular file: what it is ("a FIFO", "a character device", ...).
     NotRegular(&'static str),

@@ -39,6 +39,7 @@ pub(crate) struct Exec {
 impl Exec {
     pub(super) fn new(agent_uffd: &crate::sys::uffd::Userfaultfd) -> io::Result<Self> {
         let scratch = Mapping::anon(SCRATCH_PAGES * PAGE)?;
+        crate::sys::note_own(scratch.addr(), scratch.addr() + scratch.len());
         agent_uffd.register(
             scratch.addr(),
             scratch.len(),
@@ -371,7 +372,7 @@ impl Agent {
             .filter_map(|op| match *op {
                 Op::Merge { addr, k } => Some((addr, Want::Canonical(k))),
                 Op::Zero { addr } => Some((addr, Want::Zero)),
-                Op::Unshare { .. } => None,
+                Op::Unshare { .. } | Op::Refresh => None,
             })
             .collect();
         pages.sort_unstable_by_key(|p| p.0);
@@ -392,6 +393,9 @@ impl Agent {
             i = j;
         }
         exec.flush();
+        if ops.contains(&Op::Refresh) {
+            self.refresh();
+        }
         for op in ops {
             if let Op::Unshare { start, end } = *op {
                 if let Err(e) = self.unshare(start, end) {

@@ -42,6 +42,20 @@ static INSTALL: Once = Once::new();
 thread_local! {
     /// Pages to fill in the child: (address, source page in a store view).
     static HOLES: RefCell<Vec<(u64, *const u8)>> = const { RefCell::new(Vec::new()) };
+    /// The mergeable regions of the agents, for the child to register again.
+    static REGIONS: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Called in a fork child once its merged pages are filled in, with the regions that were
+/// mergeable in the parent (`samepage run`'s preload library reconnects the child).
+static AFTER_CHILD: std::sync::OnceLock<AfterChild> = std::sync::OnceLock::new();
+
+/// What [`AFTER_CHILD`] holds: called with the parent's mergeable regions.
+pub type AfterChild = fn(&[(u64, u64)]);
+
+/// Have `f` called in every fork child (see [`AFTER_CHILD`]).
+pub fn after_fork_child(f: AfterChild) {
+    let _ = AFTER_CHILD.set(f);
 }
 
 /// Inside the gate: no fork happens while one of these lives.
@@ -99,10 +113,23 @@ extern "C" fn prepare() {
             a.merged_pages(&mut h);
         }
     });
+    REGIONS.with(|r| {
+        let mut r = r.borrow_mut();
+        r.clear();
+        for a in agents.iter().filter(|a| a.is_own()) {
+            r.extend(
+                a.regions(None)
+                    .into_iter()
+                    .filter(|x| x.3)
+                    .map(|x| (x.1, x.2)),
+            );
+        }
+    });
 }
 
 extern "C" fn parent() {
     HOLES.with(|h| h.borrow_mut().clear());
+    REGIONS.with(|r| r.borrow_mut().clear());
     let n = GATE.readers.lock().unwrap_or_else(|e| e.into_inner());
     GATE.closed.store(false, Ordering::Release);
     drop(n);
@@ -151,4 +178,7 @@ extern "C" fn child() {
         // SAFETY: closing the descriptor opened above.
         unsafe { libc::close(pm) };
     });
+    if let Some(f) = AFTER_CHILD.get() {
+        REGIONS.with(|r| f(&r.borrow()));
+    }
 }

@@ -24,7 +24,7 @@
 //!   `PAGEMAP_SCAN` counts the marked zero pages exactly at any moment.
 
 mod exec;
-mod fork;
+pub(crate) mod fork;
 mod handler;
 pub(crate) mod state;
 
@@ -42,8 +42,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use thiserror::Error;
-
-pub(crate) use exec::SCRATCH_PAGES;
 
 /// The userfaultfd features the agent needs. `WP_ASYNC` implies write-protecting holes
 /// (markers), so the agent never write-protects anything but the zero pages it places.
@@ -76,9 +74,15 @@ pub enum AgentError {
     #[error(
         "this kernel's userfaultfd lacks a feature samepage needs (asynchronous \
          write-protect, UFFDIO_MOVE, or the remove/unmap/remap events): Linux 6.8 or later \
-         is required"
+         is required (features asked for: {wanted:#x})"
     )]
-    MissingFeature(#[source] io::Error),
+    MissingFeature {
+        /// The `UFFD_FEATURE_*` bits asked for.
+        wanted: u64,
+        /// What `UFFDIO_API` answered.
+        #[source]
+        source: io::Error,
+    },
     /// The range overlaps one the agent manages already.
     #[error("{start:#x}-{end:#x} overlaps memory samepage manages already")]
     Overlap {
@@ -133,35 +137,39 @@ pub(crate) struct Agent {
     notify: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     /// The process that made the agent: in a fork child the copy is inert.
     owner: u32,
+    /// Finds the anonymous memory to register for `Op::Refresh` (set by `samepage run`'s
+    /// preload library for a process that asked to merge everything).
+    refresh_hook: Mutex<Option<RefreshHook>>,
 }
+
+impl From<OpenError> for AgentError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::NotPermitted { syscall, dev } => Self::NoUserfaultfd { syscall, dev },
+            OpenError::Features { wanted, source } => Self::MissingFeature { wanted, source },
+            OpenError::Other(source) => Self::Io {
+                what: "opening a userfaultfd",
+                source,
+            },
+        }
+    }
+}
+
+/// Lists the ranges that an `Op::Refresh` should register, given those registered already.
+pub(crate) type RefreshHook = Box<dyn Fn(&[(u64, u64)]) -> Vec<(u64, u64)> + Send + Sync>;
 
 /// Whether this process may open the userfaultfd samepage needs (and the kernel has its
 /// features): the error says what to do if not.
 pub fn check_userfaultfd() -> Result<(), AgentError> {
-    Userfaultfd::open(FEATURES, None)
-        .map(drop)
-        .map_err(|e| match e {
-            OpenError::NotPermitted { syscall, dev } => AgentError::NoUserfaultfd { syscall, dev },
-            OpenError::Features { source, .. } => AgentError::MissingFeature(source),
-            OpenError::Other(e) => AgentError::Io {
-                what: "opening a userfaultfd",
-                source: e,
-            },
-        })
+    Userfaultfd::open(FEATURES, None)?;
+    Ok(())
 }
 
 impl Agent {
     /// Open the userfaultfd (through `dev`, an open `/dev/userfaultfd`, if given), map the
     /// scratch area and start the handler thread.
     pub(crate) fn start(dev: Option<BorrowedFd<'_>>) -> Result<Arc<Self>, AgentError> {
-        let uffd = Userfaultfd::open(FEATURES, dev).map_err(|e| match e {
-            OpenError::NotPermitted { syscall, dev } => AgentError::NoUserfaultfd { syscall, dev },
-            OpenError::Features { source, .. } => AgentError::MissingFeature(source),
-            OpenError::Other(e) => AgentError::Io {
-                what: "opening a userfaultfd",
-                source: e,
-            },
-        })?;
+        let uffd = Userfaultfd::open(FEATURES, dev)?;
         let exec = exec::Exec::new(&uffd).map_err(AgentError::io("mapping the scratch area"))?;
         let scratch = exec.range();
         let agent = Arc::new(Self {
@@ -179,6 +187,7 @@ impl Agent {
             scratch,
             notify: Mutex::new(None),
             owner: std::process::id(),
+            refresh_hook: Mutex::new(None),
         });
         fork::register(&agent);
         let a = agent.clone();
@@ -446,6 +455,32 @@ impl Agent {
             .as_ref()
         {
             f();
+        }
+    }
+
+    /// What `Op::Refresh` uses to find new memory to register.
+    pub(crate) fn set_refresh_hook(&self, f: RefreshHook) {
+        *self.refresh_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    /// `Op::Refresh`: register, mergeable, the memory the hook finds, and report it.
+    fn refresh(&self) {
+        let hook = self.refresh_hook.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = hook.as_ref() else { return };
+        let (mm, have): (Option<MmId>, Vec<(u64, u64)>) = {
+            let st = self.lock();
+            (
+                st.regions.first().map(|r| r.mm),
+                st.regions.iter().map(|r| (r.start, r.end())).collect(),
+            )
+        };
+        let mm = mm.unwrap_or(MmId(std::process::id()));
+        for (s, e) in h(&have) {
+            if self.register(mm, s, e - s, true).is_ok() {
+                self.lock()
+                    .outbox
+                    .push(Change::Registered { start: s, end: e });
+            }
         }
     }
 

@@ -90,12 +90,6 @@ impl PageStates {
     pub fn split_off(&mut self, at: usize) -> Self {
         Self(self.0.split_off(at))
     }
-    pub fn truncate(&mut self, n: usize) {
-        self.0.truncate(n)
-    }
-    pub fn drain_front(&mut self, n: usize) {
-        self.0.drain(..n);
-    }
     pub fn iter(&self) -> impl Iterator<Item = PageState> + '_ {
         self.0.iter().map(|&v| PageState::decode(v))
     }

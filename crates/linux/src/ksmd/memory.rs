@@ -62,6 +62,10 @@ fn merge_error(why: FailReason) -> MergeError {
     }
 }
 
+/// How often a process that merges everything is asked for new memory: a pass over
+/// little memory takes no time, and each look reads the process's `/proc/PID/smaps`.
+pub(crate) const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Present, non-zero, anonymous pages found by the last `PAGEMAP_SCAN` of one target.
 #[derive(Default)]
 struct ScanWindow {
@@ -109,6 +113,9 @@ pub struct KsmdMemory {
     /// Off while the scanner publishes its snapshot: readers count zero pages themselves,
     /// from the page tables, when they read.
     pub(crate) count_zero: std::cell::Cell<bool>,
+    /// Regions agents registered on their own (`Op::Refresh`), for the engine to make
+    /// mergeable.
+    pub(crate) new_regions: Vec<(MmId, u64, u64)>,
 }
 
 impl KsmdMemory {
@@ -127,16 +134,18 @@ impl KsmdMemory {
             changes: Vec::new(),
             stats: KsmdStats::default(),
             count_zero: std::cell::Cell::new(true),
+            new_regions: Vec::new(),
         })
     }
 
     /// The store of `domain`, made on first use.
     pub(crate) fn store(&mut self, domain: u32) -> io::Result<&mut Store> {
-        if !self.stores.contains_key(&domain) {
-            let s = Store::new(&format!("samepage-canonical-{domain}"))?;
-            self.stores.insert(domain, s);
+        match self.stores.entry(domain) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                Ok(e.insert(Store::new(&format!("samepage-canonical-{domain}"))?))
+            }
         }
-        Ok(self.stores.get_mut(&domain).expect("store just made"))
     }
 
     /// Add a target; returns its index.
@@ -287,17 +296,14 @@ impl KsmdMemory {
         i: usize,
         failed: &mut Vec<(u64, FailReason)>,
     ) -> Option<i32> {
-        let Some(t) = self.targets.get_mut(i).and_then(Option::as_mut) else {
-            return None;
-        };
+        let t = self.targets.get_mut(i).and_then(Option::as_mut)?;
         self.changes.clear();
         t.link.drain(&mut self.changes);
         if self.changes.is_empty() {
             return None;
         }
         let mut unshare_errno = None;
-        let store = self.stores.get_mut(&t.domain);
-        let Some(store) = store else { return None };
+        let store = self.stores.get_mut(&t.domain)?;
         for c in self.changes.drain(..) {
             match c {
                 Change::Merged { addr, k } => {
@@ -345,6 +351,17 @@ impl KsmdMemory {
                 Change::Moved { from, to, len } => {
                     for k in t.move_range(from, to, len) {
                         store.unref(k);
+                    }
+                }
+                Change::Registered { start, end } => {
+                    let ok = start < end
+                        && start.is_multiple_of(PAGE)
+                        && end.is_multiple_of(PAGE)
+                        && end <= super::target::USER_SPACE_END
+                        && !t.regions.iter().any(|r| r.start < end && r.end() > start);
+                    if let (true, Some(&mm)) = (ok, t.mms.first()) {
+                        t.add_region(mm, start, end, false);
+                        self.new_regions.push((mm, start, end));
                     }
                 }
                 Change::UnshareFailed { errno, .. } => unshare_errno = Some(errno),
@@ -433,6 +450,26 @@ impl KsmdMemory {
             }
         }
         result
+    }
+
+    /// Ask the agents of the address spaces `merge_any` says merge everything to register
+    /// the memory they mapped since, and carry that out now. Whether there are such
+    /// address spaces.
+    pub(crate) fn refresh(&mut self, merge_any: impl Fn(MmId) -> bool) -> bool {
+        let mut any = false;
+        for t in self.targets.iter_mut().flatten() {
+            if t.gone || t.detached || !t.mms.iter().any(|&m| merge_any(m)) {
+                continue;
+            }
+            any = true;
+            if t.refreshed.is_none_or(|r| r.elapsed() >= REFRESH_EVERY) {
+                t.refreshed = Some(std::time::Instant::now());
+                t.queue.push(Op::Refresh);
+            }
+        }
+        let mut failed = Vec::new();
+        let _ = self.flush(&mut failed);
+        any
     }
 
     /// The end of a chunk of the scan (every queued merge is carried out by then): decide

@@ -14,7 +14,7 @@ mod target;
 
 pub use memory::{KsmdMemory, KsmdStats};
 pub use target::AgentLink;
-pub(crate) use target::{LocalLink, Target};
+pub(crate) use target::{LocalLink, Target, USER_SPACE_END};
 
 use crate::agent::Agent;
 use crate::sys;
@@ -551,11 +551,29 @@ fn reap(g: &mut EngineSide) {
     mem.reap(|mm| ksm.mm_released(mm));
 }
 
-/// One chunk: `do_scan(n)`, whose end carries out the queued merges.
+/// One chunk: `do_scan(n)`, whose end carries out the queued merges. At the end of a full
+/// scan, processes that merge everything register the memory they mapped since.
 fn run_chunk(g: &mut EngineSide, n: u64) -> samepage_engine::ScanBatch {
     let EngineSide { ksm, mem, clock } = g;
     mem.apply_changes();
-    ksm.do_scan(mem, clock, n)
+    let b = ksm.do_scan(mem, clock, n);
+    if b.full_scan_done {
+        mem.refresh(|mm| ksm.prctl_get_memory_merge(mm));
+    }
+    for (mm, s, e) in std::mem::take(&mut mem.new_regions) {
+        ksm.madvise_mergeable(mem, mm, s, e);
+    }
+    b
+}
+
+/// Ask the processes that merge everything for their new memory; whether there are any.
+fn refresh(g: &mut EngineSide) -> bool {
+    let EngineSide { ksm, mem, .. } = g;
+    let any = mem.refresh(|mm| ksm.prctl_get_memory_merge(mm));
+    for (mm, s, e) in std::mem::take(&mut mem.new_regions) {
+        ksm.madvise_mergeable(mem, mm, s, e);
+    }
+    any
 }
 
 /// Publish the engine's counters for readers: zero pages as 0 (readers count them in the
@@ -600,8 +618,15 @@ fn scan_loop(inner: &Inner) {
             if !g.ksm.ksmd_should_run() || inner.stop.load(Ordering::Acquire) {
                 g.mem.apply_changes();
                 reap(&mut g);
+                // A process that merges everything leaves the scan list when it has no
+                // mergeable memory yet; the kernel puts it back at its next mmap. Here the
+                // scanner, otherwise idle, keeps asking it for new memory.
+                let watch = !inner.stop.load(Ordering::Acquire)
+                    && g.ksm.tunables().run == samepage_engine::Run::Merge
+                    && refresh(&mut g);
+                publish(inner, &g);
                 g.mem.end_batch();
-                break None;
+                break watch.then_some(memory::REFRESH_EVERY.as_millis() as u32);
             }
             let todo = *left.get_or_insert(g.ksm.tunables().pages_to_scan as u64);
             let chunk = todo.min(CHUNK_PAGES);

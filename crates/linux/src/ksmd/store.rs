@@ -10,7 +10,7 @@
 use crate::sys::{self, FileView, PAGE};
 use rustc_hash::FxHashMap;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 /// Offsets below this many pages are usable (the page states encode the others).
 pub(crate) const MAX_PAGES: u32 = crate::agent::state::MAX_STORE_OFFSET;
@@ -59,11 +59,6 @@ impl Store {
             released: 0,
             max: max.min(MAX_PAGES),
         })
-    }
-
-    /// The store's descriptor (read-write).
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
     }
 
     /// A read-only descriptor of the store, for an agent.
@@ -148,11 +143,6 @@ impl Store {
         (k as u64) < self.size && self.view.read_page(k as u64 * PAGE, buf)
     }
 
-    /// Is canonical page `k` equal to `other`?
-    pub fn equals(&self, k: u32, other: &[u8]) -> bool {
-        (k as u64) < self.size && self.view.page_equals(k as u64 * PAGE, other)
-    }
-
     /// Canonical pages referred to now.
     pub fn live_pages(&self) -> usize {
         self.refs.len()
@@ -226,6 +216,6 @@ mod tests {
         assert!(!s.alive(k));
         let k2 = s.alloc(&[1u8; PAGE as usize]).unwrap();
         assert_eq!(k2, k, "the offset is reused");
-        assert!(s.equals(k2, &[1u8; PAGE as usize]));
+        assert!(s.read(k2, &mut buf) && buf == [1u8; PAGE as usize]);
     }
 }

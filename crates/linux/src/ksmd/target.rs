@@ -95,6 +95,8 @@ pub(crate) struct Target {
     /// gone): no batch goes to it until it does, and the merges of that batch stay
     /// outstanding, keeping their canonical pages, since the agent may still carry them out.
     pub stalled: bool,
+    /// When it was last asked to register memory mapped since (`Op::Refresh`).
+    pub refreshed: Option<std::time::Instant>,
 }
 
 impl Target {
@@ -113,6 +115,7 @@ impl Target {
             gone: false,
             detached: false,
             stalled: false,
+            refreshed: None,
         })
     }
 

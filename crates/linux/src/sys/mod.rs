@@ -8,7 +8,7 @@ pub mod socket;
 pub mod uffd;
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// The page size samepage works with.
 pub const PAGE: u64 = samepage_engine::PAGE_SIZE as u64;
@@ -129,13 +129,6 @@ impl Mapping {
         // reference into it.
         unsafe { madvise(self.addr + off, len, libc::MADV_DONTNEED) }
     }
-
-    /// Give up ownership: the memory stays mapped and is no longer unmapped on drop.
-    pub fn leak(self) -> (u64, u64) {
-        let r = (self.addr, self.len);
-        std::mem::forget(self);
-        r
-    }
 }
 
 impl Drop for Mapping {
@@ -179,11 +172,6 @@ impl FileView {
     /// Bytes the view covers.
     pub fn len(&self) -> u64 {
         self.len
-    }
-
-    /// Never empty; for clippy's sake.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Make the view cover `len` bytes (it may move).
@@ -251,52 +239,6 @@ impl Drop for FileView {
 pub unsafe fn madvise(addr: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
     // SAFETY: the caller vouches for the range and the advice.
     cvt(unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, advice) }).map(drop)
-}
-
-/// `mmap(addr, len, RW, MAP_PRIVATE|MAP_FIXED, fd, off)`: replaces whatever is mapped there.
-///
-/// # Safety
-/// `[addr, addr + len)` must be memory the caller manages, whose contents equal the file's
-/// at `off` (or whose contents may be dropped).
-pub unsafe fn mmap_fixed_file(addr: u64, len: u64, fd: RawFd, off: u64) -> io::Result<()> {
-    // SAFETY: the caller vouches for the range.
-    let p = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED,
-            fd,
-            off as libc::off_t,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// `mmap(addr, len, RW, MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED)`: fresh anonymous memory
-/// (holes) replacing whatever is mapped there.
-///
-/// # Safety
-/// `[addr, addr + len)` must be memory the caller manages; its contents are dropped.
-pub unsafe fn mmap_fixed_anon(addr: u64, len: u64) -> io::Result<()> {
-    // SAFETY: the caller vouches for the range.
-    let p = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// `memfd_create(name, MFD_CLOEXEC)`.
@@ -397,21 +339,11 @@ pub fn write_self(addr: u64, data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Copy the page at `addr`, an address of this process that only the calling thread can
-/// reach (a page just moved into samepage's scratch area), into `buf`.
+/// The page at `addr`, an address of this process that only the calling thread can reach
+/// (a page just moved into samepage's scratch area), borrowed in place.
 ///
 /// # Safety
-/// The page must be mapped and readable, and nothing may write it during the call.
-pub unsafe fn read_own_page(addr: u64, buf: &mut [u8]) {
-    // SAFETY: the caller guarantees the page is mapped, readable and not written; buf is
-    // distinct.
-    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) }
-}
-
-/// The page at `addr`, as [`read_own_page`], borrowed in place.
-///
-/// # Safety
-/// As [`read_own_page`], for as long as the returned slice lives.
+/// The page must be mapped and readable, and nothing may write it while the slice lives.
 pub unsafe fn own_page<'a>(addr: u64) -> &'a [u8] {
     // SAFETY: the caller guarantees the page is mapped, readable and not written while the
     // slice lives.
@@ -513,40 +445,6 @@ fn read_first_u64(path: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The CPU the calling thread runs on.
-pub fn current_cpu() -> Option<usize> {
-    // SAFETY: sched_getcpu has no preconditions.
-    let c = unsafe { libc::sched_getcpu() };
-    (c >= 0).then_some(c as usize)
-}
-
-/// The CPUs this process may run on.
-pub fn allowed_cpus() -> io::Result<libc::cpu_set_t> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: set is a valid cpu_set_t of the size passed; 0 is the calling thread.
-    cvt(unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) })?;
-    Ok(set)
-}
-
-/// Restrict thread `tid` (0: the caller) to `cpu`, or let it run on every CPU of `allowed`.
-pub fn pin_thread(tid: u32, cpu: Option<usize>, allowed: &libc::cpu_set_t) -> io::Result<()> {
-    let mut set = *allowed;
-    if let Some(c) = cpu {
-        // SAFETY: CPU_ZERO and CPU_SET write into the set we own; c is a CPU the kernel
-        // reported, below CPU_SETSIZE.
-        unsafe {
-            libc::CPU_ZERO(&mut set);
-            libc::CPU_SET(c, &mut set);
-        }
-    }
-    // SAFETY: set is a valid cpu_set_t of the size passed.
-    cvt(unsafe {
-        libc::sched_setaffinity(tid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    })
-    .map(drop)
-}
-
 /// Run the calling thread only on CPU time nobody else wants (`SCHED_IDLE`).
 pub fn set_idle_priority() -> io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
@@ -566,16 +464,44 @@ pub fn block_all_signals() {
     }
 }
 
-/// Lines of `/proc/self/maps`: the mappings of this process.
-pub fn count_maps() -> io::Result<u64> {
-    let s = std::fs::read("/proc/self/maps")?;
-    Ok(s.iter().filter(|&&b| b == b'\n').count() as u64)
+/// Ranges of this process that are samepage's own (its threads' stacks, its scratch area,
+/// an allocator's arena): never to be registered for merging, because the fault handler
+/// touching a page of its own memory that waits for the fault handler would never return.
+static OWN: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Note `[start, end)` as samepage's own.
+pub fn note_own(start: u64, end: u64) {
+    OWN.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((start, end));
 }
 
-/// `vm.max_map_count`.
-pub fn max_map_count() -> io::Result<u64> {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count")?
-        .trim()
-        .parse()
-        .map_err(|_| io::Error::other("vm.max_map_count is not a number"))
+/// samepage's own ranges.
+pub fn own_ranges() -> Vec<(u64, u64)> {
+    OWN.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Note the calling thread's stack as samepage's own: the whole mapping it lies in, since
+/// glibc keeps the thread's TLS and descriptor in the same mapping, above the range
+/// `pthread_getattr_np` reports.
+pub fn note_own_stack() {
+    // SAFETY: attr is initialised by pthread_getattr_np and destroyed after use; the
+    // out-parameters are valid.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
+            return;
+        }
+        let mut addr: *mut libc::c_void = std::ptr::null_mut();
+        let mut size: libc::size_t = 0;
+        if libc::pthread_attr_getstack(&attr, &mut addr, &mut size) == 0 {
+            // The guard page below the stack too.
+            let lo = (addr as u64).saturating_sub(PAGE);
+            note_own(lo, addr as u64 + size as u64);
+            if let Some((s, e)) = crate::eligibility::mapping_around(addr as u64) {
+                note_own(s, e);
+            }
+        }
+        libc::pthread_attr_destroy(&mut attr);
+    }
 }

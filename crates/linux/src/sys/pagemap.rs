@@ -6,7 +6,6 @@ use super::{cvt, PAGE};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 
 /// The page's uffd write-protect bit is *clear* (the kernel's name: "written since
 /// protected").
@@ -17,16 +16,8 @@ pub const PAGE_IS_FILE: u64 = 1 << 2;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 /// The entry maps the shared zero page (or the huge zero page).
 pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
-/// The entry is part of a transparent huge page mapping.
-pub const PAGE_IS_HUGE: u64 = 1 << 6;
 
-/// Page-frame number bits of a pagemap entry (zero without `CAP_SYS_ADMIN`).
-pub const PM_PFN_MASK: u64 = (1 << 55) - 1;
-/// The entry carries the uffd write-protect bit.
-pub const PM_UFFD_WP: u64 = 1 << 57;
-/// The page maps a file or is shared anonymous memory.
-pub const PM_FILE: u64 = 1 << 61;
-/// A page is present.
+/// A page is present (an entry of `/proc/PID/pagemap`).
 pub const PM_PRESENT: u64 = 1 << 63;
 
 /// `struct page_region`.
@@ -80,13 +71,6 @@ impl Pagemap {
         Ok(Self {
             file: File::open(path)?,
         })
-    }
-
-    /// The entry of the page at `addr`.
-    pub fn entry(&self, addr: u64) -> io::Result<u64> {
-        let mut b = [0u8; 8];
-        self.file.read_exact_at(&mut b, addr / PAGE * 8)?;
-        Ok(u64::from_ne_bytes(b))
     }
 
     /// Runs of pages in `[start, end)` that have every category of `required` and none of
@@ -183,7 +167,14 @@ mod tests {
                 .unwrap(),
             2
         );
-        assert_ne!(pm.entry(m.addr() + 2 * PAGE).unwrap() & PM_PRESENT, 0);
-        assert_eq!(pm.entry(m.addr()).unwrap() & PM_PRESENT, 0);
+        // The classic pagemap interface agrees.
+        let entry = |addr: u64| {
+            use std::os::unix::fs::FileExt;
+            let mut b = [0u8; 8];
+            pm.file.read_exact_at(&mut b, addr / PAGE * 8).unwrap();
+            u64::from_ne_bytes(b)
+        };
+        assert_ne!(entry(m.addr() + 2 * PAGE) & PM_PRESENT, 0);
+        assert_eq!(entry(m.addr()) & PM_PRESENT, 0);
     }
 }

@@ -242,31 +242,6 @@ pub fn shutdown(sock: BorrowedFd<'_>) {
     unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
-/// Give `sock` a receive timeout (None: block forever).
-pub fn set_recv_timeout(sock: BorrowedFd<'_>, t: Option<std::time::Duration>) -> io::Result<()> {
-    let tv = match t {
-        Some(d) => libc::timeval {
-            tv_sec: d.as_secs() as libc::time_t,
-            tv_usec: d.subsec_micros() as libc::suseconds_t,
-        },
-        None => libc::timeval {
-            tv_sec: 0,
-            tv_usec: 0,
-        },
-    };
-    // SAFETY: tv is a valid timeval of the size passed.
-    cvt(unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,10 +25,6 @@ pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 /// Fault messages carry the faulting thread's id.
 pub const FEATURE_THREAD_ID: u64 = 1 << 8;
-/// Minor faults on shmem (page in the page cache, not in the page table).
-pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
-/// Write-protect none entries too (markers). Implied by `WP_ASYNC`.
-pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// The kernel resolves write-protect faults itself: it clears the bit and the write goes on,
 /// with no message; `PAGEMAP_SCAN` then shows which protected pages were written.
 pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
@@ -39,8 +35,6 @@ pub const FEATURE_MOVE: u64 = 1 << 16;
 pub const REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// Register for write-protection.
 pub const REGISTER_MODE_WP: u64 = 1 << 1;
-/// Register for minor faults (page cache has the page, the page table does not).
-pub const REGISTER_MODE_MINOR: u64 = 1 << 2;
 
 const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> libc::c_ulong {
     ((dir << 30) | ((size as u32) << 16) | (ty << 8) | nr) as libc::c_ulong
@@ -92,13 +86,6 @@ struct UffdioWriteprotect {
     range: UffdioRange,
     mode: u64,
 }
-/// `struct uffdio_continue`.
-#[repr(C)]
-struct UffdioContinue {
-    range: UffdioRange,
-    mode: u64,
-    mapped: i64,
-}
 /// `struct uffdio_move`.
 #[repr(C)]
 struct UffdioMove {
@@ -148,19 +135,12 @@ const UFFDIO_WRITEPROTECT: libc::c_ulong = ioc(
     0x06,
     std::mem::size_of::<UffdioWriteprotect>(),
 );
-const UFFDIO_CONTINUE: libc::c_ulong = ioc(
-    IOC_READ | IOC_WRITE,
-    UFFDIO,
-    0x07,
-    std::mem::size_of::<UffdioContinue>(),
-);
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`.
 const USERFAULTFD_IOC_NEW: libc::c_ulong = ioc(0, UFFDIO, 0x00, 0);
 
 const MODE_DONTWAKE: u64 = 1 << 0;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
-const CONTINUE_MODE_WP: u64 = 1 << 1;
 
 /// Why a userfaultfd could not be opened.
 #[derive(Debug)]
@@ -312,22 +292,6 @@ impl Userfaultfd {
         cvt(unsafe { libc::ioctl(self.as_raw_fd(), UFFDIO_COPY, &mut c) }).map(drop)
     }
 
-    /// Map the page-cache page at the hole `start` of a range registered for minor faults,
-    /// write-protected if `wp`, waking the threads that wait on it.
-    ///
-    /// # Safety
-    /// `start` must be a page of a mapping the caller manages.
-    pub unsafe fn continue_(&self, start: u64, wp: bool, wake: bool) -> io::Result<()> {
-        let mut c = UffdioContinue {
-            range: UffdioRange { start, len: PAGE },
-            mode: (if wp { CONTINUE_MODE_WP } else { 0 }) | (if wake { 0 } else { MODE_DONTWAKE }),
-            mapped: 0,
-        };
-        // SAFETY: the ioctl reads and writes the struct we pass; it maps the page the file
-        // already holds at that offset into a hole.
-        cvt(unsafe { libc::ioctl(self.as_raw_fd(), UFFDIO_CONTINUE, &mut c) }).map(drop)
-    }
-
     /// Move the pages of `[src, src + len)` to the holes at `dst` without waking anyone:
     /// the bytes moved from the start, and how the call ended. EBUSY stops it at a page
     /// that is pinned (DMA, io_uring fixed buffers) or shared with a fork; ENOENT at a hole
@@ -372,13 +336,6 @@ impl Userfaultfd {
         };
         out.extend(raw[..n].iter().filter_map(UffdMsg::parse));
         Ok(n)
-    }
-
-    /// A second descriptor of the same userfaultfd.
-    pub fn try_clone(&self) -> io::Result<Self> {
-        Ok(Self {
-            fd: self.fd.try_clone()?,
-        })
     }
 }
 
@@ -488,7 +445,6 @@ mod tests {
         assert_eq!(size_of::<UffdioCopy>(), 0x28);
         assert_eq!(size_of::<UffdioZeropage>(), 0x20);
         assert_eq!(size_of::<UffdioWriteprotect>(), 0x18);
-        assert_eq!(size_of::<UffdioContinue>(), 0x20);
         assert_eq!(size_of::<UffdioMove>(), 0x28);
         assert_eq!(size_of::<UffdMsg>(), 0x20);
         assert_eq!(offset_of!(UffdMsg, arg), 0x8);
@@ -500,7 +456,6 @@ mod tests {
         assert_eq!(UFFDIO_ZEROPAGE, 0xc020aa04);
         assert_eq!(UFFDIO_MOVE, 0xc028aa05);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018aa06);
-        assert_eq!(UFFDIO_CONTINUE, 0xc020aa07);
         assert_eq!(USERFAULTFD_IOC_NEW, 0xaa00);
     }
 
