@@ -30,6 +30,57 @@
 //! It needs a userfaultfd that also handles faults taken by system calls (root,
 //! `CAP_SYS_PTRACE`, or access to `/dev/userfaultfd`) and Linux 6.8 or later.
 //!
+//! # Example
+//!
+//! Two address spaces of this process, the same bytes in each, merged by the engine in this
+//! process (with [`LiveKsm::connect`] instead of [`LiveKsm::new`], by a running
+//! `samepage daemon`). It needs a userfaultfd that handles faults taken by system calls;
+//! without one it says so and does nothing.
+//!
+//! ```
+//! use samepage_linux::{LiveKsm, PAGE_SIZE};
+//! use std::time::Duration;
+//!
+//! # fn main() -> Result<(), samepage_linux::LiveError> {
+//! let ksm = match LiveKsm::new() {
+//!     Ok(k) => k,
+//!     Err(e) => {
+//!         eprintln!("example skipped: {e}");
+//!         return Ok(());
+//!     }
+//! };
+//! let page = PAGE_SIZE as u64;
+//! let mut regions = Vec::new();
+//! for _ in 0..2 {
+//!     let mm = ksm.new_mm();
+//!     let r = ksm.create_region(mm, 32 * page)?;
+//!     // Pages 0..8 stay zero; pages 8..32 all hold the same bytes.
+//!     for i in 8..32 {
+//!         r.write(i * page, &[7u8; PAGE_SIZE])?;
+//!     }
+//!     ksm.madvise_mergeable(&r)?;
+//!     regions.push(r);
+//! }
+//! for (knob, value) in [("use_zero_pages", "1"), ("sleep_millisecs", "0"), ("run", "1")] {
+//!     ksm.set_knob(knob, value)?;
+//! }
+//! // A page merges once its checksum held still between two visits.
+//! assert!(ksm.wait_full_scans(4, Duration::from_secs(30)));
+//! let c = ksm.counters();
+//! assert_eq!((c.pages_shared, c.pages_sharing, c.ksm_zero_pages), (1, 47, 16));
+//!
+//! // A write breaks sharing of that one page only; the region reads what was written.
+//! regions[0].write(8 * page, b"hello")?;
+//! let mut buf = [0u8; 5];
+//! regions[0].read(8 * page, &mut buf)?;
+//! assert_eq!(&buf, b"hello");
+//! regions[1].read(8 * page, &mut buf)?;
+//! assert_eq!(buf, [7u8; 5]);
+//! ksm.set_knob("run", "2")?; // unmerge everything, as the kernel's run=2
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Layout: `sys` holds the system calls and nearly every `unsafe` block; `agent` the agent
 //! (its states, fault handler and executor); `ksmd` the engine's side (the `Memory`
 //! implementation, the stores, the scanning thread); [`ops`] what they tell each other;
