@@ -193,10 +193,20 @@ impl Drop for MovedOut<'_> {
             // faults wait on.
             let (n, r) = unsafe { self.agent.uffd.move_pages(slot, to, PAGE) };
             if n == PAGE {
-                Ok(())
-            } else {
-                r.and(Err(io::Error::from_raw_os_error(libc::EAGAIN)))
+                return Ok(());
             }
+            if self.agent.is_marker(to, &r) {
+                // A write-protect marker with no page under it: UFFDIO_MOVE wants an empty
+                // entry. Drop the marker and move again.
+                let _ = self.agent.uffd.writeprotect(to, PAGE, false, false);
+                // SAFETY: as above.
+                let (n, r) = unsafe { self.agent.uffd.move_pages(slot, to, PAGE) };
+                if n == PAGE {
+                    return Ok(());
+                }
+                return r.and(Err(io::Error::from_raw_os_error(libc::EAGAIN)));
+            }
+            r.and(Err(io::Error::from_raw_os_error(libc::EAGAIN)))
         });
         if r.is_err() {
             self.agent.lock().stats.lost_put_backs += 1;
@@ -603,7 +613,10 @@ impl Agent {
                     // moved (or gone) meanwhile.
                     self.wait_events_after(seen);
                     let moved = self.lock().fates.get(&addr).copied();
-                    let again = is_again(&e);
+                    // Nothing mapped there: the application is unmapping or moving the page
+                    // and its event is not queued yet. It will be: wait for it.
+                    let again = is_again(&e)
+                        || e.raw_os_error() == Some(libc::ENOENT) && !sys::is_mapped(at);
                     last = Err(e);
                     if !again && moved.map_or(addr, |m| if m.dropped { 0 } else { m.now }) == at {
                         break;

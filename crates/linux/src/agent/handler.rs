@@ -10,7 +10,6 @@
 use super::state::{PageState, State};
 use super::Agent;
 use crate::ops::Change;
-use crate::sys::pagemap::PAGE_IS_PRESENT;
 use crate::sys::uffd::{Event, FaultKind};
 use crate::sys::PAGE;
 use std::io;
@@ -120,7 +119,7 @@ fn fault_missing(agent: &Agent, st: &mut State, a: u64, write: bool, retry: &mut
             if done == PAGE {
                 return;
             }
-            if is_marker(agent, a, &r) {
+            if agent.is_marker(a, &r) {
                 // A write-protect marker with no page under it (a protection that outlived
                 // its page): UFFDIO_ZEROPAGE refuses it as "exists", and the fault would
                 // come back for as long as it stays. Drop it, then map the zero page.
@@ -149,12 +148,6 @@ fn fault_missing(agent: &Agent, st: &mut State, a: u64, write: bool, retry: &mut
             let _ = agent.uffd.wake(a, PAGE);
         }
     }
-}
-
-/// Did a zero-page fill fail on a page-table entry that holds no page (a uffd-wp marker)?
-fn is_marker(agent: &Agent, a: u64, r: &io::Result<()>) -> bool {
-    matches!(r, Err(e) if e.raw_os_error() == Some(libc::EEXIST))
-        && agent.pagemap.count(a, a + PAGE, PAGE_IS_PRESENT, 0).ok() == Some(0)
 }
 
 /// `MADV_DONTNEED` (or `MADV_FREE`) on `[start, end)`: a merged page now stands for zeros

@@ -484,6 +484,15 @@ impl Agent {
         }
     }
 
+    /// Did a fill or move of the page at `a` fail because its page-table entry is a
+    /// userfaultfd write-protect marker with no page under it? `UFFDIO_ZEROPAGE` and
+    /// `UFFDIO_MOVE` take such an entry for an existing page (`EEXIST`); a missing-page
+    /// fault sees a hole.
+    pub(crate) fn is_marker(&self, a: u64, r: &io::Result<()>) -> bool {
+        matches!(r, Err(e) if e.raw_os_error() == Some(libc::EEXIST))
+            && self.pagemap.count(a, a + PAGE, PAGE_IS_PRESENT, 0).ok() == Some(0)
+    }
+
     /// Have `f` called whenever the outbox gains changes.
     pub(crate) fn set_notify(&self, f: Box<dyn Fn() + Send + Sync>) {
         *self.notify.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);

@@ -116,6 +116,9 @@ pub struct KsmdMemory {
     /// Regions agents registered on their own (`Op::Refresh`), for the engine to make
     /// mergeable.
     pub(crate) new_regions: Vec<(MmId, u64, u64)>,
+    /// Merges that failed in a flush an unshare forced in the middle of a scan (the
+    /// engine's `break_cow`): reported with the scan's next failures.
+    failed_early: Vec<FailedMerge>,
 }
 
 impl KsmdMemory {
@@ -135,6 +138,7 @@ impl KsmdMemory {
             stats: KsmdStats::default(),
             count_zero: std::cell::Cell::new(true),
             new_regions: Vec::new(),
+            failed_early: Vec::new(),
         })
     }
 
@@ -801,14 +805,16 @@ impl Memory for KsmdMemory {
 
     fn take_failed_merges(&mut self, out: &mut Vec<FailedMerge>) {
         // Unshare failures cannot be among them (break_ksm flushes on its own).
+        out.append(&mut self.failed_early);
         let _ = self.flush(out);
     }
 
     fn break_ksm(&mut self, mm: MmId, start: u64, end: u64) -> Result<(), UnmergeError> {
         // Merges queued go first: the unshare must find them done.
         let mut failed = Vec::new();
-        self.flush(&mut failed)?;
-        debug_assert!(failed.is_empty(), "no merge is queued outside a scan");
+        let flushed = self.flush(&mut failed);
+        self.failed_early.append(&mut failed);
+        flushed?;
         let ti = self.target_of(mm).ok_or_else(|| {
             UnmergeError::Backend(Box::new(io::Error::other("unknown address space")))
         })?;

@@ -417,6 +417,21 @@ impl EventFd {
 }
 
 /// The thread id of the calling thread.
+/// Is the page at `addr` mapped at all? (`mincore` answers ENOMEM for an address no
+/// mapping covers; it reads no memory and raises no fault.)
+pub fn is_mapped(addr: u64) -> bool {
+    let mut v = 0u8;
+    // SAFETY: mincore writes one byte per page of the range into v, which holds one.
+    let r = unsafe {
+        libc::mincore(
+            (addr & !(PAGE - 1)) as *mut libc::c_void,
+            PAGE as usize,
+            &mut v,
+        )
+    };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOMEM)
+}
+
 pub fn gettid() -> u32 {
     // SAFETY: gettid has no preconditions.
     unsafe { libc::gettid() as u32 }
