@@ -1,6 +1,6 @@
 //! `samepage bench`: samepage's live engine against the host kernel's ksmd on the same bytes,
 //! one after the other in one run, at full speed (pages_to_scan=100000, sleep_millisecs=0),
-//! as ratios samepage / kernel. Needs root; the host's knobs and vm.max_map_count are restored.
+//! as ratios samepage / kernel. Needs root; the host's knobs are restored.
 
 use crate::args::RunArgs;
 use crate::compare::{self, CompareArgs, Comparison, Probes};
@@ -350,7 +350,8 @@ fn machine() -> String {
 }
 
 /// Run the whole suite, with the host held from start to end: one session, so that nothing
-/// else changes its knobs between runs, and vm.max_map_count raised once.
+/// else changes its knobs between runs. `vm.max_map_count` stays as it is: a merged page
+/// costs samepage no mapping.
 pub fn bench(a: &BenchArgs) -> Result<BenchReport, String> {
     crate::engines::catch_interrupts();
     if a.runs == 0 {
@@ -363,9 +364,6 @@ pub fn bench(a: &BenchArgs) -> Result<BenchReport, String> {
 }
 
 fn suite(host: &mut HostSession, a: &BenchArgs) -> Result<BenchReport, String> {
-    // Isolated merged pages cost samepage mappings: without room the counters would differ.
-    host.raise_max_map_count(1 << 22)
-        .map_err(|e| format!("cannot raise vm.max_map_count for samepage's merges: {e}"))?;
     let mut rows = Vec::new();
     let gib = |s: u64| format!("{:.2} GiB", s as f64 / (1u64 << 30) as f64);
     let fixed = [

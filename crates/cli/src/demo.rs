@@ -107,10 +107,14 @@ pub fn app_in(
         if scans < 2 && n % 8 == 1 {
             scans = ksm.counters().full_scans;
         }
-        // From the second full scan on (pages are merged by then), one write at a time.
-        if scans >= 2 && next_once < once.len() {
+        // From the second full scan on (pages are merged by then), 16 writes every 2 ms:
+        // all of them land before the scan can settle, however fast it goes.
+        while scans >= 2 && next_once < once.len() {
             write(once[next_once], n, &mut changed);
             next_once += 1;
+            if next_once % 16 == 0 {
+                break;
+            }
         }
         n += 1;
         std::thread::sleep(Duration::from_millis(2));
