@@ -406,13 +406,10 @@ fn a_killed_command_is_put_back_by_the_next_one() {
         before,
         "the kill changed nothing: the test proves nothing"
     );
-    assert_eq!(max_map_count().trim(), "4194304");
+    // bench runs at the machine's vm.max_map_count (a merged page costs no mapping).
+    assert_eq!(max_map_count(), before.max_map_count);
     let text = std::fs::read_to_string(&saved).unwrap();
     assert!(text.contains(&format!("\npid={pid}\n")), "{text}");
-    assert!(
-        text.contains(&format!("\nvm.max_map_count={}", before.max_map_count)),
-        "{text}"
-    );
     // `stat`, which anyone may run, says the knobs shown are not the host's own.
     let out = samepage(&["stat"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("host-ksm.saved exists"));
@@ -424,7 +421,7 @@ fn a_killed_command_is_put_back_by_the_next_one() {
         e.contains(&format!(
             "pid {pid} (samepage bench --runs 1 --what workloads --size 64M --json) changed the \
              host's KSM and ended without putting it back (killed?); put back from"
-        )) && e.contains("vm.max_map_count 4194304 -> "),
+        )),
         "{e}"
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
