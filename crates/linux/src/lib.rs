@@ -54,9 +54,11 @@
 //! for _ in 0..2 {
 //!     let mm = ksm.new_mm();
 //!     let r = ksm.create_region(mm, 32 * page)?;
-//!     // Pages 0..8 stay zero; pages 8..32 all hold the same bytes.
-//!     for i in 8..32 {
-//!         r.write(i * page, &[7u8; PAGE_SIZE])?;
+//!     // Pages 0..8 are zero-filled (written, so they exist); pages 8..32 all hold the
+//!     // same bytes.
+//!     for i in 0..32 {
+//!         let v = if i < 8 { 0 } else { 7 };
+//!         r.write(i * page, &[v; PAGE_SIZE])?;
 //!     }
 //!     ksm.madvise_mergeable(&r)?;
 //!     regions.push(r);
