@@ -67,7 +67,9 @@ fn refusal(m: &Mapping) -> Option<String> {
             "it is locked (mlock); merging would replace its pages and drop the lock".into(),
         );
     }
-    if has("io") || has("pf") || has("dc") {
+    // VM_IO, VM_PFNMAP, VM_MIXEDMAP and VM_DONTEXPAND, as `vma_ksm_compatible` refuses
+    // them. ("dc" is MADV_DONTFORK, which QEMU sets on guest RAM: the kernel merges it.)
+    if has("io") || has("pf") || has("mm") || has("de") {
         return Some("it is device or PFN memory".into());
     }
     if has("um") || has("uw") || has("ui") {
