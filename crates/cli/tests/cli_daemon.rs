@@ -75,9 +75,25 @@ fn ready(test: &str) -> Option<&'static Path> {
     }
 }
 
-/// A daemon of this test, on a socket of its own; killed (by pid) when dropped.
+/// A process this test started: killed (by pid) and reaped when dropped.
+struct Started(Child);
+
+impl Started {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A daemon of this test, on a socket of its own.
 struct Daemon {
-    child: Child,
+    child: Started,
     socket: PathBuf,
     log: Receiver<String>,
 }
@@ -118,7 +134,11 @@ impl Daemon {
             .spawn()
             .expect("start samepage daemon");
         let log = lines_of(child.stderr.take().unwrap());
-        let d = Daemon { child, socket, log };
+        let d = Daemon {
+            child: Started(child),
+            socket,
+            log,
+        };
         d.expect_log(&["listening on"]);
         d
     }
@@ -168,20 +188,13 @@ impl Daemon {
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// One `mergeable` program run under `samepage run`; killed (by pid) when dropped.
+/// One `mergeable` program run under `samepage run`.
 struct Program {
-    child: Child,
+    child: Started,
     stdin: ChildStdin,
     out: Receiver<String>,
     pid: u32,
@@ -229,7 +242,7 @@ impl Program {
         let stdin = child.stdin.take().unwrap();
         let out = lines_of(child.stdout.take().unwrap());
         let mut p = Program {
-            child,
+            child: Started(child),
             stdin,
             out,
             pid: 0,
@@ -247,7 +260,7 @@ impl Program {
             Ok(l) => l,
             Err(RecvTimeoutError::Timeout) => panic!("pid {} did not answer in time", self.pid),
             Err(RecvTimeoutError::Disconnected) => {
-                panic!("pid {} ended: {:?}", self.pid, self.child.wait())
+                panic!("pid {} ended: {:?}", self.pid, self.child.0.wait())
             }
         }
     }
@@ -263,14 +276,7 @@ impl Program {
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Program {
-    fn drop(&mut self) {
-        self.kill();
+        self.child.kill();
     }
 }
 
@@ -385,7 +391,7 @@ fn programs_merge_across_processes_to_the_kernels_counts() {
     assert_eq!(counters(&v), expected(&[&[A]]), "b alone: {v:#}");
     b.verify();
     writeln!(a.stdin, "quit").unwrap();
-    assert!(a.child.wait().unwrap().success());
+    assert!(a.child.0.wait().unwrap().success());
     d.expect_client(a.pid, "exited");
     // The scan takes a's exit in (as ksmd does), then the counts are b's alone again.
     d.wait_for("a forgotten, b's counts", |v| {

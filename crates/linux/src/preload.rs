@@ -221,10 +221,9 @@ fn all_anonymous(have: &[(u64, u64)]) -> Vec<(u64, u64)> {
 fn set_memory_merge(on: bool) -> Option<Result<(), i32>> {
     with_session(|s| -> Result<(), i32> {
         if on {
+            // A range that cannot be taken stays the kernel's, as it was.
             for (a, b) in all_anonymous(&[]) {
-                if s.ksm.manage_range(s.mm, a, b).is_err() {
-                    continue;
-                }
+                let _ = s.ksm.manage_range(s.mm, a, b);
             }
             s.ksm.agent().set_refresh_hook(Box::new(all_anonymous));
         }

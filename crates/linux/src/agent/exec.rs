@@ -191,22 +191,14 @@ impl Drop for MovedOut<'_> {
             // SAFETY: the slot holds the page the transaction took; `to` is the hole that
             // stands for it now (where it was, or where the application moved it), which
             // faults wait on.
-            let (n, r) = unsafe { self.agent.uffd.move_pages(slot, to, PAGE) };
+            let (n, r, _) = self
+                .agent
+                .fill_past_marker(to, || unsafe { self.agent.uffd.move_pages(slot, to, PAGE) });
             if n == PAGE {
-                return Ok(());
+                Ok(())
+            } else {
+                r.and(Err(io::Error::from_raw_os_error(libc::EAGAIN)))
             }
-            if self.agent.is_marker(to, &r) {
-                // A write-protect marker with no page under it: UFFDIO_MOVE wants an empty
-                // entry. Drop the marker and move again.
-                let _ = self.agent.uffd.writeprotect(to, PAGE, false, false);
-                // SAFETY: as above.
-                let (n, r) = unsafe { self.agent.uffd.move_pages(slot, to, PAGE) };
-                if n == PAGE {
-                    return Ok(());
-                }
-                return r.and(Err(io::Error::from_raw_os_error(libc::EAGAIN)));
-            }
-            r.and(Err(io::Error::from_raw_os_error(libc::EAGAIN)))
         });
         if r.is_err() {
             self.agent.lock().stats.lost_put_backs += 1;

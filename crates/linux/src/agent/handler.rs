@@ -115,27 +115,16 @@ fn fault_missing(agent: &Agent, st: &mut State, a: u64, write: bool, retry: &mut
             st.stats.missing_faults += u64::from(state.is_some());
             // SAFETY: a is a hole of a range this agent registered; the zero page reads
             // like the zeros the hole stands for.
-            let (done, r) = unsafe { agent.uffd.zeropage(a, PAGE, true) };
+            let (done, r, dropped_marker) =
+                agent.fill_past_marker(a, || unsafe { agent.uffd.zeropage(a, PAGE, true) });
             if done == PAGE {
+                // The marker was all that was left of a KSM-placed zero page.
+                if let (true, Some((ri, i, PageState::Zero))) = (dropped_marker, state) {
+                    st.set(ri, i, PageState::Anon);
+                }
                 return;
             }
-            if agent.is_marker(a, &r) {
-                // A write-protect marker with no page under it (a protection that outlived
-                // its page): UFFDIO_ZEROPAGE refuses it as "exists", and the fault would
-                // come back for as long as it stays. Drop it, then map the zero page.
-                let _ = agent.uffd.writeprotect(a, PAGE, false, false);
-                // SAFETY: as above.
-                let (done, r) = unsafe { agent.uffd.zeropage(a, PAGE, true) };
-                if done == PAGE {
-                    if let Some((ri, i, PageState::Zero)) = state {
-                        st.set(ri, i, PageState::Anon);
-                    }
-                    return;
-                }
-                r
-            } else {
-                r
-            }
+            r
         }
     };
     match r {

@@ -484,13 +484,26 @@ impl Agent {
         }
     }
 
-    /// Did a fill or move of the page at `a` fail because its page-table entry is a
-    /// userfaultfd write-protect marker with no page under it? `UFFDIO_ZEROPAGE` and
-    /// `UFFDIO_MOVE` take such an entry for an existing page (`EEXIST`); a missing-page
-    /// fault sees a hole.
-    pub(crate) fn is_marker(&self, a: u64, r: &io::Result<()>) -> bool {
-        matches!(r, Err(e) if e.raw_os_error() == Some(libc::EEXIST))
-            && self.pagemap.count(a, a + PAGE, PAGE_IS_PRESENT, 0).ok() == Some(0)
+    /// Run `fill`, a `UFFDIO_ZEROPAGE` or `UFFDIO_MOVE` into the page at `a` that answers
+    /// (bytes done, result). Both take a userfaultfd write-protect marker with no page
+    /// under it (a protection that outlived its page) for an existing page (`EEXIST`),
+    /// while a missing-page fault sees a hole there: drop such a marker and fill again.
+    /// The third value says whether a marker was dropped.
+    pub(crate) fn fill_past_marker(
+        &self,
+        a: u64,
+        mut fill: impl FnMut() -> (u64, io::Result<()>),
+    ) -> (u64, io::Result<()>, bool) {
+        let (n, r) = fill();
+        let marker = n < PAGE
+            && matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EEXIST))
+            && self.pagemap.count(a, a + PAGE, PAGE_IS_PRESENT, 0).ok() == Some(0);
+        if !marker {
+            return (n, r, false);
+        }
+        let _ = self.uffd.writeprotect(a, PAGE, false, false);
+        let (n, r) = fill();
+        (n, r, true)
     }
 
     /// Have `f` called whenever the outbox gains changes.

@@ -554,22 +554,21 @@ fn reap(g: &mut EngineSide) {
 /// One chunk: `do_scan(n)`, whose end carries out the queued merges. At the end of a full
 /// scan, processes that merge everything register the memory they mapped since.
 fn run_chunk(g: &mut EngineSide, n: u64) -> samepage_engine::ScanBatch {
-    let EngineSide { ksm, mem, clock } = g;
-    mem.apply_changes();
-    let b = ksm.do_scan(mem, clock, n);
-    if b.full_scan_done {
-        mem.refresh(|mm| ksm.prctl_get_memory_merge(mm));
-    }
-    for (mm, s, e) in std::mem::take(&mut mem.new_regions) {
-        ksm.madvise_mergeable(mem, mm, s, e);
-    }
+    let b = {
+        let EngineSide { ksm, mem, clock } = &mut *g;
+        mem.apply_changes();
+        ksm.do_scan(mem, clock, n)
+    };
+    new_memory(g, b.full_scan_done);
     b
 }
 
-/// Ask the processes that merge everything for their new memory; whether there are any.
-fn refresh(g: &mut EngineSide) -> bool {
+/// Make the memory agents registered on their own mergeable, after asking the processes
+/// that merge everything for what they mapped since (if `ask`). Whether there are such
+/// processes.
+fn new_memory(g: &mut EngineSide, ask: bool) -> bool {
     let EngineSide { ksm, mem, .. } = g;
-    let any = mem.refresh(|mm| ksm.prctl_get_memory_merge(mm));
+    let any = ask && mem.refresh(|mm| ksm.prctl_get_memory_merge(mm));
     for (mm, s, e) in std::mem::take(&mut mem.new_regions) {
         ksm.madvise_mergeable(mem, mm, s, e);
     }
@@ -623,7 +622,7 @@ fn scan_loop(inner: &Inner) {
                 // scanner, otherwise idle, keeps asking it for new memory.
                 let watch = !inner.stop.load(Ordering::Acquire)
                     && g.ksm.tunables().run == samepage_engine::Run::Merge
-                    && refresh(&mut g);
+                    && new_memory(&mut g, true);
                 publish(inner, &g);
                 g.mem.end_batch();
                 break watch.then_some(memory::REFRESH_EVERY.as_millis() as u32);

@@ -416,7 +416,6 @@ impl EventFd {
     }
 }
 
-/// The thread id of the calling thread.
 /// Is the page at `addr` mapped at all? (`mincore` answers ENOMEM for an address no
 /// mapping covers; it reads no memory and raises no fault.)
 pub fn is_mapped(addr: u64) -> bool {
@@ -432,6 +431,7 @@ pub fn is_mapped(addr: u64) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOMEM)
 }
 
+/// The thread id of the calling thread.
 pub fn gettid() -> u32 {
     // SAFETY: gettid has no preconditions.
     unsafe { libc::gettid() as u32 }
