@@ -730,7 +730,7 @@ impl LiveKsm {
             Some(PageState::Merged(k)) => PageKind::Merged { canonical: k },
             Some(PageState::InFlight) => PageKind::Merging,
             Some(PageState::Gone) => PageKind::NotManaged,
-            Some(PageState::Anon | PageState::Zero) => {
+            Some(PageState::Anon | PageState::Zero | PageState::Discarding) => {
                 let marked = agent
                     .pagemap
                     .count(

@@ -77,7 +77,7 @@ fn read_kernel(a: u64, buf: &mut [u8; 4096]) {
 /// Map the parking page again where the move back left a gap.
 fn remap_park(park: u64) {
     // SAFETY: `park` is this thread's parking page, unmapped by the move back; nothing else
-    // maps there (no thread maps memory while the test runs).
+    // maps there (the gap is one page between two of this thread's).
     let p = unsafe {
         libc::mmap(
             park as *mut libc::c_void,
@@ -115,7 +115,11 @@ fn move_page(old: u64, new: u64) {
 /// `None` in the shadow: the thread unmapped the page (and never touches it again).
 fn app_thread(base: u64, shadow: &mut [Option<Page>], seed: u64, ops: usize) -> u64 {
     let mut rng = Pcg64Mcg::seed_from_u64(seed);
-    let park = mmap_anon(PS);
+    // The parking page sits between two pages of its own: the gap a move back leaves there
+    // is one page, which no other mapping of the process (samepage's own are larger) can
+    // take before it is mapped again. A lone page could border free space, where any
+    // thread's next mmap lands.
+    let park = mmap_anon(3 * PS) + PS;
     let n = shadow.len() as u64;
     let mut done = 0;
     let mut hist: Vec<Vec<u32>> = vec![Vec::new(); n as usize];
@@ -164,8 +168,9 @@ fn app_thread(base: u64, shadow: &mut [Option<Page>], seed: u64, ops: usize) -> 
                 *page = fill(0);
             }
             // mremap the page out of the region (to this thread's parking page) and back.
-            // No thread maps anything else meanwhile: a new mapping could land in the gap
-            // the move leaves, which the move back would then replace.
+            // The gap the move leaves in the region is one page: no mapping samepage or
+            // the test makes meanwhile is that small, so none lands there to be replaced
+            // by the move back.
             93..=97 => {
                 move_page(a, park);
                 move_page(park, a);
@@ -180,7 +185,7 @@ fn app_thread(base: u64, shadow: &mut [Option<Page>], seed: u64, ops: usize) -> 
             _ => {
                 let mut buf = [0u8; 4096];
                 read_kernel(a, &mut buf);
-                assert!(buf[..] == as_bytes(page)[..], "page {p} changed");
+                assert!(buf[..] == as_bytes(page)[..], "page {p} changed; ops {h:?}");
             }
         }
         done += 1;

@@ -19,7 +19,7 @@
 //! the state lock across a system call that raises userfaultfd events.
 
 use super::handler::is_again;
-use super::state::PageState;
+use super::state::{Fate, PageState};
 use super::Agent;
 use crate::ops::{Change, FailReason, Op};
 use crate::sys::pagemap::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
@@ -102,6 +102,19 @@ impl<'a> Claimed<'a> {
                 st.fates.remove(&addr);
                 Ok(Self { agent, addr, want })
             }
+            Some((ri, i, PageState::Discarding)) if st.regions[ri].mergeable => {
+                // Still present: the zap of the discard may be still to come, and a page
+                // taken out now would come back after it. A hole: the zap is over (or there
+                // was nothing to zap), and there is nothing to merge either.
+                let present = agent.pagemap.count(addr, addr + PAGE, PAGE_IS_PRESENT, 0);
+                if present.ok() == Some(0) {
+                    st.regions[ri].pages.set(i, PageState::Anon);
+                    Err(FailReason::Gone)
+                } else {
+                    st.stats.raced_with_application += 1;
+                    Err(FailReason::Raced)
+                }
+            }
             _ => Err(FailReason::Gone),
         }
     }
@@ -119,9 +132,10 @@ impl Drop for Claimed<'_> {
 fn release(agent: &Agent, addr: u64) {
     let at = {
         let mut st = agent.lock();
-        let at = st.fates.remove(&addr).map_or(addr, |f| f.now);
+        let fate = st.fates.remove(&addr);
+        let at = fate.map_or(addr, |f| f.now);
         if let Some((ri, i, PageState::InFlight)) = st.page(at) {
-            st.set(ri, i, PageState::Anon);
+            st.set(ri, i, Fate::released(fate));
         }
         at
     };
@@ -339,7 +353,7 @@ fn commit_zeros(agent: &Agent, pages: Vec<MovedOut<'_>>) -> Vec<(u64, Result<(),
                     // is (a hole), but carries no mark.
                     let at = fate.map_or(p.addr, |f| f.now);
                     if let Some((ri, idx, PageState::InFlight)) = st.page(at) {
-                        st.set(ri, idx, PageState::Anon);
+                        st.set(ri, idx, Fate::released(fate));
                     }
                     st.stats.raced_with_application += 1;
                     unprotect.push(p.addr);

@@ -117,11 +117,19 @@ fn fault_missing(agent: &Agent, st: &mut State, a: u64, write: bool, retry: &mut
             // like the zeros the hole stands for.
             let (done, r, dropped_marker) =
                 agent.fill_past_marker(a, || unsafe { agent.uffd.zeropage(a, PAGE, true) });
-            if done == PAGE {
-                // The marker was all that was left of a KSM-placed zero page.
-                if let (true, Some((ri, i, PageState::Zero))) = (dropped_marker, state) {
+            match (state, dropped_marker) {
+                // A discard's zap is over once its hole is touched (or the zero page it
+                // got now is this fault's, which a zap still to come may take).
+                (Some((ri, i, PageState::Discarding)), _) => {
                     st.set(ri, i, PageState::Anon);
                 }
+                // The marker was all that was left of a KSM-placed zero page.
+                (Some((ri, i, PageState::Zero)), true) if done == PAGE => {
+                    st.set(ri, i, PageState::Anon);
+                }
+                _ => {}
+            }
+            if done == PAGE {
                 return;
             }
             r
@@ -139,24 +147,31 @@ fn fault_missing(agent: &Agent, st: &mut State, a: u64, write: bool, retry: &mut
     }
 }
 
-/// `MADV_DONTNEED` (or `MADV_FREE`) on `[start, end)`: a merged page now stands for zeros
-/// (its next access maps the zero page); a page a transaction owns must be left reading
-/// zeros by it.
+/// `MADV_DONTNEED` (or `MADV_FREE`) on `[start, end)`, about to happen: the kernel zaps
+/// the range after this event is read. A merged page now stands for zeros (its next access
+/// maps the zero page); the pages are `Discarding` until the zap is seen to be over; a page
+/// a transaction owns must be left reading zeros by it.
 fn removed(st: &mut State, start: u64, end: u64) {
     for ri in 0..st.regions.len() {
         let (rs, re) = (st.regions[ri].start, st.regions[ri].end());
         if re <= start || rs >= end {
             continue;
         }
+        // Pages of a range never registered are never claimed (nor touched by samepage).
+        let after = if st.regions[ri].registered {
+            PageState::Discarding
+        } else {
+            PageState::Anon
+        };
         let mut a = rs.max(start);
         while a < re.min(end) {
             let i = st.regions[ri].idx(a);
             match st.regions[ri].pages.get(i) {
-                PageState::Merged(_) | PageState::Zero => {
-                    st.set(ri, i, PageState::Anon);
+                PageState::Merged(_) | PageState::Zero | PageState::Anon => {
+                    st.set(ri, i, after);
                 }
                 PageState::InFlight => st.record_fate(a, None),
-                PageState::Anon | PageState::Gone => {}
+                PageState::Discarding | PageState::Gone => {}
             }
             a += PAGE;
         }
@@ -228,4 +243,56 @@ fn moved(st: &mut State, from: u64, to: u64, len: u64) {
 /// An error that says the address space is changing (try again once its event is read).
 pub(super) fn is_again(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EAGAIN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::state::{Fate, PageStates, Region};
+    use super::*;
+    use samepage_engine::MmId;
+
+    fn region(start: u64, registered: bool) -> Region {
+        Region {
+            mm: MmId(1),
+            start,
+            pages: PageStates::new(4),
+            mergeable: registered,
+            registered,
+        }
+    }
+
+    #[test]
+    fn a_discard_announced_keeps_pages_unclaimable_until_its_zap() {
+        let mut st = State::default();
+        st.regions.push(region(0x10000, true));
+        st.regions.push(region(0x20000, false));
+        st.set(0, 0, PageState::Merged(3));
+        st.set(0, 1, PageState::Zero);
+        st.set(0, 2, PageState::InFlight);
+        removed(&mut st, 0x10000, 0x24000);
+        let states: Vec<_> = st.regions[0].pages.iter().collect();
+        assert_eq!(
+            states,
+            [
+                PageState::Discarding,
+                PageState::Discarding,
+                PageState::InFlight,
+                PageState::Discarding
+            ]
+        );
+        // The merged page stopped standing for its canonical page; the in-flight one learns
+        // of the discard when its transaction ends.
+        assert_eq!(
+            st.outbox,
+            vec![Change::Unmerged {
+                addr: 0x10000,
+                k: 3
+            }]
+        );
+        let fate = st.take_fate(0x12000);
+        assert_eq!(Fate::released(fate), PageState::Discarding);
+        assert_eq!(Fate::released(None), PageState::Anon);
+        // Memory never registered is never claimed: nothing to hold back there.
+        assert!(st.regions[1].pages.iter().all(|s| s == PageState::Anon));
+    }
 }

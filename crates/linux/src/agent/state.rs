@@ -28,6 +28,14 @@ pub(crate) enum PageState {
     /// The executor's transaction owns the page (moved out, being checked); faults on it
     /// wait for the transaction to wake them.
     InFlight,
+    /// An ordinary page the application is discarding: the kernel sends the
+    /// `UFFD_EVENT_REMOVE` of `MADV_DONTNEED` *before* it zaps the range, and lets
+    /// userfaultfd ioctls run again once the event is read. A page moved out and put back
+    /// in that window would come back after the zap and undo the discard, so such a page
+    /// cannot be claimed while it is still present. The zap leaves a hole, and the next
+    /// touch of the hole is a missing-page fault that the handler sees: either one makes
+    /// the page `Anon` again.
+    Discarding,
     /// The application unmapped it.
     Gone,
 }
@@ -36,6 +44,7 @@ const ANON: u32 = u32::MAX;
 const ZERO: u32 = u32::MAX - 1;
 const IN_FLIGHT: u32 = u32::MAX - 2;
 const GONE: u32 = u32::MAX - 3;
+const DISCARDING: u32 = u32::MAX - 4;
 /// Canonical page offsets stay below the values that encode the other states.
 pub(crate) const MAX_STORE_OFFSET: u32 = u32::MAX - 16;
 
@@ -46,6 +55,7 @@ impl PageState {
             PageState::Zero => ZERO,
             PageState::InFlight => IN_FLIGHT,
             PageState::Gone => GONE,
+            PageState::Discarding => DISCARDING,
             PageState::Merged(k) => {
                 debug_assert!(k <= MAX_STORE_OFFSET);
                 k
@@ -59,6 +69,7 @@ impl PageState {
             ZERO => PageState::Zero,
             IN_FLIGHT => PageState::InFlight,
             GONE => PageState::Gone,
+            DISCARDING => PageState::Discarding,
             k => PageState::Merged(k),
         }
     }
@@ -105,6 +116,19 @@ pub(crate) struct Fate {
     /// The application discarded it (`MADV_DONTNEED`: it must read zeros) or unmapped it:
     /// its contents must not come back.
     pub dropped: bool,
+}
+
+impl Fate {
+    /// The state of an ordinary page a transaction gives back, given what the application
+    /// did to it meanwhile: a discard whose event came while the transaction owned the page
+    /// may not have zapped it yet.
+    pub fn released(fate: Option<Fate>) -> PageState {
+        if fate.is_some_and(|f| f.dropped) {
+            PageState::Discarding
+        } else {
+            PageState::Anon
+        }
+    }
 }
 
 /// A range of this process the agent manages: registered with its userfaultfd.
@@ -276,6 +300,7 @@ mod tests {
             PageState::Zero,
             PageState::InFlight,
             PageState::Gone,
+            PageState::Discarding,
             PageState::Merged(0),
             PageState::Merged(MAX_STORE_OFFSET),
         ];
@@ -285,9 +310,9 @@ mod tests {
             p.set(i, *s);
         }
         assert_eq!(p.iter().collect::<Vec<_>>(), all);
-        assert_eq!(p.replace(4, PageState::Anon), PageState::Merged(0));
+        assert_eq!(p.replace(5, PageState::Anon), PageState::Merged(0));
         let tail = p.split_off(3);
-        assert_eq!((p.len(), tail.len()), (3, 3));
+        assert_eq!((p.len(), tail.len()), (3, 4));
         assert_eq!(tail.get(0), PageState::Gone);
     }
 
