@@ -1,5 +1,6 @@
 //! Arguments shared by the commands that run a workload.
 
+use crate::error::CliError;
 use clap::Args;
 use samepage_workload::{parse_size, GenSpec, Workload};
 
@@ -60,23 +61,25 @@ impl RunArgs {
 
     /// The workload: the images, or the generated mix. Refused before anything is allocated
     /// if it cannot fit in the machine's available memory; reading images stops at Ctrl-C.
-    pub fn workload(&self) -> Result<Workload, String> {
+    pub fn workload(&self) -> Result<Workload, CliError> {
         if self.images.is_empty() {
             let spec = self.gen_spec();
-            let c = spec.counts().map_err(|e| e.to_string())?;
+            let c = spec.counts()?;
             if spec.dup_pct > 0 && c.groups == 0 {
-                return Err(format!(
+                return Err(CliError::Usage(format!(
                     "--group {} is more than the {} pages --dup {} gives, so no duplicate group \
                      would be made; use a smaller --group, a larger --dup or a larger --size",
                     spec.group,
                     c.pages * spec.dup_pct as u64 / 100,
                     spec.dup_pct
-                ));
+                )));
             }
-            Workload::generated(&spec).map_err(|e| e.to_string())
+            Ok(Workload::generated(&spec)?)
         } else {
-            Workload::from_images_until(&self.images, &crate::engines::interrupted_now)
-                .map_err(|e| e.to_string())
+            Ok(Workload::from_images_until(
+                &self.images,
+                &crate::engines::interrupted_now,
+            )?)
         }
     }
 
@@ -90,7 +93,7 @@ impl RunArgs {
 
     /// `--set` pairs, split and checked for shape and for combinations that do nothing (on
     /// the engine's defaults).
-    pub fn knobs(&self) -> Result<Vec<(String, String)>, String> {
+    pub fn knobs(&self) -> Result<Vec<(String, String)>, CliError> {
         let k = parse_knobs(&self.set)?;
         check_knobs(&k)?;
         Ok(k)
@@ -118,64 +121,64 @@ const FIRST_VISIT_NEEDS_ZERO_PAGES: &str =
 
 /// Refuse knob settings that would be accepted and then do nothing: `knobs` is everything a
 /// command writes, in order, over the engine's defaults (`use_zero_pages=0`).
-pub fn check_knobs(knobs: &[(String, String)]) -> Result<(), String> {
+pub fn check_knobs(knobs: &[(String, String)]) -> Result<(), CliError> {
     if last(knobs, "zero_pages_first_visit").is_some_and(truthy)
         && !last(knobs, "use_zero_pages").is_some_and(truthy)
     {
-        return Err(FIRST_VISIT_NEEDS_ZERO_PAGES.into());
+        return Err(CliError::usage(FIRST_VISIT_NEEDS_ZERO_PAGES));
     }
     Ok(())
 }
 
 /// `--set KNOB=VALUE` pairs, split and checked for shape. `run` is the command's own business.
-pub fn parse_knobs(set: &[String]) -> Result<Vec<(String, String)>, String> {
-    {
-        set.iter()
-            .map(|kv| {
-                let (k, v) = kv.split_once('=').ok_or_else(|| {
-                    format!("--set '{kv}' is not KNOB=VALUE (for example --set use_zero_pages=1)")
-                })?;
-                if k == "run" {
-                    return Err(
-                        "--set run=... is not allowed: the command starts and stops KSM itself"
-                            .to_string(),
-                    );
-                }
-                Ok((k.to_string(), v.to_string()))
-            })
-            .collect::<Result<Vec<_>, String>>()
-            .and_then(|k| check_set(&k).map(|()| k))
-    }
+pub fn parse_knobs(set: &[String]) -> Result<Vec<(String, String)>, CliError> {
+    set.iter()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--set '{kv}' is not KNOB=VALUE (for example --set use_zero_pages=1)"
+                ))
+            })?;
+            if k == "run" {
+                return Err(CliError::usage(
+                    "--set run=... is not allowed: the command starts and stops KSM itself",
+                ));
+            }
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect::<Result<Vec<_>, CliError>>()
+        .and_then(|k| check_set(&k).map(|()| k))
 }
 
 /// `KNOB=VALUE` pairs for the daemon (`--set`, `samepage ctl`), where `run` is a knob like
 /// any other.
-pub fn parse_knobs_allowing_run(set: &[String]) -> Result<Vec<(String, String)>, String> {
+pub fn parse_knobs_allowing_run(set: &[String]) -> Result<Vec<(String, String)>, CliError> {
     set.iter()
         .map(|kv| {
             kv.split_once('=')
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .ok_or_else(|| format!("'{kv}' is not KNOB=VALUE (for example run=1)"))
+                .ok_or_else(|| {
+                    CliError::Usage(format!("'{kv}' is not KNOB=VALUE (for example run=1)"))
+                })
         })
-        .collect::<Result<Vec<_>, String>>()
+        .collect::<Result<Vec<_>, CliError>>()
         .and_then(|k| check_set(&k).map(|()| k))
 }
 
 /// Combinations within the `--set` pairs themselves that cannot work, whatever the defaults.
-fn check_set(set: &[(String, String)]) -> Result<(), String> {
+fn check_set(set: &[(String, String)]) -> Result<(), CliError> {
     if last(set, "zero_pages_first_visit").is_some_and(truthy)
         && last(set, "use_zero_pages").is_some_and(|v| !truthy(v))
     {
-        return Err(FIRST_VISIT_NEEDS_ZERO_PAGES.into());
+        return Err(CliError::usage(FIRST_VISIT_NEEDS_ZERO_PAGES));
     }
     if last(set, "advisor_mode").map(str::trim) == Some("scan-time")
         && set.iter().any(|(k, _)| k == "pages_to_scan")
     {
-        return Err(
+        return Err(CliError::usage(
             "--set pages_to_scan cannot go with --set advisor_mode=scan-time: the advisor sets \
-             pages_to_scan (starting from advisor_min_pages_to_scan); set one of the two"
-                .into(),
-        );
+             pages_to_scan (starting from advisor_min_pages_to_scan); set one of the two",
+        ));
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 use crate::args::RunArgs;
 use crate::compare::{self, CompareArgs, Comparison, Probes};
+use crate::error::CliError;
 use crate::merge::{LiveOpts, Loaded};
 use clap::Args;
 use samepage_engine::{page_hash, PAGE_SIZE, PAGE_SIZE_U64, RMAP_ITEM_BYTES};
@@ -40,7 +41,16 @@ pub struct BenchArgs {
     /// (0: refuse at once if one is running).
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub wait: u64,
-    /// What to measure (comma-separated): workloads (the four fixed ones), scaling, latency.
+    /// Client process counts of `--what clients`: the same total bytes spread over each
+    /// number of processes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub clients: Vec<u64>,
+    /// Total bytes of `--what clients` (the mixed workload).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub clients_size: u64,
+    /// What to measure (comma-separated): workloads (the four fixed ones), scaling, latency,
+    /// and, only when asked for, clients (samepage daemon over client processes against the
+    /// in-process engine and the host's KSM over the same processes).
     #[arg(
         long,
         value_delimiter = ',',
@@ -72,6 +82,7 @@ pub enum Part {
     Workloads,
     Scaling,
     Latency,
+    Clients,
 }
 
 /// One workload's medians.
@@ -131,9 +142,11 @@ pub struct BenchReport {
     pub rows: Vec<Row>,
     pub latency: Vec<Latency>,
     pub metadata: Metadata,
+    /// `--what clients`.
+    pub clients: Vec<crate::bench_clients::ClientsRow>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => 0.0,
@@ -142,7 +155,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 {
         a / b
     } else {
@@ -151,7 +164,7 @@ fn ratio(a: f64, b: f64) -> f64 {
 }
 
 /// A generated workload's arguments.
-fn run_args(size: u64, zero: u32, dup: u32, set: &[String]) -> RunArgs {
+pub(crate) fn run_args(size: u64, zero: u32, dup: u32, set: &[String]) -> RunArgs {
     RunArgs {
         images: Vec::new(),
         size,
@@ -189,7 +202,7 @@ fn compare_args(run: RunArgs, live: LiveOpts, a: &BenchArgs) -> CompareArgs {
     }
 }
 
-fn row(host: &mut HostSession, name: &str, run: &RunArgs, a: &BenchArgs) -> Result<Row, String> {
+fn row(host: &mut HostSession, name: &str, run: &RunArgs, a: &BenchArgs) -> Result<Row, CliError> {
     let w = run.workload()?;
     let mut cmps: Vec<Comparison> = Vec::new();
     for i in 0..a.runs {
@@ -273,7 +286,7 @@ fn latency(kind: &'static str, engine: &'static str, mut us: Vec<f64>) -> Latenc
 }
 
 /// First writes to placed zero pages and to merged pages, under each engine.
-fn latencies(host: &mut HostSession, a: &BenchArgs) -> Result<Vec<Latency>, String> {
+fn latencies(host: &mut HostSession, a: &BenchArgs) -> Result<Vec<Latency>, CliError> {
     let run = run_args(a.latency_size, 30, 40, &a.set);
     let w = run.workload()?;
     let (zero, dup) = pages_by_kind(&w, a.latency_pages);
@@ -352,18 +365,21 @@ fn machine() -> String {
 /// Run the whole suite, with the host held from start to end: one session, so that nothing
 /// else changes its knobs between runs. `vm.max_map_count` stays as it is: a merged page
 /// costs samepage no mapping.
-pub fn bench(a: &BenchArgs) -> Result<BenchReport, String> {
+pub fn bench(a: &BenchArgs) -> Result<BenchReport, CliError> {
     crate::engines::catch_interrupts();
     if a.runs == 0 {
-        return Err("--runs must be at least 1".into());
+        return Err(CliError::usage("--runs must be at least 1"));
     }
     compare::check_set(&a.set)?;
+    if a.what.contains(&Part::Clients) {
+        crate::bench_clients::check(a)?;
+    }
     let mut host = compare::take_host(a.wait)?;
     let r = suite(&mut host, a);
     compare::release_host(host, r)
 }
 
-fn suite(host: &mut HostSession, a: &BenchArgs) -> Result<BenchReport, String> {
+fn suite(host: &mut HostSession, a: &BenchArgs) -> Result<BenchReport, CliError> {
     let mut rows = Vec::new();
     let gib = |s: u64| format!("{:.2} GiB", s as f64 / (1u64 << 30) as f64);
     let fixed = [
@@ -402,6 +418,11 @@ fn suite(host: &mut HostSession, a: &BenchArgs) -> Result<BenchReport, String> {
     } else {
         Vec::new()
     };
+    let clients = if a.what.contains(&Part::Clients) {
+        crate::bench_clients::rows(host, a)?
+    } else {
+        Vec::new()
+    };
     let state = samepage_linux::PAGE_STATE_BYTES;
     Ok(BenchReport {
         machine: machine(),
@@ -413,6 +434,7 @@ fn suite(host: &mut HostSession, a: &BenchArgs) -> Result<BenchReport, String> {
             samepage_bytes_per_page: RMAP_ITEM_BYTES + state,
             kernel_bytes_per_page: 64,
         },
+        clients,
     })
 }
 
@@ -422,21 +444,24 @@ impl BenchReport {
             "samepage bench on {}\n(ratios are samepage / kernel; medians)\n\n",
             self.machine
         );
-        out += &format!(
-            "{:<56}{:>9}{:>9}{:>7}{:>8}{:>8}{:>7}{:>11}{:>11}{:>7}{:>6}{:>8}\n",
-            "workload",
-            "conv sp",
-            "conv k",
-            "ratio",
-            "cpu sp",
-            "cpu k",
-            "ratio",
-            "scan/s sp",
-            "scan/s k",
-            "ratio",
-            "same",
-            "B/item"
-        );
+        // Tables of parts not asked for are left out (`--what clients` alone, say).
+        if !self.rows.is_empty() {
+            out += &format!(
+                "{:<56}{:>9}{:>9}{:>7}{:>8}{:>8}{:>7}{:>11}{:>11}{:>7}{:>6}{:>8}\n",
+                "workload",
+                "conv sp",
+                "conv k",
+                "ratio",
+                "cpu sp",
+                "cpu k",
+                "ratio",
+                "scan/s sp",
+                "scan/s k",
+                "ratio",
+                "same",
+                "B/item"
+            );
+        }
         for r in &self.rows {
             out += &format!(
                 "{:<56}{:>9.3}{:>9.3}{:>7.2}{:>8.3}{:>8.3}{:>7.2}{:>11.0}{:>11.0}{:>7.2}{:>6}{:>8.1}\n",
@@ -454,7 +479,9 @@ impl BenchReport {
                 r.samepage_metadata_bytes_per_rmap_item
             );
         }
-        out += "\nfirst write (µs)            engine       pages      p50      p90      p99      max\n";
+        if !self.latency.is_empty() {
+            out += "\nfirst write (µs)            engine       pages      p50      p90      p99      max\n";
+        }
         for l in &self.latency {
             out += &format!(
                 "{:<28}{:<10}{:>8}{:>9.1}{:>9.1}{:>9.1}{:>9.1}\n",
@@ -467,18 +494,16 @@ impl BenchReport {
              B/item: samepage's engine metadata at the end of a run over its rmap items, trees and stable nodes included\n",
             m.samepage_bytes_per_page, m.samepage_rmap_item_bytes, m.samepage_page_state_bytes, m.kernel_bytes_per_page
         );
+        out += &crate::bench_clients::text(&self.clients);
         out
     }
 }
 
 /// `samepage bench`.
-pub fn run(a: &BenchArgs) -> Result<(), String> {
+pub fn run(a: &BenchArgs) -> Result<(), CliError> {
     let r = bench(a)?;
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         print!("{}", r.text());
     }

@@ -7,6 +7,7 @@
 
 use crate::args::{check_knobs, parse_knobs, RunArgs};
 use crate::engines::{self, Kernel};
+use crate::error::CliError;
 use crate::merge::{self, LiveOpts};
 use crate::report::{Report, SpaceInfo};
 use crate::watch::{Sample, Watch};
@@ -50,18 +51,18 @@ pub struct Comparison {
 
 /// `--set` checked before the host is taken: its shape, then every value with the kernel's
 /// validation, on a simulated machine at the kernel's defaults (which costs nothing).
-pub fn check_set(set: &[String]) -> Result<(), String> {
+pub fn check_set(set: &[String]) -> Result<(), CliError> {
     let mut sim = samepage_sim::SimSystem::new();
     for (k, v) in parse_knobs(set)? {
         sim.write_knob(&k, &v)
-            .map_err(|e| format!("--set {k}={v}: {e}"))?;
+            .map_err(CliError::knob(format!("--set {k}={v}")))?;
     }
     Ok(())
 }
 
 /// The knobs both engines run with, in the order they are written: the host's tunables, then
 /// [`COMPARE_KNOBS`], then `--set`; without `pages_to_scan` when the advisor sets it.
-fn knobs(args: &RunArgs) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn knobs(args: &RunArgs) -> Result<Vec<(String, String)>, CliError> {
     let mut k: Vec<(String, String)> = host::tunables()
         .into_iter()
         .filter(|(n, _)| n != "run" && TUNABLE_NAMES.contains(&n.as_str()))
@@ -89,26 +90,26 @@ fn knobs(args: &RunArgs) -> Result<Vec<(String, String)>, String> {
 
 /// Take the host's KSM for a command, saying on standard error whom it waits for and what it
 /// put back of a command that was killed.
-pub fn take_host(wait_secs: u64) -> Result<HostSession, String> {
+pub fn take_host(wait_secs: u64) -> Result<HostSession, CliError> {
     let mut notify = |m: &str| eprintln!("samepage: {m}");
-    HostSession::take_ksm(&mut Waiting {
+    Ok(HostSession::take_ksm(&mut Waiting {
         max: Duration::from_secs(wait_secs),
         interrupted: &engines::interrupted_now,
         notify: &mut notify,
-    })
-    .map_err(|e| e.to_string())
+    })?)
 }
 
 /// End a command that held the host: put everything back, read it back, and join what
 /// happened to the command's own outcome. "Put back" is said only after reading back.
-pub fn release_host<T>(host: HostSession, result: Result<T, String>) -> Result<T, String> {
+pub fn release_host<T>(host: HostSession, result: Result<T, CliError>) -> Result<T, CliError> {
     match (result, host.finish()) {
         (Ok(v), Ok(())) => Ok(v),
-        (Ok(_), Err(e)) => Err(e.to_string()),
-        (Err(e), Ok(())) => Err(format!(
-            "{e}; the host's KSM knobs and vm.max_map_count are put back as they were (read back)"
-        )),
-        (Err(e), Err(r)) => Err(format!("{e}; and {r}")),
+        (Ok(_), Err(e)) => Err(e.into()),
+        (Err(e), Ok(())) => Err(CliError::HostRestored(Box::new(e))),
+        (Err(e), Err(r)) => Err(CliError::Both {
+            first: Box::new(e),
+            then: Box::new(r.into()),
+        }),
     }
 }
 
@@ -121,25 +122,25 @@ fn run_kernel(
     knobs: &[(String, String)],
     args: &CompareArgs,
     probe: Option<KernelProbe<'_>>,
-) -> Result<(Report, Vec<Sample>), String> {
+) -> Result<(Report, Vec<Sample>), CliError> {
     let mut mems = Vec::new();
     let mut page = [0u8; PAGE_SIZE];
     for space in &workload.spaces {
         let m = AnonMemory::new(space.pages() * PAGE_SIZE_U64)
-            .map_err(|e| format!("cannot map memory for the kernel's copy: {e}"))?;
+            .map_err(CliError::io("cannot map memory for the kernel's copy"))?;
         for i in 0..space.pages() {
             if i % 4096 == 0 {
                 engines::interrupted()?;
             }
             space.fill_page(i, &mut page);
             m.write(i * PAGE_SIZE_U64, &page)
-                .map_err(|e| format!("cannot fill the kernel's copy: {e}"))?;
+                .map_err(CliError::io("cannot fill the kernel's copy"))?;
         }
         mems.push(m);
     }
     // Still idle, and nobody else started using KSM meanwhile: ksmd would merge their pages
     // too, and the end of the phase unmerge them.
-    host.check_idle().map_err(|e| e.to_string())?;
+    host.check_idle()?;
     // samepage's own knobs have no file on the host.
     let host_knobs: Vec<(String, String)> = knobs
         .iter()
@@ -148,7 +149,7 @@ fn run_kernel(
         .collect();
     let result = host
         .apply(&host_knobs)
-        .map_err(|e| format!("the host's KSM refused a knob: {e}"))
+        .map_err(CliError::from)
         .and_then(|()| kernel_phase(workload, info, &mems, args, probe));
     // The end of the kernel phase, however it went: run=2 (which also frees the kernel's
     // rmap items) before the memory goes away, then every knob back, run last, read back;
@@ -163,9 +164,9 @@ fn run_kernel(
     drop(mems);
     let r = result?;
     if !others.is_empty() {
-        return Err(HostError::OthersStarted(host::list_users(&others)).to_string());
+        return Err(HostError::OthersStarted(host::list_users(&others)).into());
     }
-    ended.map_err(|e| e.to_string())?;
+    ended?;
     Ok(r)
 }
 
@@ -176,11 +177,11 @@ fn kernel_phase(
     mems: &[AnonMemory],
     args: &CompareArgs,
     probe: Option<KernelProbe<'_>>,
-) -> Result<(Report, Vec<Sample>), String> {
+) -> Result<(Report, Vec<Sample>), CliError> {
     let before = merge::memory_kib();
     for m in mems {
         m.set_mergeable(true)
-            .map_err(|e| format!("madvise(MADV_MERGEABLE) failed: {e}"))?;
+            .map_err(CliError::io("madvise(MADV_MERGEABLE) failed"))?;
     }
     let mut watch = Watch::new(
         "kernel",
@@ -199,8 +200,8 @@ fn kernel_phase(
         &mut watch,
     )?;
     let after = merge::memory_kib();
-    let counters = host::counters().map_err(|e| e.to_string())?;
-    let ksm_stat = host::ksm_stat(pid).map_err(|e| e.to_string())?;
+    let counters = host::counters()?;
+    let ksm_stat = host::ksm_stat(pid)?;
     if !args.live.no_verify {
         let mut page = [0u8; PAGE_SIZE];
         let mut got = [0u8; PAGE_SIZE];
@@ -211,12 +212,12 @@ fn kernel_phase(
                 }
                 space.fill_page(i, &mut page);
                 m.read_page(i * PAGE_SIZE_U64, &mut got)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(CliError::io("cannot read the kernel's copy"))?;
                 if got != page {
-                    return Err(format!(
+                    return Err(CliError::Verification(format!(
                         "the kernel's copy of page {i} of {} changed: the host's KSM lost data",
                         space.name
-                    ));
+                    )));
                 }
             }
         }
@@ -259,8 +260,8 @@ pub fn compare(
     args: &CompareArgs,
     workload: &Workload,
     probes: Probes<'_>,
-) -> Result<(Comparison, Vec<Sample>, Vec<Sample>), String> {
-    host.check_idle().map_err(|e| e.to_string())?;
+) -> Result<(Comparison, Vec<Sample>, Vec<Sample>), CliError> {
+    host.check_idle()?;
     let knobs = knobs(&args.run)?;
     let l = merge::load(workload.clone(), &[], &knobs)?;
     let info = l.info.clone();
@@ -395,7 +396,7 @@ impl Comparison {
 }
 
 /// `samepage compare`.
-pub fn run(args: &CompareArgs) -> Result<(), String> {
+pub fn run(args: &CompareArgs) -> Result<(), CliError> {
     engines::catch_interrupts();
     // Everything that can be refused without the host first: nothing waits or changes for a
     // typing mistake, and a workload that cannot fit is refused before it is allocated.
@@ -406,10 +407,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     let result = compare(&mut host, args, &workload, Probes::default());
     let (cmp, s, k) = release_host(host, result)?;
     if args.run.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&cmp).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&cmp)?);
     } else {
         print!("{}", cmp.text());
     }
@@ -423,7 +421,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
                 ("kernel", &b.ksm.0, &b.ksm_stat),
             ],
         )
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        .map_err(CliError::write(path))?;
     }
     if let Some(p) = &args.live.plot {
         crate::plot::write(

@@ -2,6 +2,7 @@
 //! many processes, its knobs, and unmodified programs as its clients.
 
 use crate::args::parse_knobs_allowing_run;
+use crate::error::CliError;
 use clap::Args;
 use samepage_daemon::{Config, Stop};
 use samepage_linux::{ConnectOptions, Control};
@@ -61,7 +62,7 @@ pub struct RunCmdArgs {
 }
 
 /// `samepage daemon`.
-pub fn run_daemon(a: &DaemonArgs) -> Result<(), String> {
+pub fn run_daemon(a: &DaemonArgs) -> Result<(), CliError> {
     let socket = a
         .socket
         .clone()
@@ -70,7 +71,7 @@ pub fn run_daemon(a: &DaemonArgs) -> Result<(), String> {
     if let Some(p) = &a.prometheus {
         crate::preflight::check_output(p, "--prometheus")?;
     }
-    let stop = Stop::new().map_err(|e| e.to_string())?;
+    let stop = Stop::new().map_err(CliError::io("cannot make an eventfd for SIGTERM"))?;
     {
         let stop = stop.clone();
         crate::engines::on_interrupt(move || stop.stop());
@@ -92,8 +93,7 @@ pub fn run_daemon(a: &DaemonArgs) -> Result<(), String> {
                 eprintln!("samepage daemon: cannot write {}: {e}", p.display());
             }
         }
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     if !a.quiet {
         eprintln!(
             "samepage daemon: stopped; its clients keep running with their merged pages valid"
@@ -103,27 +103,28 @@ pub fn run_daemon(a: &DaemonArgs) -> Result<(), String> {
 }
 
 /// `samepage ctl`.
-pub fn run_ctl(a: &CtlArgs) -> Result<(), String> {
+pub fn run_ctl(a: &CtlArgs) -> Result<(), CliError> {
     let socket = a
         .socket
         .clone()
         .unwrap_or_else(ConnectOptions::default_socket);
     let knobs = parse_knobs_allowing_run(&a.knobs)?;
-    let c = Control::connect(&socket).map_err(|e| e.to_string())?;
+    let c = Control::connect(&socket)?;
     for (k, v) in knobs {
-        c.write_knob(&k, &v).map_err(|e| format!("{k}={v}: {e}"))?;
+        c.write_knob(&k, &v)
+            .map_err(CliError::context(format!("{k}={v}")))?;
     }
     Ok(())
 }
 
 /// Where the preload library is: `$SAMEPAGE_PRELOAD`, or next to this executable (where
 /// cargo builds both), or one directory up (this executable in `deps/`).
-pub fn preload_library() -> Result<PathBuf, String> {
+pub fn preload_library() -> Result<PathBuf, CliError> {
     if let Some(p) = std::env::var_os("SAMEPAGE_PRELOAD") {
         return Ok(PathBuf::from(p));
     }
     const NAME: &str = "libsamepage_preload.so";
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(CliError::io("cannot find samepage's own binary"))?;
     let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
     for d in [dir.clone(), dir.join(".."), dir.join("../lib")] {
         let p = d.join(NAME);
@@ -131,17 +132,17 @@ pub fn preload_library() -> Result<PathBuf, String> {
             return Ok(p.canonicalize().unwrap_or(p));
         }
     }
-    Err(format!(
+    Err(CliError::Failed(format!(
         "cannot find {NAME} next to {}: build it with `cargo build --release -p \
          samepage-preload` (or `cargo build --workspace`), or set SAMEPAGE_PRELOAD to its path",
         exe.display()
-    ))
+    )))
 }
 
 /// `samepage run`: exec the program with the preload library, which turns its
 /// `madvise(MADV_MERGEABLE)` and `prctl(PR_SET_MEMORY_MERGE)` into registrations with the
 /// daemon.
-pub fn run_program(a: &RunCmdArgs) -> Result<(), String> {
+pub fn run_program(a: &RunCmdArgs) -> Result<(), CliError> {
     use std::os::unix::process::CommandExt;
     let socket = a
         .socket
@@ -149,7 +150,7 @@ pub fn run_program(a: &RunCmdArgs) -> Result<(), String> {
         .unwrap_or_else(ConnectOptions::default_socket);
     let lib = preload_library()?;
     // Fail early with a sentence rather than let the program run unmerged.
-    Control::connect(&socket).map_err(|e| e.to_string())?;
+    Control::connect(&socket)?;
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(old) if !old.is_empty() => format!("{} {old}", lib.display()),
         _ => lib.display().to_string(),
@@ -162,6 +163,9 @@ pub fn run_program(a: &RunCmdArgs) -> Result<(), String> {
         Some(d) => cmd.env("SAMEPAGE_DOMAIN", d),
         None => cmd.env_remove("SAMEPAGE_DOMAIN"),
     };
-    let e = cmd.exec();
-    Err(format!("cannot run {}: {e}", a.command[0]))
+    let source = cmd.exec();
+    Err(CliError::Exec {
+        program: a.command[0].clone(),
+        source,
+    })
 }

@@ -3,6 +3,7 @@
 
 use crate::args::parse_knobs;
 use crate::engines::{self, Until};
+use crate::error::CliError;
 use crate::merge::{self, Changed, LiveOpts, Loaded};
 use clap::Args;
 use samepage_engine::{PAGE_SIZE, PAGE_SIZE_U64};
@@ -124,7 +125,7 @@ pub fn app_in(
 
 /// `samepage demo`: guest processes merged by a daemon, or (`--in-process`) address spaces
 /// of this process merged by its own engine.
-pub fn run(a: &DemoArgs) -> Result<(), String> {
+pub fn run(a: &DemoArgs) -> Result<(), CliError> {
     if a.in_process {
         run_in_process(a)
     } else {
@@ -132,12 +133,12 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
     }
 }
 
-fn run_in_process(a: &DemoArgs) -> Result<(), String> {
+fn run_in_process(a: &DemoArgs) -> Result<(), CliError> {
     engines::catch_interrupts();
     crate::preflight::check_outputs(&a.live)?;
     let spec = spec(a);
-    let kinds = spec.layout().map_err(|e| e.to_string())?;
-    let workload = Workload::guests(&spec).map_err(|e| e.to_string())?;
+    let kinds = spec.layout()?;
+    let workload = Workload::guests(&spec)?;
     let defaults: Vec<(String, String)> = DEMO_KNOBS
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -3,6 +3,7 @@
 
 use crate::demo::{DemoArgs, DEMO_KNOBS};
 use crate::engines::{self, Engine, Until};
+use crate::error::CliError;
 use crate::merge::MemoryKib;
 use crate::report::{tunables_of, Report, SpaceInfo};
 use crate::watch::Watch;
@@ -19,9 +20,9 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 /// The daemon as an engine the run loop drives.
-struct Daemon<'a> {
-    control: &'a Control,
-    pid: u32,
+pub(crate) struct Daemon<'a> {
+    pub(crate) control: &'a Control,
+    pub(crate) pid: u32,
 }
 
 impl Engine for Daemon<'_> {
@@ -34,10 +35,8 @@ impl Engine for Daemon<'_> {
             .map(|s| counters_of(&s.ksm))
             .unwrap_or_default()
     }
-    fn set_running(&self, on: bool) -> Result<(), String> {
-        self.control
-            .write_knob("run", if on { "1" } else { "0" })
-            .map_err(|e| e.to_string())
+    fn set_running(&self, on: bool) -> Result<(), CliError> {
+        Ok(self.control.write_knob("run", if on { "1" } else { "0" })?)
     }
     fn cpu_seconds(&self) -> f64 {
         ipc::process_cpu_ns(self.pid) as f64 / 1e9
@@ -45,31 +44,60 @@ impl Engine for Daemon<'_> {
     fn wait_for_change(&self, timeout: Duration) {
         let _ = self.control.wait(0, timeout);
     }
+    fn read_every(&self) -> Duration {
+        // A reading is a stat request whose answer walks every client's page tables.
+        engines::SAMEPAGE_READ_EVERY
+    }
 }
 
 /// The processes the demo started: every one is ended (by pid) when it is dropped.
-struct Procs {
-    daemon: Option<Child>,
-    guests: Vec<Guest>,
+pub(crate) struct Procs {
+    pub(crate) daemon: Option<Child>,
+    pub(crate) guests: Vec<Guest>,
 }
 
-struct Guest {
-    child: Child,
-    pid: u32,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+/// A child process answering one JSON line per request on its standard output.
+pub(crate) struct Guest {
+    pub(crate) child: Child,
+    pub(crate) pid: u32,
+    pub(crate) stdin: ChildStdin,
+    pub(crate) stdout: BufReader<ChildStdout>,
 }
 
 impl Guest {
-    fn ask(&mut self, cmd: &str) -> Result<Value, String> {
-        writeln!(self.stdin, "{cmd}").map_err(|e| format!("guest {}: {e}", self.pid))?;
+    /// Start `cmd` with its standard input and output piped to this process.
+    pub(crate) fn spawn(cmd: &mut Command, what: &str) -> Result<Self, CliError> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(CliError::io(format!("cannot start {what}")))?;
+        let pid = child.id();
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Self {
+            child,
+            pid,
+            stdin,
+            stdout,
+        })
+    }
+    pub(crate) fn ask(&mut self, cmd: &str) -> Result<Value, CliError> {
+        writeln!(self.stdin, "{cmd}")
+            .map_err(CliError::io(format!("cannot ask guest {}", self.pid)))?;
         self.answer()
     }
-    fn answer(&mut self) -> Result<Value, String> {
+    pub(crate) fn answer(&mut self) -> Result<Value, CliError> {
         let mut line = String::new();
         match self.stdout.read_line(&mut line) {
-            Ok(0) | Err(_) => Err(format!("guest process {} ended early", self.pid)),
-            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("guest {}: {e}", self.pid)),
+            Ok(0) | Err(_) => Err(CliError::Failed(format!(
+                "guest process {} ended early",
+                self.pid
+            ))),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| {
+                CliError::Failed(format!("guest {} answered {line:?}: {e}", self.pid))
+            }),
         }
     }
 }
@@ -100,7 +128,11 @@ fn memory_of(pids: &[u32]) -> MemoryKib {
     })
 }
 
-fn start_daemon(exe: &Path, socket: &Path, knobs: &[(String, String)]) -> Result<Child, String> {
+pub(crate) fn start_daemon(
+    exe: &Path,
+    socket: &Path,
+    knobs: &[(String, String)],
+) -> Result<Child, CliError> {
     let mut cmd = Command::new(exe);
     cmd.arg("daemon").arg("--socket").arg(socket);
     for (k, v) in knobs {
@@ -111,7 +143,7 @@ fn start_daemon(exe: &Path, socket: &Path, knobs: &[(String, String)]) -> Result
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start samepage daemon: {e}"))?;
+        .map_err(CliError::io("cannot start samepage daemon"))?;
     // It says when it listens; what it says after that is its log, kept for an error.
     let mut err = BufReader::new(child.stderr.take().expect("piped"));
     let mut line = String::new();
@@ -119,18 +151,30 @@ fn start_daemon(exe: &Path, socket: &Path, knobs: &[(String, String)]) -> Result
         line.clear();
         if err.read_line(&mut line).unwrap_or(0) == 0 {
             let _ = child.wait();
-            return Err("samepage daemon stopped before it listened".into());
+            return Err(CliError::failed(
+                "samepage daemon stopped before it listened",
+            ));
         }
         if line.contains("listening on") {
             break;
         }
-        if line.contains("error") {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(line
-                .trim()
-                .trim_start_matches("samepage: error: ")
-                .to_string());
+        if line.starts_with("samepage: error: ") {
+            // main prints this line and returns: the daemon is exiting, and its status says
+            // which kind of failure it was.
+            let status = child
+                .wait()
+                .ok()
+                .and_then(|s| s.code())
+                .and_then(|c| u8::try_from(c).ok())
+                .filter(|&c| c != 0)
+                .unwrap_or(crate::error::EXIT_FAILURE);
+            return Err(CliError::Child {
+                message: line
+                    .trim()
+                    .trim_start_matches("samepage: error: ")
+                    .to_string(),
+                status,
+            });
         }
     }
     std::thread::spawn(move || {
@@ -143,23 +187,24 @@ fn start_daemon(exe: &Path, socket: &Path, knobs: &[(String, String)]) -> Result
 }
 
 /// `samepage demo` with the guests as processes of their own.
-pub fn run(a: &DemoArgs) -> Result<(), String> {
+pub fn run(a: &DemoArgs) -> Result<(), CliError> {
     engines::catch_interrupts();
     crate::preflight::check_outputs(&a.live)?;
     // Every guest process needs a userfaultfd: say so once, before starting anything.
-    samepage_linux::check_userfaultfd().map_err(|e| e.to_string())?;
+    samepage_linux::check_userfaultfd()?;
     let spec = crate::demo::spec(a);
-    let kinds = spec.layout().map_err(|e| e.to_string())?;
-    let workload = samepage_workload::Workload::guests(&spec).map_err(|e| e.to_string())?;
+    let kinds = spec.layout()?;
+    let workload = samepage_workload::Workload::guests(&spec)?;
     let mut knobs: Vec<(String, String)> = DEMO_KNOBS
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     knobs.extend(crate::args::parse_knobs(&a.set)?);
     crate::args::check_knobs(&knobs)?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(CliError::io("cannot find samepage's own binary"))?;
     let dir = std::env::temp_dir().join(format!("samepage-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(CliError::io(format!("cannot make {}", dir.display())))?;
     let socket = dir.join("samepage.sock");
     let result = run_in(a, &spec, &kinds, &workload, &knobs, &exe, &socket);
     let _ = std::fs::remove_dir_all(&dir);
@@ -197,7 +242,7 @@ fn run_in(
     knobs: &[(String, String)],
     exe: &Path,
     socket: &Path,
-) -> Result<(Report, Option<Vec<crate::watch::Sample>>, u32), String> {
+) -> Result<(Report, Option<Vec<crate::watch::Sample>>, u32), CliError> {
     let mut procs = Procs {
         daemon: Some(start_daemon(exe, socket, knobs)?),
         guests: Vec::new(),
@@ -215,31 +260,22 @@ fn run_in(
         if i == 0 && !a.quiet_guests {
             cmd.arg("--app");
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start a guest process: {e}"))?;
-        let pid = child.id();
-        let stdin = child.stdin.take().expect("piped");
-        let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        procs.guests.push(Guest {
-            child,
-            pid,
-            stdin,
-            stdout,
-        });
+        procs
+            .guests
+            .push(Guest::spawn(&mut cmd, "a guest process")?);
     }
     for g in &mut procs.guests {
         let v = g.answer()?;
         if v["ready"] != true {
-            return Err(format!("guest {} did not start: {v}", g.pid));
+            return Err(CliError::Failed(format!(
+                "guest {} did not start: {v}",
+                g.pid
+            )));
         }
         engines::interrupted()?;
     }
     let pids: Vec<u32> = procs.guests.iter().map(|g| g.pid).collect();
-    let control = Control::connect(socket).map_err(|e| e.to_string())?;
+    let control = Control::connect(socket)?;
     let all: Vec<u32> = pids.iter().copied().chain([daemon_pid]).collect();
     let before = memory_of(&all);
     let mut watch = Watch::new(
@@ -317,7 +353,7 @@ fn run_in(
         }
     }
     // Read once every guest's application has stopped (the last one stops at its verify).
-    let st: StatReply = control.stat().map_err(|e| e.to_string())?;
+    let st: StatReply = control.stat()?;
     v.counted_zero_pages_global = counters_of(&st.ksm).ksm_zero_pages;
     v.canonical_pages = canonical_of
         .values()
@@ -328,13 +364,13 @@ fn run_in(
         problems.push("no page of the OS image is merged across guest processes".into());
     }
     if !problems.is_empty() {
-        return Err(format!("verification failed: {}", problems.join("; ")));
+        return Err(CliError::Verification(problems.join("; ")));
     }
     let counters = counters_of(&st.ksm);
     let ksm_stat: Vec<_> = st.ksm_stat.iter().map(|c| c.to_ksm_stat()).collect();
     if let Some(path) = &a.live.prometheus {
         crate::prom::write_file(path, &[("samepage", &counters, &ksm_stat)])
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            .map_err(CliError::write(path))?;
     }
     live.ksmd = st.ksmd;
     let info: Vec<SpaceInfo> = procs

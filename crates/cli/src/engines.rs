@@ -2,14 +2,16 @@
 //! [`LiveKsm`] in this process) and the host kernel's ksmd. One loop runs either until its
 //! counters settle, watching them for the progress display, the Prometheus file and the plot.
 
+use crate::error::CliError;
 use crate::watch::{Sample, Watch};
-use samepage_engine::KsmCounters;
+pub use samepage_engine::Until;
+use samepage_engine::{Convergence, KsmCounters};
 use samepage_linux::{host, LiveKsm};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Set by Ctrl-C (SIGINT), SIGTERM or SIGHUP once [`catch_interrupts`] ran: long loops give
-/// up cleanly, so that what they changed is put back, and the command exits with status 1
+/// up cleanly, so that what they changed is put back, and the command exits with status 130
 /// however far it got.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -34,9 +36,9 @@ pub fn interrupted_now() -> bool {
 
 /// An error once the command is interrupted. What the command changed is put back by its
 /// owners as the error unwinds, and they say so.
-pub fn interrupted() -> Result<(), String> {
+pub fn interrupted() -> Result<(), CliError> {
     if interrupted_now() {
-        Err("interrupted".into())
+        Err(CliError::Interrupted)
     } else {
         Ok(())
     }
@@ -49,7 +51,7 @@ pub trait Engine: Sync {
     /// The global counters (`/sys/kernel/mm/ksm`).
     fn counters(&self) -> KsmCounters;
     /// `run=1` or `run=0`.
-    fn set_running(&self, on: bool) -> Result<(), String>;
+    fn set_running(&self, on: bool) -> Result<(), CliError>;
     /// When the merge counters last changed, if the engine knows it more precisely than a
     /// reader polling its counters.
     fn last_change(&self) -> Option<Instant> {
@@ -61,7 +63,20 @@ pub trait Engine: Sync {
     fn wait_for_change(&self, timeout: Duration) {
         std::thread::sleep(timeout.min(Duration::from_millis(2)));
     }
+    /// Read the counters at most this often while a run is watched (the changes in between
+    /// are taken as one).
+    fn read_every(&self) -> Duration {
+        Duration::ZERO
+    }
 }
+
+/// How often samepage's counters are read while a run is watched. Its events come once per
+/// scan chunk (every few milliseconds at full speed), and a reading walks the page tables of
+/// every region (`ksm_zero_pages` comes from PAGEMAP_SCAN): reading at every event took a
+/// core from the scanner's read-ahead, which runs at idle priority, and doubled the time to
+/// converge on 1 GiB of zero pages. When the counters last changed comes from the engine
+/// itself ([`Engine::last_change`]), so nothing is less precise for it.
+pub const SAMEPAGE_READ_EVERY: Duration = Duration::from_millis(10);
 
 /// samepage's live engine.
 pub struct Samepage<'a>(pub &'a LiveKsm);
@@ -73,10 +88,10 @@ impl Engine for Samepage<'_> {
     fn counters(&self) -> KsmCounters {
         self.0.counters()
     }
-    fn set_running(&self, on: bool) -> Result<(), String> {
+    fn set_running(&self, on: bool) -> Result<(), CliError> {
         self.0
             .set_knob("run", if on { "1" } else { "0" })
-            .map_err(|e| e.to_string())
+            .map_err(CliError::from)
     }
     fn last_change(&self) -> Option<Instant> {
         // Recorded after every scan batch; counters are only readable between batches.
@@ -89,6 +104,9 @@ impl Engine for Samepage<'_> {
         // The scanner publishes its counters after every chunk: wait for the next one
         // (reading counters costs a PAGEMAP_SCAN of the regions, so do not spin on it).
         self.0.wait_chunk(timeout);
+    }
+    fn read_every(&self) -> Duration {
+        SAMEPAGE_READ_EVERY
     }
 }
 
@@ -104,8 +122,8 @@ impl Engine for Kernel {
     fn counters(&self) -> KsmCounters {
         host::counters().unwrap_or_default()
     }
-    fn set_running(&self, on: bool) -> Result<(), String> {
-        host::write_knob("run", if on { "1" } else { "0" }).map_err(|e| e.to_string())
+    fn set_running(&self, on: bool) -> Result<(), CliError> {
+        Ok(host::write_knob("run", if on { "1" } else { "0" })?)
     }
     fn cpu_seconds(&self) -> f64 {
         self.ksmd.map(host::ksmd_cpu_ns).unwrap_or(0) as f64 / 1e9
@@ -129,23 +147,13 @@ pub struct Outcome {
     pub samples: Vec<Sample>,
 }
 
-/// When to stop.
-#[derive(Debug, Clone, Copy)]
-pub enum Until {
-    /// At least this many full scans, then one full scan that changes none of the merge
-    /// counters ([`KsmCounters::merge_state`]).
-    Stable { min_passes: u64 },
-    /// Exactly this many full scans.
-    FullScans(u64),
-}
-
 /// Start the engine, wait as `until` says (or until `timeout`, or Ctrl-C), stop it.
 pub fn run(
     e: &dyn Engine,
     until: Until,
     timeout: Duration,
     watch: &mut Watch<'_>,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, CliError> {
     let cpu0 = e.cpu_seconds();
     let c0 = e.counters();
     let t0 = Instant::now();
@@ -172,6 +180,8 @@ pub fn run(
     })
 }
 
+/// Read the counters until the engine's [`Convergence`] rule says the run is done; returns
+/// the full scans it ran and when the merge counters were last seen changing.
 fn poll(
     e: &dyn Engine,
     until: Until,
@@ -179,35 +189,23 @@ fn poll(
     watch: &mut Watch<'_>,
     t0: Instant,
     c0: KsmCounters,
-) -> Result<(u64, Option<Instant>), String> {
-    let mut state = c0.merge_state();
-    let mut state_at_pass = state;
+) -> Result<(u64, Option<Instant>), CliError> {
+    let mut conv = Convergence::new(until, &c0);
     let mut last_change = None;
-    let mut seen_scans = c0.full_scans;
-    let mut passes = 0;
     loop {
         interrupted()?;
         let c = e.counters();
         let now = Instant::now();
-        if c.merge_state() != state {
-            state = c.merge_state();
+        let seen = conv.observe(&c);
+        if seen.changed {
             last_change = Some(now);
         }
         watch.observe(t0, &c, false);
-        if c.full_scans != seen_scans {
-            passes += c.full_scans.saturating_sub(seen_scans);
-            seen_scans = c.full_scans;
-            match until {
-                Until::FullScans(n) if passes >= n => return Ok((passes, last_change)),
-                Until::Stable { min_passes } if passes > min_passes && state == state_at_pass => {
-                    return Ok((passes, last_change))
-                }
-                _ => {}
-            }
-            state_at_pass = state;
+        if seen.done {
+            return Ok((conv.passes(), last_change));
         }
         if t0.elapsed() > timeout {
-            return Err(match until {
+            return Err(CliError::Failed(match until {
                 Until::FullScans(n) => format!(
                     "{} did not complete {n} full scans within {} s (raise --timeout)",
                     e.name(),
@@ -219,8 +217,15 @@ fn poll(
                     e.name(),
                     timeout.as_secs()
                 ),
-            });
+            }));
         }
-        e.wait_for_change(Duration::from_millis(50));
+        let next = now + e.read_every();
+        loop {
+            let t = Instant::now();
+            if t >= next {
+                break;
+            }
+            e.wait_for_change(next - t);
+        }
     }
 }

@@ -11,6 +11,7 @@
 //!   "stats": {...}}`;
 //! - `quit`: it exits.
 
+use crate::error::CliError;
 use crate::merge::Changed;
 use clap::Args;
 use samepage_engine::{PAGE_SIZE, PAGE_SIZE_U64};
@@ -54,7 +55,7 @@ fn say(v: serde_json::Value) {
 }
 
 /// `samepage guest`.
-pub fn run(a: &GuestArgs) -> Result<(), String> {
+pub fn run(a: &GuestArgs) -> Result<(), CliError> {
     let spec = GuestSpec {
         size: a.size,
         guests: a.guests,
@@ -62,39 +63,35 @@ pub fn run(a: &GuestArgs) -> Result<(), String> {
         unique_pct: 35,
         seed: a.seed,
     };
-    let kinds = spec.layout().map_err(|e| e.to_string())?;
-    let workload = Workload::guests(&spec).map_err(|e| e.to_string())?;
+    let kinds = spec.layout()?;
+    let workload = Workload::guests(&spec)?;
     let space = workload
         .spaces
         .get(a.index as usize)
-        .ok_or_else(|| format!("there is no guest {} of {}", a.index, a.guests))?;
+        .ok_or_else(|| CliError::Usage(format!("there is no guest {} of {}", a.index, a.guests)))?;
     let ksm = LiveKsm::connect(&ConnectOptions {
         socket: a.socket.clone(),
         domain: a.domain.clone(),
         merge_any: false,
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     let mm = ksm.new_mm();
-    let r = ksm
-        .create_region(mm, space.pages() * PAGE_SIZE_U64)
-        .map_err(|e| e.to_string())?;
+    let r = ksm.create_region(mm, space.pages() * PAGE_SIZE_U64)?;
     let mut page = [0u8; PAGE_SIZE];
     for i in 0..space.pages() {
         space.fill_page(i, &mut page);
-        r.write(i * PAGE_SIZE_U64, &page)
-            .map_err(|e| e.to_string())?;
+        r.write(i * PAGE_SIZE_U64, &page)?;
     }
-    ksm.madvise_mergeable(&r).map_err(|e| e.to_string())?;
+    ksm.madvise_mergeable(&r)?;
     say(json!({"ready": true, "pid": std::process::id()}));
     let stop = AtomicBool::new(false);
     let mut changed = Changed::new();
-    std::thread::scope(|s| -> Result<(), String> {
+    std::thread::scope(|s| -> Result<(), CliError> {
         let app = a
             .app
             .then(|| s.spawn(|| crate::demo::app_in(&ksm, &r, &stop, &kinds)));
         let mut app = app;
         for line in std::io::stdin().lock().lines() {
-            let line = line.map_err(|e| e.to_string())?;
+            let line = line.map_err(CliError::io("cannot read the demo's request"))?;
             match line.trim() {
                 "verify" => {
                     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -5,11 +5,13 @@
 
 mod args;
 mod bench;
+mod bench_clients;
 mod compare;
 mod daemon;
 mod demo;
 mod demo_daemon;
 mod engines;
+mod error;
 mod guest;
 mod merge;
 mod plot;
@@ -27,7 +29,8 @@ use std::process::ExitCode;
 #[command(
     name = "samepage",
     version,
-    about = "Kernel Samepage Merging (KSM) in user space, with exact tracking of the zero pages it places"
+    about = "Kernel Samepage Merging (KSM) in user space, with exact tracking of the zero pages it places",
+    after_help = error::EXIT_STATUS_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -64,6 +67,9 @@ enum Command {
     /// One guest of `samepage demo`, a client of its daemon (started by the demo).
     #[command(hide = true)]
     Guest(guest::GuestArgs),
+    /// One client process of `samepage bench --what clients` (started by the bench).
+    #[command(hide = true)]
+    BenchClient(bench_clients::ClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +87,7 @@ fn main() -> ExitCode {
         Command::Ctl(a) => daemon::run_ctl(&a),
         Command::Run(a) => daemon::run_program(&a),
         Command::Guest(a) => guest::run(&a),
+        Command::BenchClient(a) => bench_clients::run_client(&a),
     };
     // An interrupt that came after the last check (while printing, say) still fails the
     // command: its output may be cut short.
@@ -93,7 +100,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("samepage: error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::args::RunArgs;
 use crate::engines::{self, Samepage, Until};
+use crate::error::CliError;
 use crate::report::{tunables_of, Report, SpaceInfo};
 use crate::watch::{Sample, Watch};
 use clap::Args;
@@ -89,15 +90,15 @@ pub fn load(
     workload: samepage_workload::Workload,
     knobs: &[(String, String)],
     defaults: &[(String, String)],
-) -> Result<Loaded, String> {
-    let ksm = LiveKsm::new().map_err(|e| e.to_string())?;
+) -> Result<Loaded, CliError> {
+    let ksm = LiveKsm::new()?;
     for (k, v) in defaults {
         ksm.set_knob(k, v)
-            .map_err(|e| format!("setting {k}={v}: {e}"))?;
+            .map_err(CliError::live_knob(format!("setting {k}={v}")))?;
     }
     for (k, v) in knobs {
         ksm.set_knob(k, v)
-            .map_err(|e| format!("--set {k}={v}: {e}"))?;
+            .map_err(CliError::live_knob(format!("--set {k}={v}")))?;
     }
     let mut info = Vec::new();
     let mut regions = Vec::new();
@@ -106,7 +107,7 @@ pub fn load(
     for space in &workload.spaces {
         let mm = ksm.new_mm();
         let len = space.pages() * PAGE_SIZE_U64;
-        let r = ksm.create_region(mm, len).map_err(|e| e.to_string())?;
+        let r = ksm.create_region(mm, len)?;
         let mut i = 0;
         while i < space.pages() {
             engines::interrupted()?;
@@ -117,8 +118,7 @@ pub fn load(
                     .expect("page");
                 space.fill_page(i + j, page);
             }
-            r.write(i * PAGE_SIZE_U64, &buf[..n as usize * PAGE_SIZE])
-                .map_err(|e| e.to_string())?;
+            r.write(i * PAGE_SIZE_U64, &buf[..n as usize * PAGE_SIZE])?;
             i += n;
         }
         info.push(SpaceInfo {
@@ -138,7 +138,7 @@ pub fn load(
 
 /// Every page still reads what the workload put there, except the pages in `changed`
 /// (address → what was written there since).
-pub fn check_contents(l: &Loaded, changed: &Changed) -> Result<(), String> {
+pub fn check_contents(l: &Loaded, changed: &Changed) -> Result<(), CliError> {
     let mut want = [0u8; PAGE_SIZE];
     let mut got = [0u8; PAGE_SIZE];
     for (r, space) in l.regions.iter().zip(&l.workload.spaces) {
@@ -152,13 +152,12 @@ pub fn check_contents(l: &Loaded, changed: &Changed) -> Result<(), String> {
                 None => space.fill_page(i, &mut want),
             }
             // Looking must not unmerge: a merged page is read from its canonical page.
-            r.peek_page(i * PAGE_SIZE_U64, &mut got)
-                .map_err(|e| e.to_string())?;
+            r.peek_page(i * PAGE_SIZE_U64, &mut got)?;
             if want != got {
-                return Err(format!(
-                    "verification failed: page {i} of {} does not hold what was loaded",
+                return Err(CliError::Verification(format!(
+                    "page {i} of {} does not hold what was loaded",
                     space.name
-                ));
+                )));
             }
         }
     }
@@ -187,10 +186,10 @@ pub fn run_samepage(
     opts: &LiveOpts,
     progress: bool,
     during: Option<Application<'_>>,
-) -> Result<LiveRun, String> {
+) -> Result<LiveRun, CliError> {
     let before = memory_kib();
     for r in &l.regions {
-        l.ksm.madvise_mergeable(r).map_err(|e| e.to_string())?;
+        l.ksm.madvise_mergeable(r)?;
     }
     let mms: Vec<MmId> = l.regions.iter().map(|r| r.mm()).collect();
     let mut watch = Watch::new(
@@ -223,7 +222,7 @@ pub fn run_samepage(
         let v = l.ksm.verify();
         let problems = v.problems();
         if !problems.is_empty() {
-            return Err(format!("verification failed: {}", problems.join("; ")));
+            return Err(CliError::Verification(problems.join("; ")));
         }
         check_contents(l, &changed)?;
         Some(v)
@@ -232,7 +231,7 @@ pub fn run_samepage(
     let counters = l.ksm.counters();
     if let Some(path) = &opts.prometheus {
         crate::prom::write_file(path, &[("samepage", &counters, &ksm_stat)])
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            .map_err(CliError::write(path))?;
     }
     let md = l.ksm.metadata();
     let (engine_bytes, rmap_items, state_bytes) =
@@ -260,7 +259,7 @@ pub fn run_samepage(
 }
 
 /// `samepage merge`.
-pub fn run(args: &MergeArgs) -> Result<(), String> {
+pub fn run(args: &MergeArgs) -> Result<(), CliError> {
     engines::catch_interrupts();
     crate::preflight::check_outputs(&args.live)?;
     let l = load(args.run.workload()?, &args.run.knobs()?, &[])?;

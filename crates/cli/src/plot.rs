@@ -162,9 +162,11 @@ pub fn write(
     path: &std::path::Path,
     title: &str,
     runs: &[(&str, &[Sample])],
-) -> Result<(), String> {
-    std::fs::write(path, svg(title, runs))
-        .map_err(|e| format!("cannot write the plot to {}: {e}", path.display()))
+) -> Result<(), crate::error::CliError> {
+    std::fs::write(path, svg(title, runs)).map_err(crate::error::CliError::io(format!(
+        "cannot write the plot to {}",
+        path.display()
+    )))
 }
 
 #[cfg(test)]

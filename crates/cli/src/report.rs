@@ -161,12 +161,9 @@ fn mib(pages: i64) -> f64 {
 
 impl Report {
     /// Print as one JSON object, or as text.
-    pub fn print(&self, json: bool) -> Result<(), String> {
+    pub fn print(&self, json: bool) -> Result<(), crate::error::CliError> {
         if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(self).map_err(|e| e.to_string())?
-            );
+            println!("{}", serde_json::to_string_pretty(self)?);
         } else {
             print!("{}", self.text());
         }

@@ -1,8 +1,10 @@
 //! `samepage simulate`: load the workload into the simulator and run ksmd to convergence.
 
 use crate::args::RunArgs;
+use crate::error::CliError;
 use crate::report::{tunables_of, Report, SpaceInfo};
 use clap::Args;
+use samepage_engine::{Convergence, Until};
 use samepage_sim::{SimSystem, SIM_NS_PER_PAGE};
 use std::time::{Duration, Instant};
 
@@ -22,15 +24,14 @@ const MAX_FULL_SCANS: u64 = 1000;
 
 /// Build the simulated machine: one process per address space, each with one mergeable
 /// region holding its pages in order; then apply the `--set` knobs.
-pub fn load(args: &RunArgs) -> Result<(SimSystem, Vec<SpaceInfo>), String> {
+pub fn load(args: &RunArgs) -> Result<(SimSystem, Vec<SpaceInfo>), CliError> {
     let knobs = args.knobs()?;
     let workload = args.workload()?;
     let mut sys = SimSystem::new();
     let mut info = Vec::new();
     for space in &workload.spaces {
         let mm = sys
-            .spawn_with_pages(space.pages(), |i, buf| space.fill_page(i, buf))
-            .map_err(|e| e.to_string())?
+            .spawn_with_pages(space.pages(), |i, buf| space.fill_page(i, buf))?
             .mm;
         info.push(SpaceInfo {
             pid: mm.0,
@@ -40,7 +41,7 @@ pub fn load(args: &RunArgs) -> Result<(SimSystem, Vec<SpaceInfo>), String> {
     }
     for (k, v) in &knobs {
         sys.write_knob(k, v)
-            .map_err(|e| format!("--set {k}={v}: {e}"))?;
+            .map_err(CliError::knob(format!("--set {k}={v}")))?;
     }
     Ok((sys, info))
 }
@@ -52,76 +53,70 @@ pub fn converge(
     sys: &mut SimSystem,
     full_scans: Option<u64>,
     timeout: Duration,
-) -> Result<(u64, u64), String> {
+) -> Result<(u64, u64), CliError> {
     if sys.read_knob("pages_to_scan").as_deref() == Some("0")
         && sys.read_knob("advisor_mode").as_deref() == Some("[none] scan-time")
     {
         // The kernel accepts 0, and then ksmd never finishes a full scan.
-        return Err(
+        return Err(CliError::usage(
             "pages_to_scan=0: ksmd would scan no page at all and never finish a full scan; \
-             give at least 1"
-                .into(),
-        );
+             give at least 1",
+        ));
     }
     let t0 = Instant::now();
-    let too_long = |passes: u64| match full_scans {
-        Some(n) => format!(
-            "the simulator did not complete {n} full scans within {} s of wall-clock time \
+    let too_long = |passes: u64| {
+        CliError::Failed(match full_scans {
+            Some(n) => format!(
+                "the simulator did not complete {n} full scans within {} s of wall-clock time \
              ({passes} done); raise --timeout, or --set pages_to_scan=N to scan faster",
-            timeout.as_secs()
-        ),
-        None => format!(
-            "the counters did not settle within {} s of wall-clock time ({passes} full scans \
+                timeout.as_secs()
+            ),
+            None => format!(
+                "the counters did not settle within {} s of wall-clock time ({passes} full scans \
              done); raise --timeout, or --set pages_to_scan=N to scan faster",
-            timeout.as_secs()
-        ),
+                timeout.as_secs()
+            ),
+        })
     };
-    sys.write_knob("run", "1").map_err(|e| e.to_string())?;
-    let mut prev = sys.counters().merge_state();
+    sys.write_knob("run", "1")
+        .map_err(CliError::knob("run=1"))?;
+    let until = match full_scans {
+        Some(n) => Until::FullScans(n),
+        None => Until::Stable { min_passes: 2 },
+    };
+    // Fed after every batch, so that the last change is known to the batch.
+    let mut conv = Convergence::new(until, &sys.counters());
     let mut last_change_ns = 0;
-    let mut passes = 0;
     let mut steps = 0u64;
-    loop {
-        match full_scans {
-            Some(n) if passes == n => break,
-            None if passes >= MAX_FULL_SCANS => {
-                return Err(format!(
-                    "the counters did not settle within {MAX_FULL_SCANS} full scans; \
-                     use --full-scans N to stop after N"
-                ))
-            }
-            _ => {}
+    while !conv.is_done() {
+        if full_scans.is_none() && conv.passes() >= MAX_FULL_SCANS {
+            return Err(CliError::Failed(format!(
+                "the counters did not settle within {MAX_FULL_SCANS} full scans; \
+                 use --full-scans N to stop after N"
+            )));
         }
         if !sys.ksm().ksmd_should_run() {
-            return Err("nothing to scan: no address space has a mergeable area".into());
+            return Err(CliError::usage(
+                "nothing to scan: no address space has a mergeable area",
+            ));
         }
-        let target = sys.ksm().full_scans() + 1;
-        let mut changed = false;
-        while sys.ksm().full_scans() < target {
-            steps += 1;
-            if steps.is_multiple_of(256) && t0.elapsed() > timeout {
-                return Err(too_long(passes));
-            }
-            let before = sys.clock().now_ns;
-            let batch = sys.ksmd_step();
-            let now = sys.counters().merge_state();
-            if now != prev {
-                changed = true;
-                last_change_ns = before + batch.scanned * SIM_NS_PER_PAGE;
-                prev = now;
-            }
+        steps += 1;
+        if steps.is_multiple_of(256) && t0.elapsed() > timeout {
+            return Err(too_long(conv.passes()));
         }
-        passes += 1;
-        if full_scans.is_none() && passes >= 3 && !changed {
-            break;
+        let before = sys.clock().now_ns;
+        let batch = sys.ksmd_step();
+        if conv.observe(&sys.counters()).changed {
+            last_change_ns = before + batch.scanned * SIM_NS_PER_PAGE;
         }
     }
-    sys.write_knob("run", "0").map_err(|e| e.to_string())?;
-    Ok((passes, last_change_ns))
+    sys.write_knob("run", "0")
+        .map_err(CliError::knob("run=0"))?;
+    Ok((conv.passes(), last_change_ns))
 }
 
 /// `samepage simulate`.
-pub fn run(a: &SimArgs) -> Result<(), String> {
+pub fn run(a: &SimArgs) -> Result<(), CliError> {
     let args = &a.run;
     let (mut sys, workload) = load(args)?;
     let (passes, last_change_ns) =

@@ -1,6 +1,7 @@
 //! `samepage stat [PID]`: KSM's state in the kernel's layout, with the figures operators
 //! most often derive wrongly (memory saved forgets the zero pages; the sharing ratio).
 
+use crate::error::CliError;
 use crate::prom;
 use clap::Args;
 use samepage_engine::{KsmCounters, KsmStat, PAGE_SIZE_U64};
@@ -148,29 +149,34 @@ impl State {
 }
 
 /// Why `/proc/<pid>/ksm_stat` could not be read, in words.
-fn ksm_stat_error(pid: u32, e: HostError) -> String {
+fn ksm_stat_error(pid: u32, e: HostError) -> CliError {
     let path = format!("/proc/{pid}/ksm_stat");
     match e {
         HostError::Read { source, .. } => match source.kind() {
-            std::io::ErrorKind::PermissionDenied => format!(
+            std::io::ErrorKind::PermissionDenied => CliError::NoPermission(format!(
                 "cannot read {path}: permission denied (it is readable only by the process's \
                  owner and root; run as root)"
-            ),
+            )),
             std::io::ErrorKind::NotFound
                 if std::path::Path::new(&format!("/proc/{pid}")).exists() =>
             {
-                format!("{path} does not exist: this kernel lacks ksm_stat (Linux 6.1 has it)")
+                CliError::Unavailable(format!(
+                    "{path} does not exist: this kernel lacks ksm_stat (Linux 6.1 has it)"
+                ))
             }
-            std::io::ErrorKind::NotFound => format!("there is no process {pid}"),
-            _ => format!("cannot read {path}: {source}"),
+            std::io::ErrorKind::NotFound => CliError::Usage(format!("there is no process {pid}")),
+            _ => CliError::Io {
+                what: format!("cannot read {path}"),
+                source,
+            },
         },
-        e => e.to_string(),
+        e => e.into(),
     }
 }
 
 /// The host kernel's state, with the `ksm_stat` of `pid` or of every process KSM works on.
-pub fn host_state(pid: Option<u32>) -> Result<State, String> {
-    let c = host::counters().map_err(|e| e.to_string())?;
+pub fn host_state(pid: Option<u32>) -> Result<State, CliError> {
+    let c = host::counters()?;
     let (ksm_stat, unreadable_processes) = match pid {
         Some(p) => (
             vec![host::ksm_stat(p).map_err(|e| ksm_stat_error(p, e))?],
@@ -194,37 +200,39 @@ const MAX_PROM_BYTES: u64 = 16 << 20;
 
 /// The text of a `--prometheus` file: a regular file of sensible size (never a device, a
 /// FIFO or a file of /proc, which would block or never end).
-fn read_prom(path: &std::path::Path) -> Result<String, String> {
+fn read_prom(path: &std::path::Path) -> Result<String, CliError> {
     use samepage_workload::{open_input_file, InputFileError};
     use std::io::Read;
     let hint = format!(
         "(start samepage with --prometheus {} first)",
         path.display()
     );
-    let (f, len) = open_input_file(path).map_err(|e| match e {
-        InputFileError::Io(e) => format!("cannot read {}: {e} {hint}", path.display()),
-        InputFileError::NotRegular(kind) => format!(
-            "{} is {kind}, not the regular file samepage writes with --prometheus",
-            path.display()
-        ),
+    let (f, len) = open_input_file(path).map_err(|e| {
+        CliError::Usage(match e {
+            InputFileError::Io(e) => format!("cannot read {}: {e} {hint}", path.display()),
+            InputFileError::NotRegular(kind) => format!(
+                "{} is {kind}, not the regular file samepage writes with --prometheus",
+                path.display()
+            ),
+        })
     })?;
     if len > MAX_PROM_BYTES {
-        return Err(format!(
+        return Err(CliError::Usage(format!(
             "{} is {len} bytes, far more than a --prometheus file holds; is it the right file?",
             path.display()
-        ));
+        )));
     }
     let mut s = String::new();
     f.take(MAX_PROM_BYTES)
         .read_to_string(&mut s)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        .map_err(CliError::io(format!("cannot read {}", path.display())))?;
     Ok(s)
 }
 
 /// A running daemon's state.
-pub fn daemon_state(socket: &std::path::Path) -> Result<State, String> {
-    let c = samepage_linux::Control::connect(socket).map_err(|e| e.to_string())?;
-    let st = c.stat().map_err(|e| e.to_string())?;
+pub fn daemon_state(socket: &std::path::Path) -> Result<State, CliError> {
+    let c = samepage_linux::Control::connect(socket)?;
+    let st = c.stat()?;
     let counters = samepage_linux::wire::counters_of(&st.ksm);
     let tunables = samepage_engine::TUNABLE_NAMES
         .iter()
@@ -242,7 +250,7 @@ pub fn daemon_state(socket: &std::path::Path) -> Result<State, String> {
 }
 
 /// `samepage stat`.
-pub fn run(a: &StatArgs) -> Result<(), String> {
+pub fn run(a: &StatArgs) -> Result<(), CliError> {
     if a.daemon {
         let socket = a
             .socket
@@ -250,10 +258,7 @@ pub fn run(a: &StatArgs) -> Result<(), String> {
             .unwrap_or_else(samepage_linux::ConnectOptions::default_socket);
         let s = daemon_state(&socket)?;
         if a.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
-            );
+            println!("{}", serde_json::to_string_pretty(&s)?);
         } else {
             print!("{}", s.text());
         }
@@ -264,10 +269,10 @@ pub fn run(a: &StatArgs) -> Result<(), String> {
             let s = read_prom(path)?;
             let engines = prom::parse(&s);
             if engines.is_empty() {
-                return Err(format!(
+                return Err(CliError::Usage(format!(
                     "{} holds no samepage counters (it is written by --prometheus)",
                     path.display()
-                ));
+                )));
             }
             engines
                 .into_iter()
@@ -302,7 +307,7 @@ pub fn run(a: &StatArgs) -> Result<(), String> {
         } else {
             serde_json::to_string_pretty(&states)
         };
-        println!("{}", v.map_err(|e| e.to_string())?);
+        println!("{}", v?);
     } else {
         let texts: Vec<String> = states.iter().map(State::text).collect();
         print!("{}", texts.join("\n"));

@@ -478,8 +478,8 @@ fn the_daemon_killed_mid_merge_loses_nothing() {
         .env("SAMEPAGE_PRELOAD", preload())
         .output()
         .unwrap();
-    assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "unavailable: {e}");
     assert!(e.contains("cannot reach samepage daemon"), "{e}");
 }
 
@@ -589,8 +589,8 @@ fn garbage_and_foreign_users_cannot_hurt_the_daemon() {
     match out {
         Err(_) => skip("foreign user", "no setpriv here"),
         Ok(out) => {
-            assert!(!out.status.success());
             let e = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(77), "permission denied: {e}");
             assert!(e.contains("--allow-uid"), "{e}");
         }
     }
@@ -610,9 +610,18 @@ fn ctl_writes_knobs_with_the_kernels_validation() {
         String::from_utf8_lossy(&ok.stderr)
     );
     assert_eq!(d.stat()["ksm"]["pages_to_scan"], 1234);
-    let e = err(&["ctl", "--socket", d.sock(), "pages_to_scan=-1"]);
+    let e = err_code(&["ctl", "--socket", d.sock(), "pages_to_scan=-1"], 2);
     assert!(e.contains("EINVAL"), "{e}");
-    let e = err(&["ctl", "--socket", d.sock(), "no_such_knob=1"]);
+    let e = err_code(&["ctl", "--socket", d.sock(), "no_such_knob=1"], 2);
     assert!(e.contains("no_such_knob"), "{e}");
     assert_eq!(d.stat()["ksm"]["pages_to_scan"], 1234);
+    // A program `run` cannot start exits as a shell says it (127: not found).
+    let out = Command::new(env!("CARGO_BIN_EXE_samepage"))
+        .args(["run", "--socket", d.sock(), "--", "/no/such/program"])
+        .env("SAMEPAGE_PRELOAD", preload())
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(127), "{e}");
+    assert!(e.contains("cannot run /no/such/program"), "{e}");
 }

@@ -221,7 +221,7 @@ fn without_privileges_it_refuses_with_one_sentence() {
     for cmd in [&["demo", "--size", "1M"][..], &["merge", "--size", "1M"]] {
         let out = run(cmd);
         let e = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {e}");
+        assert_eq!(out.status.code(), Some(69), "unavailable: {cmd:?}: {e}");
         assert!(
             e.contains("cannot open a userfaultfd that handles faults from system calls")
                 && e.contains("Run it as root, give it CAP_SYS_PTRACE, or grant read-write access to /dev/userfaultfd"),
@@ -232,7 +232,7 @@ fn without_privileges_it_refuses_with_one_sentence() {
     // The host's KSM needs root to drive, but anyone may read it.
     let out = run(&["compare", "--size", "1M"]);
     let e = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert_eq!(out.status.code(), Some(77), "permission denied: {e}");
     assert!(e.contains("needs root"), "{e}");
     let out = run(&["stat", "--json"]);
     assert!(

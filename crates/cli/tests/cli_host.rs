@@ -344,7 +344,7 @@ fn two_commands_at_once_run_one_after_the_other() {
     assert!(kill.success());
     let code = third.wait().unwrap().code();
     let e3 = reader.join().unwrap();
-    assert_eq!(code, Some(1), "{e3}");
+    assert_eq!(code, Some(130), "interrupted: {e3}");
     assert!(e3.contains("interrupted while waiting for"), "{e3}");
     // One that will not wait refuses, naming the holder.
     let e = err(&["compare", "--size", "4M", "--wait", "0"]);
@@ -461,7 +461,7 @@ fn an_interrupt_in_the_kernel_phase_leaves_nothing_behind() {
         .unwrap();
     assert!(kill.success());
     let (code, out, e) = output(c);
-    assert_eq!(code, Some(1), "{e}");
+    assert_eq!(code, Some(130), "interrupted: {e}");
     assert!(out.is_empty());
     assert!(
         e.contains(
@@ -552,7 +552,7 @@ fn another_programs_mergeable_memory_is_left_alone() {
         stat().ksm_merging_pages > 0 || counter("run") != 1
     });
     let (code, _, e) = output(c);
-    assert_eq!(code, Some(1), "{e}");
+    assert_eq!(code, Some(75), "busy, try later: {e}");
     assert!(
         e.contains(&format!(
             "another process started using KSM while the kernel's engine ran: pid {me} ("
@@ -672,4 +672,56 @@ fn bench_reports_ratios_and_restores_the_host() {
     let v = json(&["bench", "--runs", "1", "--scaling", "", "--what", "scaling"]);
     assert_eq!(v["rows"].as_array().unwrap().len(), 0);
     assert_put_back(&before, "bench --scaling ''");
+}
+
+#[test]
+fn bench_clients_merges_the_same_bytes_in_process_by_the_daemon_and_by_the_kernel() {
+    let Some(_g) =
+        take_host("bench_clients_merges_the_same_bytes_in_process_by_the_daemon_and_by_the_kernel")
+    else {
+        return;
+    };
+    let before = host_now();
+    let v = json(&[
+        "bench",
+        "--what",
+        "clients",
+        "--clients",
+        "1,2",
+        "--clients-size",
+        "16M",
+        "--runs",
+        "1",
+    ]);
+    assert_put_back(&before, "bench --what clients");
+    assert_eq!(v["rows"].as_array().unwrap().len(), 0, "clients only");
+    let rows = v["clients"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (r, n) in rows.iter().zip([1, 2]) {
+        assert_eq!(r["clients"], n, "{r}");
+        assert_eq!(r["pages"], 4096, "{r}");
+        assert_eq!(r["same_counters"], true, "{r}");
+        for e in ["in_process", "daemon", "kernel"] {
+            let f = &r[e];
+            assert_eq!(f["verified"], true, "{e}: {r}");
+            // The generated 16M workload: 1228 zero pages, 102 groups of 16.
+            assert_eq!(f["ksm_zero_pages"], 1228, "{e}: {r}");
+            assert_eq!(f["pages_shared"], 102, "{e}: {r}");
+            assert_eq!(f["pages_sharing"], 102 * 15, "{e}: {r}");
+            for c in ["pages_shared", "pages_sharing", "ksm_zero_pages"] {
+                assert_eq!(f[c], r["in_process"][c], "{e} {c}: {r}");
+            }
+            for x in ["converged_seconds", "cpu_seconds", "cpu_us_per_merged_page"] {
+                assert!(f[x].as_f64().unwrap() > 0.0, "{e} {x}: {r}");
+            }
+        }
+        // The daemon's clients serve its requests with their agents.
+        assert!(
+            r["daemon"]["clients_cpu_seconds"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+        for x in ["daemon_converged_ratio", "daemon_cpu_ratio"] {
+            assert!(r[x].as_f64().unwrap() > 0.0, "{x}: {r}");
+        }
+    }
 }

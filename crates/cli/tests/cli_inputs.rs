@@ -228,7 +228,7 @@ fn messages_for_a_user_without_root_say_what_is_wrong() {
     };
     let out = run(&["stat", "1"]);
     let e = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert_eq!(out.status.code(), Some(77), "permission denied: {e}");
     assert!(
         e.contains("cannot read /proc/1/ksm_stat: permission denied"),
         "{e}"
@@ -236,6 +236,7 @@ fn messages_for_a_user_without_root_say_what_is_wrong() {
     assert!(!e.contains("no process"), "{e}");
     let out = run(&["stat", "4294967295"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("there is no process 4294967295"));
+    assert_eq!(out.status.code(), Some(2), "bad usage");
     // Everyone's processes but its own are unreadable: it says how many it left out.
     let out = run(&["stat"]);
     assert!(out.status.success());
@@ -247,7 +248,11 @@ fn messages_for_a_user_without_root_say_what_is_wrong() {
     for cmd in [&["bench", "--runs", "1"][..], &["compare", "--size", "1M"]] {
         let out = run(cmd);
         let e = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {e}");
+        assert_eq!(
+            out.status.code(),
+            Some(77),
+            "permission denied: {cmd:?}: {e}"
+        );
         assert!(e.contains("the host's KSM needs root"), "{cmd:?}: {e}");
         assert!(!e.contains("//proc"), "{cmd:?}: {e}");
     }
@@ -288,7 +293,7 @@ fn ctrl_c_ends_a_long_load_at_once() {
     }
     let o = c.wait_with_output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert_eq!(o.status.code(), Some(130), "interrupted: {e}");
     assert!(e.contains("interrupted"), "{e}");
     assert!(o.stdout.is_empty(), "no report after an interrupt");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -149,20 +149,38 @@ fn bad_input_is_refused_with_a_clear_message() {
         e.contains("cannot read image /nonexistent/samepage.img"),
         "{e}"
     );
-    let e = err(&["simulate", "--size", "1M", "--set", "bogus=1"]);
+    let e = err_code(&["simulate", "--size", "1M", "--set", "bogus=1"], 2);
     assert!(e.contains("unknown KSM knob 'bogus'"), "{e}");
-    let e = err(&["simulate", "--size", "1M", "--set", "max_page_sharing=1"]);
+    let e = err_code(
+        &["simulate", "--size", "1M", "--set", "max_page_sharing=1"],
+        2,
+    );
     assert!(e.contains("EINVAL"), "{e}");
-    let e = err(&["simulate", "--size", "1M", "--set", "pages_shared=1"]);
+    let e = err_code(&["simulate", "--size", "1M", "--set", "pages_shared=1"], 2);
     assert!(e.contains("read-only"), "{e}");
-    let e = err(&["simulate", "--size", "1M", "--set", "use_zero_pages"]);
+    let e = err_code(&["simulate", "--size", "1M", "--set", "use_zero_pages"], 2);
     assert!(e.contains("KNOB=VALUE"), "{e}");
-    let e = err(&["simulate", "--size", "1M", "--set", "run=1"]);
+    let e = err_code(&["simulate", "--size", "1M", "--set", "run=1"], 2);
     assert!(e.contains("not allowed"), "{e}");
-    let e = err(&["simulate", "--size", "1000"]);
+    let e = err_code(&["simulate", "--size", "1000"], 2);
     assert!(e.contains("multiple of 4096"), "{e}");
-    let e = err(&["simulate", "--zero", "70", "--dup", "50"]);
+    let e = err_code(&["simulate", "--zero", "70", "--dup", "50"], 2);
     assert!(e.contains("at most 100"), "{e}");
     let out = samepage(&["simulate", "--size", "lots"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn help_lists_the_exit_statuses() {
+    let out = samepage(&["--help"]);
+    assert!(out.status.success());
+    let h = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "Exit status:",
+        "2    bad usage",
+        "69   unavailable",
+        "130  interrupted",
+    ] {
+        assert!(h.contains(line), "{line:?} in {h}");
+    }
 }

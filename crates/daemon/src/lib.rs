@@ -23,6 +23,8 @@
 //!   domains never share a canonical page (each domain has its own store, and a client
 //!   gets a read-only descriptor of its own domain's only).
 
+#![warn(missing_docs)]
+
 mod server;
 
 pub use server::{serve, Config, Daemon, DaemonError, Stop};

@@ -45,7 +45,7 @@
 //!   if all of it is as saved.
 
 use crate::sys::Mapping;
-use samepage_engine::{KsmCounters, KsmStat, COUNTER_NAMES, TUNABLE_NAMES};
+use samepage_engine::{KsmCounters, KsmStat, TUNABLE_NAMES};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -72,30 +72,42 @@ pub const SAVED_FILE: &str = "/run/samepage/host-ksm.saved";
 /// Why the host's KSM cannot be used or read.
 #[derive(Debug, Error)]
 pub enum HostError {
+    /// `/sys/kernel/mm/ksm` is missing: the kernel was built without `CONFIG_KSM`.
     #[error("this kernel has no KSM ({KSM_DIR} is missing: CONFIG_KSM is off)")]
     NoKsm,
+    /// This user may not write the knob named (a file of [`KSM_DIR`], such as `run`): the
+    /// host's KSM needs root.
     #[error(
         "the host's KSM needs root: {KSM_DIR}/{0} is not writable by this user (run as root, \
          or use `samepage merge`, which needs no host knobs)"
     )]
     NotRoot(String),
+    /// The host's ksmd runs already (`run` holds the value given, not 0): samepage does not
+    /// take it over from whoever started it.
     #[error(
         "the host's KSM is already running (run={0} in {KSM_DIR}/run): samepage will not take \
          ksmd over from whoever started it; stop it with `echo 0 > {KSM_DIR}/run` first"
     )]
     Busy(String),
+    /// `run` is 0 but the host's KSM still holds merged or KSM-placed zero pages of no
+    /// process that uses KSM now (the counters that say so): they would mix with the run's.
     #[error(
         "the host's KSM still holds merged pages ({0}) that no running process has: its \
          counters would mix them with this run's; unmerge them with `echo 2 > {KSM_DIR}/run` \
          (then echo 0) first"
     )]
     NotEmpty(String),
+    /// Other processes have mergeable memory (as [`list_users`] lists them): the kernel's
+    /// counters would count their pages, and putting the host back with `run=2` would
+    /// unmerge them.
     #[error(
         "other processes use KSM on this host: {0}. The kernel's figures would count their \
          pages, and putting the host back (run=2) would unmerge them; run this when they have \
          finished"
     )]
     OthersUseKsm(String),
+    /// Another process (as [`list_users`] lists them) started using KSM while the kernel's
+    /// engine ran: the kernel's figures count its pages, so they are not reported.
     #[error(
         "another process started using KSM while the kernel's engine ran: {0}. The kernel's \
          figures count its pages, so they are not reported; samepage unmerged only its own \
@@ -104,47 +116,96 @@ pub enum HostError {
          with run=2 once no other process uses KSM)"
     )]
     OthersStarted(String),
+    /// Writing a knob of [`KSM_DIR`] or [`MAX_MAP_COUNT`] failed.
     #[error("writing {value} to {path}: {source}")]
     Write {
+        /// The file written.
         path: String,
+        /// The value written to it.
         value: String,
+        /// Why the write failed (`EINVAL`: the kernel refused the value).
         source: io::Error,
     },
+    /// Reading a file of [`KSM_DIR`], `/proc` or [`MAX_MAP_COUNT`] failed.
     #[error("reading {what}: {source}")]
-    Read { what: String, source: io::Error },
+    Read {
+        /// The file read (and how, where that matters).
+        what: String,
+        /// Why the read failed.
+        source: io::Error,
+    },
+    /// The lock file of a session could not be opened, locked or written.
     #[error("cannot use the lock {path}: {source}")]
-    Lock { path: PathBuf, source: io::Error },
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Another samepage command, or a program holding the flock, kept the lock longer than
+    /// [`Waiting::max`].
     #[error(
         "another samepage command that uses the host's KSM ({holder}) still holds {path} after \
          {waited} s; run this one when it has finished, or wait longer with --wait SECONDS"
     )]
     LockBusy {
+        /// Who holds it: `pid N: COMMAND`, or that its pid is unknown.
         holder: String,
+        /// The lock file.
         path: PathBuf,
+        /// How long the session waited, in whole seconds.
         waited: u64,
     },
+    /// [`Waiting::interrupted`] said to give up (Ctrl-C) while waiting for the lock at this
+    /// path; nothing was changed.
     #[error("interrupted while waiting for {0}; nothing was changed")]
     LockInterrupted(PathBuf),
+    /// The saved file was written by a session whose process still runs (the same pid and
+    /// command line): what it changed is not this session's to put back.
     #[error(
         "{path} says that pid {pid} ({command}) changed the host's KSM, and that process is \
          still running: it is not samepage's to put back; run this when it has finished"
     )]
     InUse {
+        /// The saved file.
         path: PathBuf,
+        /// The pid written in it.
         pid: u32,
+        /// The command line written in it.
         command: String,
     },
+    /// The host's knobs could not be saved before the session changed anything.
     #[error("cannot save the host's knobs to {path} before changing them: {source}")]
-    Save { path: PathBuf, source: io::Error },
+    Save {
+        /// The saved file.
+        path: PathBuf,
+        /// Why it could not be written.
+        source: io::Error,
+    },
+    /// A saved file left by an earlier session cannot be read as saved knobs, or cannot be
+    /// rewritten or removed once they are put back.
     #[error(
         "{path} cannot be read as saved knobs: {why}; put the knobs back by hand and remove it"
     )]
-    BadSaved { path: PathBuf, why: String },
+    BadSaved {
+        /// The saved file.
+        path: PathBuf,
+        /// What is wrong with it, as a sentence fragment.
+        why: String,
+    },
+    /// Putting the host back left values that read back other than saved; they stay in the
+    /// saved file, which the next session writes back.
     #[error(
         "the host's KSM could not be put back as it was: {what}. The values it had are kept in \
          {saved}; the next samepage compare or bench writes them back"
     )]
-    NotRestored { what: String, saved: PathBuf },
+    NotRestored {
+        /// Each value not as saved (`name now -> saved`, and why), or why the saved file
+        /// could not be rewritten or removed; separated by `; `.
+        what: String,
+        /// The saved file.
+        saved: PathBuf,
+    },
 }
 
 /// The content of one file of `/sys/kernel/mm/ksm`, trimmed.
@@ -217,15 +278,6 @@ pub fn counters() -> Result<KsmCounters, HostError> {
         ksm_zero_pages: get("ksm_zero_pages"),
         general_profit: get("general_profit"),
     })
-}
-
-/// The counter names this kernel has (a subset of [`COUNTER_NAMES`]).
-pub fn counter_names() -> Vec<&'static str> {
-    COUNTER_NAMES
-        .iter()
-        .copied()
-        .filter(|n| std::path::Path::new(&format!("{KSM_DIR}/{n}")).exists())
-        .collect()
 }
 
 /// The host's tunables as (name, value), for those this kernel has.
@@ -345,8 +397,12 @@ pub fn process_command(pid: u32) -> String {
 /// `PR_SET_MEMORY_MERGE`).
 #[derive(Debug, Clone)]
 pub struct KsmUser {
+    /// The process.
     pub pid: u32,
+    /// Its command line, shortened for messages ([`process_command`]).
     pub command: String,
+    /// Its `/proc/<pid>/ksm_stat` (`ksm_mergeable` from its smaps on kernels whose
+    /// `ksm_stat` lacks that line).
     pub stat: KsmStat,
 }
 
@@ -439,8 +495,11 @@ pub fn ksmd_cpu_ns(pid: u32) -> u64 {
 /// (`/run` not writable), in `$XDG_RUNTIME_DIR` or `/tmp`, with `note` saying so.
 #[derive(Debug, Clone)]
 pub struct HostFiles {
+    /// The lock file ([`LOCK_FILE`], or the fallback's).
     pub lock: PathBuf,
+    /// The file of the saved state ([`SAVED_FILE`], or the fallback's).
     pub saved: PathBuf,
+    /// Why the fallback is used, as a sentence for the user; `None` in [`RUN_DIR`].
     pub note: Option<String>,
 }
 
@@ -584,6 +643,8 @@ fn pid_in(file: &File) -> Option<u32> {
 
 /// How long a session waits for the lock, and what it says meanwhile.
 pub struct Waiting<'a> {
+    /// The longest the session waits for the lock before it refuses
+    /// ([`HostError::LockBusy`]).
     pub max: Duration,
     /// Give up at once (Ctrl-C).
     pub interrupted: &'a dyn Fn() -> bool,
@@ -712,10 +773,14 @@ impl Drop for HostLock {
 /// [`SAVED_FILE`] (format in the module's documentation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavedHost {
+    /// The process that saved it (the session's).
     pub pid: u32,
+    /// That process's command line ([`process_command`]): a pid still alive with another
+    /// command line is a reused pid, not the session's.
     pub command: String,
     /// Every tunable of `/sys/kernel/mm/ksm` the kernel has, as written (`advisor_mode=none`).
     pub knobs: Vec<(String, String)>,
+    /// `vm.max_map_count` as it was (`None`: it could not be read).
     pub max_map_count: Option<String>,
     /// The command put every knob back but could not free what KSM held of its memory with
     /// `run=2`, because another process used KSM then: the next session does, once none does.
@@ -1106,14 +1171,6 @@ impl HostSession {
         Ok(())
     }
 
-    /// `vm.max_map_count` at least `n` (unchanged if it is that high already).
-    pub fn raise_max_map_count(&mut self, n: u64) -> Result<(), HostError> {
-        if max_map_count()?.parse::<u64>().is_ok_and(|c| c >= n) {
-            return Ok(());
-        }
-        write_max_map_count(&n.to_string())
-    }
-
     /// The end of a kernel phase: `run=2` (or `run=0` if `unmerge` is false, when another
     /// process has mergeable memory), every KSM knob put back, `run` last, all read back.
     pub fn end_phase(&mut self, unmerge: bool) -> Result<(), HostError> {
@@ -1272,29 +1329,6 @@ fn recover(files: &HostFiles, notify: &mut dyn FnMut(&str)) -> Result<bool, Host
         ));
     }
     Ok(stop == Stopping::Halt)
-}
-
-/// Raises `vm.max_map_count` for as long as it lives, in a [`HostSession`] (the lock held,
-/// the old value saved), and puts it back when dropped: samepage's merges of isolated pages
-/// each cost mappings.
-#[derive(Debug)]
-pub struct MaxMapCount {
-    _session: HostSession,
-}
-
-impl MaxMapCount {
-    /// At least `n` (unchanged if it is already that high); waits up to 10 minutes for the
-    /// lock.
-    pub fn raise(n: u64) -> Result<Self, HostError> {
-        let mut notify = |m: &str| eprintln!("samepage: {m}");
-        let mut s = HostSession::begin(&mut Waiting {
-            max: Duration::from_secs(600),
-            interrupted: &|| false,
-            notify: &mut notify,
-        })?;
-        s.raise_max_map_count(n)?;
-        Ok(Self { _session: s })
-    }
 }
 
 /// Plain private anonymous memory of this process, as an application has it: the copy of a

@@ -89,6 +89,8 @@
 //! [`verify`] checks the page tables against the counters; [`host`] reads and drives the
 //! host kernel's KSM, for comparisons.
 
+#![warn(missing_docs)]
+
 pub mod agent;
 mod eligibility;
 pub mod host;

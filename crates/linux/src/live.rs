@@ -161,6 +161,15 @@ impl Region {
 
     /// Store `data` at byte `offset`, as the application would (a write to a merged page
     /// gives it a private copy first).
+    ///
+    /// ```no_run
+    /// # use samepage_linux::{LiveKsm, PAGE_SIZE};
+    /// # let ksm = LiveKsm::new()?;
+    /// let r = ksm.create_region(ksm.new_mm(), 4 * PAGE_SIZE as u64)?;
+    /// r.write(PAGE_SIZE as u64, b"hello")?; // bytes 4096..4101
+    /// assert!(r.write(4 * PAGE_SIZE as u64, b"x").is_err()); // past the end
+    /// # Ok::<(), samepage_linux::LiveError>(())
+    /// ```
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), LiveError> {
         let a = self.check(offset, data.len())?;
         sys::write_self(a, data).map_err(LiveError::io("writing region memory"))
@@ -169,6 +178,17 @@ impl Region {
     /// Load `buf.len()` bytes from byte `offset`, as the application would (reading a
     /// merged page gives it a private copy: it is an ordinary page again until a later
     /// scan merges it).
+    ///
+    /// ```no_run
+    /// # use samepage_linux::{LiveKsm, PAGE_SIZE};
+    /// # let ksm = LiveKsm::new()?;
+    /// let r = ksm.create_region(ksm.new_mm(), 4 * PAGE_SIZE as u64)?;
+    /// r.write(100, b"hello")?;
+    /// let mut buf = [0u8; 7];
+    /// r.read(99, &mut buf)?;
+    /// assert_eq!(&buf, b"\0hello\0"); // untouched memory reads as zeros
+    /// # Ok::<(), samepage_linux::LiveError>(())
+    /// ```
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), LiveError> {
         let a = self.check(offset, buf.len())?;
         match sys::read_process(0, a, buf) {
@@ -339,6 +359,17 @@ impl ConnectOptions {
 impl LiveKsm {
     /// An engine in this process, with `run=0`: the agent (userfaultfd and fault handler)
     /// and ksmd (the scanning thread).
+    ///
+    /// It fails with [`LiveError::Agent`] when this process cannot open a userfaultfd that
+    /// handles faults taken by system calls, or the kernel lacks its features (what
+    /// [`check_userfaultfd`](crate::check_userfaultfd) checks).
+    ///
+    /// ```no_run
+    /// use samepage_linux::LiveKsm;
+    /// let ksm = LiveKsm::new()?;
+    /// assert_eq!(ksm.knob("run").as_deref(), Some("0")); // nothing is scanned yet
+    /// # Ok::<(), samepage_linux::LiveError>(())
+    /// ```
     pub fn new() -> Result<Self, LiveError> {
         let agent = Agent::start(None)?;
         let ksmd = Ksmd::new().map_err(LiveError::io("starting ksmd"))?;
@@ -361,6 +392,18 @@ impl LiveKsm {
     /// engine, with those of every other client of the same security domain. The calls are
     /// those of the engine in this process, except that the process is one address space
     /// ([`LiveKsm::new_mm`] returns its pid) and the knobs are the daemon's.
+    ///
+    /// ```no_run
+    /// use samepage_linux::{ConnectOptions, LiveKsm, PAGE_SIZE};
+    /// let ksm = LiveKsm::connect(&ConnectOptions {
+    ///     socket: ConnectOptions::default_socket(),
+    ///     domain: None, // the uid's own security domain
+    ///     merge_any: false,
+    /// })?;
+    /// let r = ksm.create_region(ksm.new_mm(), 64 * PAGE_SIZE as u64)?;
+    /// ksm.madvise_mergeable(&r)?; // the daemon's scan now visits it
+    /// # Ok::<(), samepage_linux::LiveError>(())
+    /// ```
     pub fn connect(opts: &ConnectOptions) -> Result<Self, LiveError> {
         let conn = Connection::connect(&opts.socket)?;
         let agent = Agent::start(None)?;
@@ -447,7 +490,20 @@ impl LiveKsm {
 
     /// Map `len` bytes of private anonymous memory for `mm`, managed by samepage. It is
     /// merged once [`LiveKsm::madvise_mergeable`] is called on it (after filling it,
-    /// typically).
+    /// typically). `len` must be a non-zero multiple of [`PAGE_SIZE`](crate::PAGE_SIZE).
+    ///
+    /// ```no_run
+    /// use samepage_linux::{LiveKsm, PAGE_SIZE};
+    /// let ksm = LiveKsm::new()?;
+    /// let mm = ksm.new_mm();
+    /// let r = ksm.create_region(mm, 16 * PAGE_SIZE as u64)?;
+    /// assert_eq!((r.mm(), r.len()), (mm, 16 * PAGE_SIZE as u64));
+    /// for i in 0..16 {
+    ///     r.write(i * PAGE_SIZE as u64, &[0x5a; PAGE_SIZE])?;
+    /// }
+    /// ksm.madvise_mergeable(&r)?;
+    /// # Ok::<(), samepage_linux::LiveError>(())
+    /// ```
     pub fn create_region(&self, mm: MmId, len: u64) -> Result<Region, LiveError> {
         check_range(0, len)?;
         let m = Mapping::anon(len).map_err(LiveError::io("mapping a region"))?;
@@ -645,6 +701,23 @@ impl LiveKsm {
 
     /// The counters of `/sys/kernel/mm/ksm`. Never waits for the scanner: `ksm_zero_pages`
     /// is read from the page tables now, the others are as of the last scan chunk.
+    ///
+    /// ```no_run
+    /// # use samepage_linux::{LiveKsm, PAGE_SIZE};
+    /// # use std::time::Duration;
+    /// # let ksm = LiveKsm::new()?;
+    /// let r = ksm.create_region(ksm.new_mm(), 8 * PAGE_SIZE as u64)?;
+    /// for i in 0..8 {
+    ///     r.write(i * PAGE_SIZE as u64, &[1; PAGE_SIZE])?;
+    /// }
+    /// ksm.madvise_mergeable(&r)?;
+    /// ksm.set_knob("run", "1")?;
+    /// assert!(ksm.wait_full_scans(2, Duration::from_secs(10)));
+    /// let c = ksm.counters();
+    /// // One canonical page stands for all eight: seven pages saved.
+    /// assert_eq!((c.pages_shared, c.pages_sharing), (1, 7));
+    /// # Ok::<(), samepage_linux::LiveError>(())
+    /// ```
     pub fn counters(&self) -> KsmCounters {
         match &self.engine {
             Engine::Local { ksmd, .. } => ksmd.counters(),
@@ -716,7 +789,24 @@ impl LiveKsm {
         }
     }
 
-    /// What samepage knows of the page at `addr`.
+    /// What samepage knows of the page at `addr` (any address in it), read from the
+    /// agent's page states and the page tables without touching the page.
+    ///
+    /// ```no_run
+    /// use samepage_linux::{LiveKsm, PageKind, PAGE_SIZE};
+    /// use std::time::Duration;
+    /// let ksm = LiveKsm::new()?;
+    /// let r = ksm.create_region(ksm.new_mm(), 2 * PAGE_SIZE as u64)?;
+    /// r.write(0, &[9; PAGE_SIZE])?;
+    /// r.write(PAGE_SIZE as u64, &[9; PAGE_SIZE])?;
+    /// ksm.madvise_mergeable(&r)?;
+    /// ksm.set_knob("run", "1")?;
+    /// assert!(ksm.wait_full_scans(2, Duration::from_secs(10)));
+    /// let p = ksm.page(r.start());
+    /// assert!(matches!(p.kind, PageKind::Merged { .. }));
+    /// assert!(!p.present); // a hole until it is touched
+    /// # Ok::<(), samepage_linux::LiveError>(())
+    /// ```
     pub fn page(&self, addr: u64) -> PageInfo {
         let a = addr & !(PAGE - 1);
         let agent = &self.agent.0;

@@ -57,6 +57,18 @@ pub struct Control(Arc<Connection>, bool);
 
 impl Control {
     /// Connect to the daemon listening at `socket`.
+    ///
+    /// ```no_run
+    /// use samepage_linux::{ConnectOptions, Control};
+    /// use std::time::Duration;
+    /// let ctl = Control::connect(&ConnectOptions::default_socket())?;
+    /// ctl.write_knob("run", "1")?;
+    /// if ctl.wait(1, Duration::from_secs(30))? {
+    ///     let s = ctl.stat()?;
+    ///     println!("pages_sharing {:?}, {} clients", s.ksm.get("pages_sharing"), s.ksm_stat.len());
+    /// }
+    /// # Ok::<(), samepage_linux::RemoteError>(())
+    /// ```
     pub fn connect(socket: &Path) -> Result<Self, RemoteError> {
         let c = Connection::connect(socket)?;
         let (r, _) = c.hello(Request::Hello {

@@ -10,6 +10,8 @@
 //! registered for merging (a program that merges everything registers its heap), or it
 //! would wait on its own fault.
 
+#![warn(missing_docs)]
+
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

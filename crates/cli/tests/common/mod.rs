@@ -25,13 +25,30 @@ pub fn json(args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
 
-/// Run; it must fail (exit code 1 for refused input, 2 for bad usage) and say why on stderr.
+/// The exit statuses `samepage --help` documents for a failure (a panic exits 101, a
+/// signal with none).
+pub const FAILURE_CODES: [i32; 9] = [1, 2, 3, 69, 75, 77, 126, 127, 130];
+
+/// Run; it must fail with one of the documented statuses and say why on stderr.
 pub fn err(args: &[&str]) -> String {
     let out = samepage(args);
     assert!(!out.status.success(), "expected failure for {args:?}");
     let code = out.status.code();
-    assert!(matches!(code, Some(1) | Some(2)), "exit code {code:?}");
+    assert!(
+        code.is_some_and(|c| FAILURE_CODES.contains(&c)),
+        "{args:?}: exit code {code:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.stdout.is_empty(), "a failure prints nothing on stdout");
+    e
+}
+
+/// Run; it must fail with exactly `code` and say why on stderr.
+pub fn err_code(args: &[&str], code: i32) -> String {
+    let out = samepage(args);
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {e}");
     assert!(out.stdout.is_empty(), "a failure prints nothing on stdout");
     e
 }
@@ -97,7 +114,10 @@ pub fn err_within(args: &[&str], secs: u64) -> String {
     let out = run_within(args, secs);
     assert!(!out.status.success(), "expected failure for {args:?}");
     let code = out.status.code();
-    assert!(matches!(code, Some(1) | Some(2)), "exit code {code:?}");
+    assert!(
+        code.is_some_and(|c| FAILURE_CODES.contains(&c)),
+        "{args:?}: exit code {code:?}"
+    );
     assert!(out.stdout.is_empty(), "a failure prints nothing on stdout");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

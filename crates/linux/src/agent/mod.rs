@@ -4,7 +4,7 @@
 //! It owns the process's userfaultfd (write-protect in `WP_ASYNC` mode, missing-page
 //! faults, and the unmap/discard/move events), the table of regions it manages with a
 //! state per page, a read-only view of its security domain's store of canonical pages, a
-//! fault handler thread ([`handler`]) and the executor ([`exec`]) that carries out the
+//! fault handler thread (`handler`) and the executor (`exec`) that carries out the
 //! operations the engine's side (ksmd) sends it. What ksmd must know comes back as an
 //! ordered list of [`Change`]s.
 //!
