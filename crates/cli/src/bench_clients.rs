@@ -24,8 +24,8 @@ use crate::engines::{self, Kernel, Samepage, Until};
 use crate::error::CliError;
 use crate::watch::Watch;
 use clap::Args;
-use samepage_engine::{KsmCounters, MergeState, PAGE_SIZE, PAGE_SIZE_U64, SAMEPAGE_ONLY_TUNABLES};
-use samepage_linux::host::{self, AnonMemory, HostError, HostSession};
+use samepage_engine::{KsmCounters, MergeState, PAGE_SIZE, PAGE_SIZE_U64};
+use samepage_linux::host::{self, AnonMemory, HostSession};
 use samepage_linux::wire::counters_of;
 use samepage_linux::{ipc, ConnectOptions, Control, LiveKsm, Region};
 use samepage_workload::{parse_size, Space, Workload};
@@ -455,35 +455,19 @@ fn kernel(host: &mut HostSession, s: &Setup<'_>, n: u64) -> Result<Measure, CliE
     };
     start_clients(s, &mut procs, n, None)?;
     let pids: Vec<u32> = procs.guests.iter().map(|g| g.pid).collect();
-    // Still idle, the clients not advised yet, and nobody else started using KSM.
-    host.check_idle()?;
-    let host_knobs: Vec<(String, String)> = s
-        .knobs
-        .iter()
-        .filter(|(k, _)| !SAMEPAGE_ONLY_TUNABLES.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    let result = host
-        .apply(&host_knobs)
-        .map_err(CliError::from)
-        .and_then(|()| kernel_phase(s, &mut procs, n));
-    let others: Vec<_> = host::other_ksm_users()
-        .into_iter()
-        .filter(|u| !pids.contains(&u.pid))
-        .collect();
-    if !others.is_empty() {
-        for g in &mut procs.guests {
-            let _ = g.ask("unadvise");
-        }
-    }
-    let ended = host.end_phase(others.is_empty());
-    drop(procs);
-    let r = result?;
-    if !others.is_empty() {
-        return Err(HostError::OthersStarted(host::list_users(&others)).into());
-    }
-    ended?;
-    Ok(r)
+    // The clients are not advised yet: the host is still idle.
+    compare::in_kernel_phase(
+        host,
+        s.knobs,
+        procs,
+        &pids,
+        |procs| kernel_phase(s, procs, n),
+        |procs| {
+            for g in &mut procs.guests {
+                let _ = g.ask("unadvise");
+            }
+        },
+    )
 }
 
 fn kernel_phase(s: &Setup<'_>, procs: &mut Procs, n: u64) -> Result<Measure, CliError> {

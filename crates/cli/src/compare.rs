@@ -138,10 +138,37 @@ fn run_kernel(
         }
         mems.push(m);
     }
+    in_kernel_phase(
+        host,
+        knobs,
+        mems,
+        &[],
+        |mems| kernel_phase(workload, info, mems, args, probe),
+        |mems| {
+            for m in mems.iter() {
+                let _ = m.set_mergeable(false);
+            }
+        },
+    )
+}
+
+/// Run `phase` under the host's ksmd with `knobs` (samepage's own left out), on `mem`, the
+/// memory advised to it (processes `own` hold it too, besides this one). The end of the
+/// phase, however it went: run=2 (which also frees the kernel's rmap items) before `mem`
+/// goes away, then every knob back, run last, read back; but if another process uses KSM
+/// now, only `mem` is unmerged (`unadvise`), and the phase fails with
+/// [`HostError::OthersStarted`].
+pub(crate) fn in_kernel_phase<M, T>(
+    host: &mut HostSession,
+    knobs: &[(String, String)],
+    mut mem: M,
+    own: &[u32],
+    phase: impl FnOnce(&mut M) -> Result<T, CliError>,
+    unadvise: impl FnOnce(&mut M),
+) -> Result<T, CliError> {
     // Still idle, and nobody else started using KSM meanwhile: ksmd would merge their pages
     // too, and the end of the phase unmerge them.
     host.check_idle()?;
-    // samepage's own knobs have no file on the host.
     let host_knobs: Vec<(String, String)> = knobs
         .iter()
         .filter(|(k, _)| !SAMEPAGE_ONLY_TUNABLES.contains(&k.as_str()))
@@ -150,18 +177,16 @@ fn run_kernel(
     let result = host
         .apply(&host_knobs)
         .map_err(CliError::from)
-        .and_then(|()| kernel_phase(workload, info, &mems, args, probe));
-    // The end of the kernel phase, however it went: run=2 (which also frees the kernel's
-    // rmap items) before the memory goes away, then every knob back, run last, read back;
-    // but if another process uses KSM now, only this process's pages are unmerged.
-    let others = host::other_ksm_users();
+        .and_then(|()| phase(&mut mem));
+    let others: Vec<_> = host::other_ksm_users()
+        .into_iter()
+        .filter(|u| !own.contains(&u.pid))
+        .collect();
     if !others.is_empty() {
-        for m in &mems {
-            let _ = m.set_mergeable(false);
-        }
+        unadvise(&mut mem);
     }
     let ended = host.end_phase(others.is_empty());
-    drop(mems);
+    drop(mem);
     let r = result?;
     if !others.is_empty() {
         return Err(HostError::OthersStarted(host::list_users(&others)).into());
