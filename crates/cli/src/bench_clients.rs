@@ -59,9 +59,6 @@ pub struct EngineFigures {
     pub merged_pages: i64,
     /// (cpu_seconds + clients_cpu_seconds) per merged page, in microseconds.
     pub cpu_us_per_merged_page: f64,
-    /// Every page held what was loaded and the page tables agreed with the counters (a run
-    /// that fails this stops the benchmark with an error).
-    pub verified: bool,
 }
 
 /// One process count.
@@ -120,27 +117,12 @@ fn slices(w: &Workload, n: u64) -> Vec<Slice<'_>> {
         .collect()
 }
 
-/// Write a slice's pages through `write(offset, bytes)`, 1 MiB at a time.
+/// Write a slice's pages through `write(offset, bytes)`.
 fn load(
     s: &Slice<'_>,
-    mut write: impl FnMut(u64, &[u8]) -> Result<(), CliError>,
+    write: impl FnMut(u64, &[u8]) -> Result<(), CliError>,
 ) -> Result<(), CliError> {
-    const CHUNK: u64 = 256;
-    let mut buf = vec![0u8; CHUNK as usize * PAGE_SIZE];
-    let mut i = 0;
-    while i < s.pages() {
-        engines::interrupted()?;
-        let n = CHUNK.min(s.pages() - i);
-        for j in 0..n {
-            let page: &mut [u8; PAGE_SIZE] = (&mut buf[j as usize * PAGE_SIZE..][..PAGE_SIZE])
-                .try_into()
-                .expect("page");
-            s.fill_page(i + j, page);
-        }
-        write(i * PAGE_SIZE_U64, &buf[..n as usize * PAGE_SIZE])?;
-        i += n;
-    }
-    Ok(())
+    crate::merge::load_pages(s.pages(), |i, page| s.fill_page(i, page), write)
 }
 
 /// The pages of a slice that do not read what was loaded (the first few), read through
@@ -182,6 +164,16 @@ struct Measure {
 }
 
 impl Measure {
+    fn of(out: &engines::Outcome, clients_cpu: f64, counters: KsmCounters) -> Self {
+        Self {
+            converged: out.converged_seconds,
+            run: out.run_seconds,
+            passes: out.passes,
+            cpu: out.cpu_seconds,
+            clients_cpu,
+            counters,
+        }
+    }
     fn merged(&self) -> i64 {
         self.counters.pages_sharing as i64 + self.counters.ksm_zero_pages
     }
@@ -204,7 +196,6 @@ fn figures(m: &[Measure]) -> EngineFigures {
         ksm_zero_pages: last.ksm_zero_pages,
         merged_pages: last.pages_sharing as i64 + last.ksm_zero_pages,
         cpu_us_per_merged_page: med(&|x| ratio((x.cpu + x.clients_cpu) * 1e6, x.merged() as f64)),
-        verified: true,
     }
 }
 
@@ -326,14 +317,7 @@ fn in_process(s: &Setup<'_>, w: &Workload, n: u64) -> Result<Measure, CliError> 
             problems.join("; ")
         )));
     }
-    Ok(Measure {
-        converged: out.converged_seconds,
-        run: out.run_seconds,
-        passes: out.passes,
-        cpu: out.cpu_seconds,
-        clients_cpu: 0.0,
-        counters,
-    })
+    Ok(Measure::of(&out, 0.0, counters))
 }
 
 /// Start `n` client processes (of the daemon on `socket`, or of the host's KSM) and wait
@@ -357,17 +341,7 @@ fn start_clients(
             .guests
             .push(Guest::spawn(&mut cmd, "a bench client process")?);
     }
-    for g in &mut procs.guests {
-        let v = g.answer()?;
-        if v["ready"] != true {
-            return Err(CliError::Failed(format!(
-                "bench client {} did not start: {v}",
-                g.pid
-            )));
-        }
-        engines::interrupted()?;
-    }
-    Ok(())
+    procs.wait_ready("bench client")
 }
 
 /// Ask every client to check its bytes; `zero_pages` is the engine's ksm_zero_pages, which
@@ -434,14 +408,7 @@ fn daemon(s: &Setup<'_>, n: u64, run: usize) -> Result<Measure, CliError> {
         Some(counters.ksm_zero_pages),
     )?;
     drop(procs);
-    Ok(Measure {
-        converged: out.converged_seconds,
-        run: out.run_seconds,
-        passes: out.passes,
-        cpu: out.cpu_seconds,
-        clients_cpu,
-        counters,
-    })
+    Ok(Measure::of(&out, clients_cpu, counters))
 }
 
 /// The host's ksmd over `n` client processes holding the slices in plain memory. The end of
@@ -491,14 +458,7 @@ fn kernel_phase(s: &Setup<'_>, procs: &mut Procs, n: u64) -> Result<Measure, Cli
     )?;
     let counters = host::counters()?;
     verify_clients(procs, &format!("kernel, {n} client(s)"), None)?;
-    Ok(Measure {
-        converged: out.converged_seconds,
-        run: out.run_seconds,
-        passes: out.passes,
-        cpu: out.cpu_seconds,
-        clients_cpu: 0.0,
-        counters,
-    })
+    Ok(Measure::of(&out, 0.0, counters))
 }
 
 /// The table of `--what clients`.
@@ -509,7 +469,8 @@ pub fn text(rows: &[ClientsRow]) -> String {
     let mut out = format!(
         "\nclient processes: the mixed workload (30% zero / 40% duplicates in groups of 16 / 30% \
          unique, seed 1), {:.1} MiB ({} pages) in all, cut into contiguous slices, one per \
-         process; medians of {} run(s)\n",
+         process; medians of {} run(s), every byte checked after each (a mismatch ends the \
+         benchmark with status 3)\n",
         r0.pages as f64 * PAGE_SIZE_U64 as f64 / (1 << 20) as f64,
         r0.pages,
         r0.runs
@@ -551,7 +512,7 @@ pub fn text(rows: &[ClientsRow]) -> String {
         }
         out += &format!(
             "{:>7}  daemon / in-process: converged {:.2}, CPU {:.2} with its clients ({:.2} the \
-             daemon alone); same merge counters: {}; verified: yes\n",
+             daemon alone); same merge counters: {}\n",
             "",
             r.daemon_converged_ratio,
             r.daemon_cpu_ratio,

@@ -56,6 +56,24 @@ pub(crate) struct Procs {
     pub(crate) guests: Vec<Guest>,
 }
 
+impl Procs {
+    /// Wait for every child's first line, `{"ready": true, ...}` once it has loaded its
+    /// memory.
+    pub(crate) fn wait_ready(&mut self, what: &str) -> Result<(), CliError> {
+        for g in &mut self.guests {
+            let v = g.answer()?;
+            if v["ready"] != true {
+                return Err(CliError::Failed(format!(
+                    "{what} {} did not start: {v}",
+                    g.pid
+                )));
+            }
+            engines::interrupted()?;
+        }
+        Ok(())
+    }
+}
+
 /// A child process answering one JSON line per request on its standard output.
 pub(crate) struct Guest {
     pub(crate) child: Child,
@@ -264,16 +282,7 @@ fn run_in(
             .guests
             .push(Guest::spawn(&mut cmd, "a guest process")?);
     }
-    for g in &mut procs.guests {
-        let v = g.answer()?;
-        if v["ready"] != true {
-            return Err(CliError::Failed(format!(
-                "guest {} did not start: {v}",
-                g.pid
-            )));
-        }
-        engines::interrupted()?;
-    }
+    procs.wait_ready("guest")?;
     let pids: Vec<u32> = procs.guests.iter().map(|g| g.pid).collect();
     let control = Control::connect(socket)?;
     let all: Vec<u32> = pids.iter().copied().chain([daemon_pid]).collect();

@@ -102,25 +102,15 @@ pub fn load(
     }
     let mut info = Vec::new();
     let mut regions = Vec::new();
-    const CHUNK: u64 = 256;
-    let mut buf = vec![0u8; CHUNK as usize * PAGE_SIZE];
     for space in &workload.spaces {
         let mm = ksm.new_mm();
         let len = space.pages() * PAGE_SIZE_U64;
         let r = ksm.create_region(mm, len)?;
-        let mut i = 0;
-        while i < space.pages() {
-            engines::interrupted()?;
-            let n = CHUNK.min(space.pages() - i);
-            for j in 0..n {
-                let page: &mut [u8; PAGE_SIZE] = (&mut buf[j as usize * PAGE_SIZE..][..PAGE_SIZE])
-                    .try_into()
-                    .expect("page");
-                space.fill_page(i + j, page);
-            }
-            r.write(i * PAGE_SIZE_U64, &buf[..n as usize * PAGE_SIZE])?;
-            i += n;
-        }
+        load_pages(
+            space.pages(),
+            |i, page| space.fill_page(i, page),
+            |off, b| Ok(r.write(off, b)?),
+        )?;
         info.push(SpaceInfo {
             pid: mm.0,
             name: space.name.clone(),
@@ -134,6 +124,28 @@ pub fn load(
         regions,
         workload,
     })
+}
+
+/// Write `pages` pages, page `i` made by `fill(i, page)`, through `write(offset, bytes)`, 1 MiB
+/// at a time; Ctrl-C stops it between chunks.
+pub fn load_pages(
+    pages: u64,
+    fill: impl Fn(u64, &mut [u8; PAGE_SIZE]),
+    mut write: impl FnMut(u64, &[u8]) -> Result<(), CliError>,
+) -> Result<(), CliError> {
+    const CHUNK: u64 = 256;
+    let mut buf = vec![0u8; CHUNK as usize * PAGE_SIZE];
+    let mut i = 0;
+    while i < pages {
+        engines::interrupted()?;
+        let n = CHUNK.min(pages - i);
+        for (j, page) in buf.chunks_exact_mut(PAGE_SIZE).take(n as usize).enumerate() {
+            fill(i + j as u64, page.try_into().expect("a page"));
+        }
+        write(i * PAGE_SIZE_U64, &buf[..n as usize * PAGE_SIZE])?;
+        i += n;
+    }
+    Ok(())
 }
 
 /// Every page still reads what the workload put there, except the pages in `changed`
