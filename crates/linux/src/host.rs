@@ -1527,11 +1527,13 @@ mod tests {
     fn a_lock_held_by_another_program_is_waited_for_and_named() {
         let path = lock_path("flock");
         let _ = std::fs::remove_file(&path);
-        // -o: flock(1) itself holds the lock (not the sleep), until the sleep ends.
+        // -o: flock(1) itself holds the lock (not cat), until cat's input is closed.
         let Ok(mut child) = std::process::Command::new("flock")
             .arg("-o")
             .arg(&path)
-            .args(["sleep", "2"])
+            .arg("cat")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
             .spawn()
         else {
             use std::io::Write as _;
@@ -1556,17 +1558,32 @@ mod tests {
             matches!(&e, HostError::LockBusy { holder, .. } if holder.starts_with(&want)),
             "{e}"
         );
-        // Waiting long enough, it gets the lock once flock(1) ends.
-        let mut said = Vec::new();
-        let got = HostLock::acquire(
-            &path,
-            &mut no_wait(Duration::from_secs(20), &mut |m| said.push(m.to_string())),
-        );
-        assert!(got.is_ok(), "{:?}", got.err());
+        // Waiting long enough, it gets the lock once flock(1) ends, which it does only
+        // after the waiter has said that it waits.
+        let (tx, said) = std::sync::mpsc::channel::<String>();
+        let waiter = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                HostLock::acquire(
+                    &path,
+                    &mut no_wait(Duration::from_secs(20), &mut |m| {
+                        let _ = tx.send(m.to_string());
+                    }),
+                )
+                .map(drop)
+            })
+        };
+        let first = said
+            .recv_timeout(Duration::from_secs(20))
+            .expect("it says it waits");
         assert!(
-            said.len() == 1 && said[0].starts_with("waiting for another program that uses"),
-            "{said:?}"
+            first.starts_with("waiting for another program that uses"),
+            "{first}"
         );
+        drop(child.stdin.take()); // cat ends, and flock(1) with it
+        let got = waiter.join().unwrap();
+        assert!(got.is_ok(), "{:?}", got.err());
+        assert!(said.try_iter().next().is_none(), "said once");
         child.wait().unwrap();
         let _ = std::fs::remove_file(&path);
     }
