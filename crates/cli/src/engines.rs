@@ -59,14 +59,17 @@ pub trait Engine: Sync {
     }
     /// CPU time the engine has used so far, in seconds.
     fn cpu_seconds(&self) -> f64;
-    /// Wait until the counters may have changed (at most `timeout`).
+    /// Wait until the counters may have changed (at most `timeout`). Without a way to be
+    /// told, that is a sleep: the run loop reads the counters again after it.
     fn wait_for_change(&self, timeout: Duration) {
-        std::thread::sleep(timeout.min(Duration::from_millis(2)));
+        std::thread::sleep(timeout);
     }
     /// Read the counters at most this often while a run is watched (the changes in between
-    /// are taken as one).
+    /// are taken as one). The kernel's sysfs files tell nobody when they change, so they are
+    /// polled this often: a reader that never sleeps takes a core from ksmd (the kernel's
+    /// column of `bench` took 5x its time when one did).
     fn read_every(&self) -> Duration {
-        Duration::ZERO
+        Duration::from_millis(2)
     }
 }
 
@@ -77,6 +80,9 @@ pub trait Engine: Sync {
 /// converge on 1 GiB of zero pages. When the counters last changed comes from the engine
 /// itself ([`Engine::last_change`]), so nothing is less precise for it.
 pub const SAMEPAGE_READ_EVERY: Duration = Duration::from_millis(10);
+
+/// The shortest wait between two readings of an engine's counters.
+const MIN_WAIT: Duration = Duration::from_micros(500);
 
 /// samepage's live engine.
 pub struct Samepage<'a>(pub &'a LiveKsm);
@@ -219,13 +225,64 @@ fn poll(
                 ),
             }));
         }
-        let next = now + e.read_every();
+        // At least one wait between two readings, however short `read_every` is.
+        let next = now + e.read_every().max(MIN_WAIT);
         loop {
-            let t = Instant::now();
-            if t >= next {
+            e.wait_for_change(next.saturating_duration_since(Instant::now()));
+            if Instant::now() >= next {
                 break;
             }
-            e.wait_for_change(next - t);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// An engine whose scanner finishes a full scan every 10 ms, counting its readers.
+    struct Ticking {
+        t0: Instant,
+        reads: AtomicU64,
+    }
+
+    impl Engine for Ticking {
+        fn name(&self) -> &'static str {
+            "ticking"
+        }
+        fn counters(&self) -> KsmCounters {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            KsmCounters {
+                full_scans: (self.t0.elapsed().as_millis() / 10) as u64,
+                ..KsmCounters::default()
+            }
+        }
+        fn set_running(&self, _: bool) -> Result<(), CliError> {
+            Ok(())
+        }
+        fn cpu_seconds(&self) -> f64 {
+            0.0
+        }
+    }
+
+    #[test]
+    fn an_engine_that_cannot_say_when_it_changed_is_polled_not_spun_on() {
+        let e = Ticking {
+            t0: Instant::now(),
+            reads: AtomicU64::new(0),
+        };
+        let mut watch = Watch::new("ticking", 0, false, None);
+        let out = run(&e, Until::FullScans(5), Duration::from_secs(10), &mut watch).unwrap();
+        assert_eq!(out.passes, 5);
+        // 50 ms at one reading every 2 ms is about 25 readings; a loop that never waits
+        // makes thousands.
+        let reads = e.reads.load(Ordering::Relaxed);
+        let bound = (out.run_seconds / MIN_WAIT.as_secs_f64()) as u64 + 4;
+        assert!(
+            reads <= bound,
+            "{reads} readings in {:.3} s",
+            out.run_seconds
+        );
     }
 }
