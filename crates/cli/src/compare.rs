@@ -251,7 +251,8 @@ fn kernel_phase(
         .into_iter()
         .map(|(k, v)| (k, host::parse_shown(&v)))
         .collect();
-    let report = Report::live(
+    let general_profit = counters.general_profit;
+    let mut report = Report::live(
         "kernel",
         info.to_vec(),
         (counters, tunables),
@@ -262,6 +263,7 @@ fn kernel_phase(
         None,
         None,
     );
+    report.net_saved_bytes = Some(general_profit);
     if let Some(p) = probe {
         p(mems);
     }
@@ -371,6 +373,13 @@ impl Comparison {
             "saved (MiB)",
             mib(s.saved_bytes),
             mib(k.saved_bytes),
+            1,
+        );
+        row(
+            &mut out,
+            "net saved (MiB)",
+            mib(s.net_saved_bytes.unwrap_or(0)),
+            mib(k.net_saved_bytes.unwrap_or(0)),
             1,
         );
         row(

@@ -5,13 +5,14 @@ use crate::demo::{DemoArgs, DEMO_KNOBS};
 use crate::engines::{self, Engine, Until};
 use crate::error::CliError;
 use crate::merge::MemoryKib;
-use crate::report::{tunables_of, Report, SpaceInfo};
+use crate::report::{tunables_of, MetadataBytes, Report, SpaceInfo};
 use crate::watch::Watch;
 use samepage_engine::KsmCounters;
+use samepage_linux::footprint::Footprint;
 use samepage_linux::ipc;
 use samepage_linux::verify::Verification;
 use samepage_linux::wire::{counters_of, StatReply};
-use samepage_linux::{Control, LiveStats};
+use samepage_linux::{Control, LiveStats, Metadata};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -319,8 +320,16 @@ fn run_in(
     let mut canonical_of: BTreeMap<u64, u64> = BTreeMap::new();
     let mut problems = Vec::new();
     let mut cross = 0u64;
+    let mut guests_state_bytes = 0;
+    let mut footprint = samepage_linux::footprint::Footprint::default();
     for g in &mut procs.guests {
         let r = g.ask("verify")?;
+        if let Ok(m) = serde_json::from_value::<Metadata>(r["metadata"].clone()) {
+            guests_state_bytes += m.page_state_bytes;
+        }
+        if let Ok(f) = serde_json::from_value::<Footprint>(r["footprint"].clone()) {
+            footprint.add(&f);
+        }
         if a.live.no_verify {
             continue;
         }
@@ -393,7 +402,7 @@ fn run_in(
         })
         .collect();
     let tunables = tunables_of(|n| st.ksm.get(n).cloned());
-    let report = Report::live(
+    let mut report = Report::live(
         "daemon",
         info,
         (counters, tunables),
@@ -403,6 +412,15 @@ fn run_in(
         after,
         Some(live),
         (!a.live.no_verify).then_some(v),
+    );
+    footprint.add(&st.footprint);
+    report.set_costs(
+        MetadataBytes::new(
+            st.metadata.engine_bytes,
+            st.metadata.rmap_items,
+            Some(st.metadata.page_state_bytes + guests_state_bytes),
+        ),
+        Some(footprint),
     );
     drop(procs);
     Ok((report, Some(outcome.samples), daemon_pid))

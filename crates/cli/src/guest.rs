@@ -126,6 +126,8 @@ pub fn run(a: &GuestArgs) -> Result<(), CliError> {
                         "merged": merged,
                         "verification": v,
                         "stats": ksm.stats(),
+                        "metadata": ksm.metadata(),
+                        "footprint": ksm.footprint().unwrap_or_default(),
                         "connected": ksm.connected(),
                     }));
                 }

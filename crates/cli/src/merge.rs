@@ -259,11 +259,10 @@ pub fn run_samepage(
         Some(l.ksm.stats()),
         verification,
     );
-    report.metadata = Some(crate::report::MetadataBytes::new(
-        engine_bytes,
-        rmap_items,
-        Some(state_bytes),
-    ));
+    report.set_costs(
+        crate::report::MetadataBytes::new(engine_bytes, rmap_items, Some(state_bytes)),
+        Some(l.ksm.footprint()?),
+    );
     Ok(LiveRun {
         report,
         samples: outcome.samples,

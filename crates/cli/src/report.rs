@@ -51,6 +51,14 @@ pub struct Report {
     /// samepage's own bookkeeping at the end of the run (not for the kernel's engine).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<MetadataBytes>,
+    /// The kernel memory samepage's own mappings cost (live only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub footprint: Option<samepage_linux::footprint::Footprint>,
+    /// What merging saved, net of what it cost: for samepage, `saved_bytes` less its
+    /// metadata (engine and page states) and the kernel memory of its own mappings; for the
+    /// kernel's engine, `general_profit` (saved less its rmap items).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net_saved_bytes: Option<i64>,
 }
 
 /// Bytes samepage spends on bookkeeping.
@@ -143,7 +151,23 @@ impl Report {
             live,
             verification,
             metadata: None,
+            footprint: None,
+            net_saved_bytes: None,
         }
+    }
+
+    /// Record samepage's bookkeeping and mappings, and the net saving they leave.
+    pub fn set_costs(
+        &mut self,
+        metadata: MetadataBytes,
+        footprint: Option<samepage_linux::footprint::Footprint>,
+    ) {
+        let cost = metadata.engine_bytes
+            + metadata.page_state_bytes.unwrap_or(0)
+            + footprint.map_or(0, |f| f.kernel_bytes());
+        self.net_saved_bytes = Some(self.saved_bytes - cost as i64);
+        self.metadata = Some(metadata);
+        self.footprint = footprint;
     }
 }
 
@@ -231,6 +255,26 @@ impl Report {
                 match m.page_state_bytes {
                     Some(b) => format!(", {:.1} KiB of page states", b as f64 / 1024.0),
                     None => String::new(),
+                }
+            );
+        }
+        if let Some(f) = &self.footprint {
+            out += &format!(
+                "samepage's own mappings: {} (store views, scratch area, thread stacks) and {} split{} of the application's by registration: about {:.1} KiB of kernel memory with their page tables (general_profit leaves it out)\n",
+                f.mappings,
+                f.splits,
+                if f.splits == 1 { "" } else { "s" },
+                f.kernel_bytes() as f64 / 1024.0
+            );
+        }
+        if let Some(n) = self.net_saved_bytes {
+            out += &format!(
+                "net saved: {:.1} MiB ({})\n",
+                n as f64 / (1 << 20) as f64,
+                if self.engine == "kernel" {
+                    "general_profit: saved less the kernel's rmap items"
+                } else {
+                    "saved less samepage's metadata and mappings"
                 }
             );
         }

@@ -122,7 +122,7 @@ pub fn run(a: &SimArgs) -> Result<(), CliError> {
     let (passes, last_change_ns) =
         converge(&mut sys, args.full_scans, Duration::from_secs(a.timeout))?;
     let counters = sys.counters();
-    let report = Report {
+    let mut report = Report {
         saved_bytes: counters.saved_pages() * samepage_engine::PAGE_SIZE_U64 as i64,
         engine: "sim",
         ksm_stat: workload
@@ -142,11 +142,17 @@ pub fn run(a: &SimArgs) -> Result<(), CliError> {
         pss_kib_after: None,
         live: None,
         verification: None,
-        metadata: Some(crate::report::MetadataBytes::new(
+        metadata: None,
+        footprint: None,
+        net_saved_bytes: None,
+    };
+    report.set_costs(
+        crate::report::MetadataBytes::new(
             sys.ksm().metadata_bytes() as u64,
             sys.ksm().rmap_items(),
             None,
-        )),
-    };
+        ),
+        None,
+    );
     report.print(args.json)
 }

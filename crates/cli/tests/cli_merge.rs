@@ -83,6 +83,25 @@ fn simulate_and_merge_agree_on_the_same_image() {
         );
         assert_eq!(live["verification"]["present_merged"], 0);
         assert_eq!(live["verification"]["stray_marks"], 0);
+        // The honest saving: what samepage's bookkeeping and its own mappings cost comes
+        // off it. It has at least its store views, scratch area and threads' stacks.
+        let n = |v: &serde_json::Value| v.as_i64().unwrap();
+        let f = &live["footprint"];
+        assert!(n(&f["mappings"]) >= 4, "{f}");
+        assert!(n(&f["mapping_bytes"]) >= n(&f["mappings"]) * 64, "{f}");
+        let md = &live["metadata"];
+        assert_eq!(
+            n(&live["net_saved_bytes"]),
+            n(&live["saved_bytes"])
+                - n(&md["engine_bytes"])
+                - n(&md["page_state_bytes"])
+                - n(&f["mapping_bytes"])
+                - n(&f["page_table_bytes"])
+        );
+        assert_eq!(
+            n(&sim["net_saved_bytes"]),
+            n(&sim["saved_bytes"]) - n(&sim["metadata"]["engine_bytes"])
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -271,6 +271,8 @@ impl Shared {
             ksm,
             ksm_stat,
             ksmd: self.ksmd.stats(),
+            metadata: self.ksmd.metadata(),
+            footprint: samepage_linux::footprint::of_self().unwrap_or_default(),
         }
     }
 }

@@ -3,17 +3,21 @@
 
 use crate::live::LiveError;
 
-/// One mapping of `/proc/self/smaps`.
+/// One mapping of `/proc/PID/smaps` (or `maps`, which leaves the sizes and flags out).
 #[derive(Debug, Default)]
-struct Mapping {
-    start: u64,
-    end: u64,
-    perms: String,
-    path: String,
-    flags: Vec<String>,
+pub(crate) struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub perms: String,
+    pub path: String,
+    pub flags: Vec<String>,
+    /// `Rss:`, in KiB.
+    pub rss_kib: u64,
+    /// `Anonymous:`, in KiB.
+    pub anonymous_kib: u64,
 }
 
-fn parse_smaps(text: &str) -> Vec<Mapping> {
+pub(crate) fn parse_smaps(text: &str) -> Vec<Mapping> {
     let mut out: Vec<Mapping> = Vec::new();
     for line in text.lines() {
         let mut parts = line.split_whitespace();
@@ -27,15 +31,20 @@ fn parse_smaps(text: &str) -> Vec<Mapping> {
                     end,
                     perms,
                     path,
-                    flags: Vec::new(),
+                    ..Mapping::default()
                 });
                 continue;
             }
         }
-        if first == "VmFlags:" {
-            if let Some(m) = out.last_mut() {
-                m.flags = parts.map(str::to_string).collect();
-            }
+        let Some(m) = out.last_mut() else { continue };
+        let kib = |mut p: std::str::SplitWhitespace<'_>| {
+            p.next().and_then(|v| v.parse().ok()).unwrap_or(0)
+        };
+        match first {
+            "VmFlags:" => m.flags = parts.map(str::to_string).collect(),
+            "Rss:" => m.rss_kib = kib(parts),
+            "Anonymous:" => m.anonymous_kib = kib(parts),
+            _ => {}
         }
     }
     out

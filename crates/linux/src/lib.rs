@@ -93,6 +93,7 @@
 
 pub mod agent;
 mod eligibility;
+pub mod footprint;
 pub mod host;
 pub mod ksmd;
 mod live;

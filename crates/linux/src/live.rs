@@ -290,7 +290,7 @@ pub struct LiveStats {
 }
 
 /// Bytes samepage keeps for its bookkeeping.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Metadata {
     /// The engine's: rmap items, both trees' indexes, stable nodes, per-mm records.
     pub engine_bytes: u64,
@@ -854,21 +854,25 @@ impl LiveKsm {
 
     /// Bytes of samepage's bookkeeping (for a daemon's client, its agent's only).
     pub fn metadata(&self) -> Metadata {
-        let (engine_bytes, rmap_items, mirror) = match &self.engine {
-            Engine::Local { ksmd, .. } => ksmd.quiescent(|ksm, mem| {
-                (
-                    ksm.metadata_bytes() as u64,
-                    ksm.rmap_items(),
-                    mem.state_bytes() as u64,
-                )
-            }),
-            Engine::Remote { .. } => (0, 0, 0),
+        let mut m = match &self.engine {
+            Engine::Local { ksmd, .. } => ksmd.metadata(),
+            Engine::Remote { .. } => Metadata::default(),
         };
-        Metadata {
-            engine_bytes,
-            rmap_items,
-            page_state_bytes: mirror + self.agent.0.state_bytes() as u64,
-        }
+        m.page_state_bytes += self.agent.0.state_bytes() as u64;
+        m
+    }
+
+    /// The kernel memory samepage's own mappings cost this process (store views, the
+    /// executor's scratch area, samepage's thread stacks, splits of the application's
+    /// mappings by registration), which `general_profit` leaves out.
+    ///
+    /// ```no_run
+    /// let ksm = samepage_linux::LiveKsm::new().expect("userfaultfd");
+    /// let f = ksm.footprint().expect("/proc/self/smaps");
+    /// println!("{} mappings, about {} bytes of kernel memory", f.mappings + f.splits, f.kernel_bytes());
+    /// ```
+    pub fn footprint(&self) -> Result<crate::footprint::Footprint, LiveError> {
+        crate::footprint::of_self().map_err(LiveError::io("reading /proc/self/smaps"))
     }
 
     /// CPU time of samepage's threads so far (scanning, reading ahead, fault handling), in

@@ -231,7 +231,7 @@ impl Connection {
             .name("samepage-link".into())
             .spawn(move || {
                 sys::block_all_signals();
-                sys::note_own_stack();
+                let _own = sys::note_own_stack();
                 c.link_loop(agent.as_deref());
                 let mut p = c.pending.lock().unwrap_or_else(|e| e.into_inner());
                 p.gone = true;

@@ -151,6 +151,12 @@ pub struct StatReply {
     /// What ksmd did (batches, operations, zero pages placed, canonical pages released).
     #[serde(default)]
     pub ksmd: crate::ksmd::KsmdStats,
+    /// The daemon's bookkeeping (its engine and its mirror of the clients' page states).
+    #[serde(default)]
+    pub metadata: crate::live::Metadata,
+    /// The daemon's own mappings (store views, thread stacks) and what they cost the kernel.
+    #[serde(default)]
+    pub footprint: crate::footprint::Footprint,
 }
 
 /// One client's `ksm_stat`, with its pid and domain.

@@ -26,7 +26,7 @@ enum Retry {
 /// The handler thread's loop.
 pub(super) fn run(agent: &Agent) {
     crate::sys::block_all_signals();
-    crate::sys::note_own_stack();
+    let _own = crate::sys::note_own_stack();
     agent
         .handler_tid
         .store(crate::sys::gettid(), Ordering::Relaxed);

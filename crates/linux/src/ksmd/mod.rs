@@ -184,7 +184,10 @@ impl Ksmd {
         let i = inner.clone();
         let thread = std::thread::Builder::new()
             .name("samepage-ksmd".into())
-            .spawn(move || scan_loop(&i))?;
+            .spawn(move || {
+                let _own = sys::note_own_stack();
+                scan_loop(&i)
+            })?;
         Ok(Self {
             inner,
             thread: Some(thread),
@@ -494,6 +497,15 @@ impl Ksmd {
         (sys::thread_cpu_ns(self.inner.scan_tid.load(Ordering::Relaxed))
             + sys::thread_cpu_ns(self.inner.reader_tid.load(Ordering::Relaxed))) as f64
             / 1e9
+    }
+
+    /// ksmd's bookkeeping: the engine's, and its mirror of the targets' page states.
+    pub fn metadata(&self) -> crate::live::Metadata {
+        self.quiescent(|ksm, mem| crate::live::Metadata {
+            engine_bytes: ksm.metadata_bytes() as u64,
+            rmap_items: ksm.rmap_items(),
+            page_state_bytes: mem.state_bytes() as u64,
+        })
     }
 
     /// ksmd's own counters.

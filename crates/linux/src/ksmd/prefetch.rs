@@ -140,6 +140,7 @@ impl Prefetcher {
             .name("samepage-read".into())
             .spawn(move || {
                 tid.store(sys::gettid(), Ordering::Relaxed);
+                let _own = sys::note_own_stack();
                 // Reading ahead is worth only CPU time nobody else wants: an application
                 // thread or the fault handler waking on the reader's CPU must not wait for it
                 // (with the reader at normal priority, first writes on merged pages during a

@@ -496,27 +496,48 @@ pub fn own_ranges() -> Vec<(u64, u64)> {
     OWN.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+/// A thread's stack noted as samepage's own, until the thread ends: glibc may then give
+/// the mapping to a thread of the application.
+#[must_use = "the stack is samepage's only while the note lives"]
+pub struct OwnStack(Vec<(u64, u64)>);
+
+impl Drop for OwnStack {
+    fn drop(&mut self) {
+        let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
+        for r in &self.0 {
+            if let Some(i) = own.iter().position(|x| x == r) {
+                own.swap_remove(i);
+            }
+        }
+    }
+}
+
 /// Note the calling thread's stack as samepage's own: the whole mapping it lies in, since
 /// glibc keeps the thread's TLS and descriptor in the same mapping, above the range
 /// `pthread_getattr_np` reports.
-pub fn note_own_stack() {
+pub fn note_own_stack() -> OwnStack {
+    let mut noted = Vec::new();
     // SAFETY: attr is initialised by pthread_getattr_np and destroyed after use; the
     // out-parameters are valid.
     unsafe {
         let mut attr: libc::pthread_attr_t = std::mem::zeroed();
         if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
-            return;
+            return OwnStack(noted);
         }
         let mut addr: *mut libc::c_void = std::ptr::null_mut();
         let mut size: libc::size_t = 0;
         if libc::pthread_attr_getstack(&attr, &mut addr, &mut size) == 0 {
             // The guard page below the stack too.
             let lo = (addr as u64).saturating_sub(PAGE);
-            note_own(lo, addr as u64 + size as u64);
-            if let Some((s, e)) = crate::eligibility::mapping_around(addr as u64) {
-                note_own(s, e);
+            noted.push((lo, addr as u64 + size as u64));
+            if let Some(r) = crate::eligibility::mapping_around(addr as u64) {
+                noted.push(r);
             }
         }
         libc::pthread_attr_destroy(&mut attr);
     }
+    for &(s, e) in &noted {
+        note_own(s, e);
+    }
+    OwnStack(noted)
 }
