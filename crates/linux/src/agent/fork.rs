@@ -25,13 +25,24 @@ use std::sync::{Arc, Condvar, Mutex, Once, Weak};
 
 /// Readers inside the gate, and whether a fork holds it.
 struct Gate {
-    readers: Mutex<u32>,
+    readers: Mutex<Readers>,
     cv: Condvar,
     closed: AtomicBool,
 }
 
+/// Who is inside the gate, and whether a fork waits for them to leave.
+struct Readers {
+    inside: u32,
+    /// Forks waiting for `inside` to reach 0 (the last to leave wakes them; nobody else
+    /// makes the system call a wake-up costs).
+    forking: u32,
+}
+
 static GATE: Gate = Gate {
-    readers: Mutex::new(0),
+    readers: Mutex::new(Readers {
+        inside: 0,
+        forking: 0,
+    }),
     cv: Condvar::new(),
     closed: AtomicBool::new(false),
 };
@@ -64,9 +75,12 @@ pub(crate) struct Inside(());
 impl Drop for Inside {
     fn drop(&mut self) {
         let mut n = GATE.readers.lock().unwrap_or_else(|e| e.into_inner());
-        *n -= 1;
+        n.inside -= 1;
+        let wake = n.inside == 0 && n.forking > 0;
         drop(n);
-        GATE.cv.notify_all();
+        if wake {
+            GATE.cv.notify_all();
+        }
     }
 }
 
@@ -76,7 +90,7 @@ pub(crate) fn enter() -> Inside {
     while GATE.closed.load(Ordering::Acquire) {
         n = GATE.cv.wait(n).unwrap_or_else(|e| e.into_inner());
     }
-    *n += 1;
+    n.inside += 1;
     Inside(())
 }
 
@@ -95,9 +109,11 @@ pub(crate) fn register(agent: &Arc<Agent>) {
 extern "C" fn prepare() {
     // Close the gate at a moment nobody is inside.
     let mut n = GATE.readers.lock().unwrap_or_else(|e| e.into_inner());
-    while *n > 0 {
+    n.forking += 1;
+    while n.inside > 0 {
         n = GATE.cv.wait(n).unwrap_or_else(|e| e.into_inner());
     }
+    n.forking -= 1;
     GATE.closed.store(true, Ordering::Release);
     drop(n);
     let agents: Vec<Arc<Agent>> = AGENTS

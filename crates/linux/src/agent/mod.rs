@@ -114,6 +114,15 @@ struct StoreView {
     view: FileView,
 }
 
+/// The handler's rounds of events, and who waits for the next one.
+#[derive(Debug, Default)]
+struct Handled {
+    /// Rounds handled so far.
+    handled: u64,
+    /// Threads waiting for the next round.
+    waiters: u32,
+}
+
 /// The agent of this process. Shared by its handler thread, its executor's callers, and
 /// whoever holds regions of it.
 pub(crate) struct Agent {
@@ -123,7 +132,7 @@ pub(crate) struct Agent {
     store: RwLock<Option<StoreView>>,
     exec: Mutex<exec::Exec>,
     /// Batches of events the handler has handled, and a condition to wait for the next.
-    events: (Mutex<u64>, Condvar),
+    events: (Mutex<Handled>, Condvar),
     handler_tid: AtomicU32,
     stopping: AtomicBool,
     /// Wakes the handler thread (to stop).
@@ -178,7 +187,7 @@ impl Agent {
             pagemap: Pagemap::open(0).map_err(AgentError::io("opening /proc/self/pagemap"))?,
             store: RwLock::new(None),
             exec: Mutex::new(exec),
-            events: (Mutex::new(0), Condvar::new()),
+            events: (Mutex::new(Handled::default()), Condvar::new()),
             handler_tid: AtomicU32::new(0),
             stopping: AtomicBool::new(false),
             wake: EventFd::new().map_err(AgentError::io("creating an eventfd"))?,
@@ -537,22 +546,36 @@ impl Agent {
     }
 
     fn events_seen(&self) -> u64 {
-        *self.events.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.events
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .handled
     }
 
     /// Wait until the handler has handled a batch of events after `seen` (bounded, in case
     /// the EAGAIN that sent the caller here came from an event already handled).
     fn wait_events_after(&self, seen: u64) {
-        let g = self.events.0.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self
+        let mut g = self.events.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.waiters += 1;
+        let (mut g, _) = self
             .events
             .1
-            .wait_timeout_while(g, Duration::from_millis(20), |n| *n == seen);
+            .wait_timeout_while(g, Duration::from_millis(20), |n| n.handled == seen)
+            .unwrap_or_else(|e| e.into_inner());
+        g.waiters -= 1;
     }
 
+    /// The handler finished a round of events: wake whoever waits for one (a wake-up is a
+    /// system call, which the handler saves when nobody waits).
     fn events_handled(&self) {
-        *self.events.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        self.events.1.notify_all();
+        let mut g = self.events.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.handled += 1;
+        let wake = g.waiters > 0;
+        drop(g);
+        if wake {
+            self.events.1.notify_all();
+        }
     }
 
     /// Stop the handler thread. Only for an agent whose regions hold no merged page any

@@ -437,6 +437,56 @@ pub fn gettid() -> u32 {
     unsafe { libc::gettid() as u32 }
 }
 
+/// The CPU thread `tid` of this process last ran on (field 39 of `/proc/self/task/TID/stat`).
+pub fn last_cpu_of(tid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields count from its last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(36)?.parse().ok()
+}
+
+/// The CPUs the calling thread may run on, to go back to after [`pin_thread`].
+pub struct CpuMask(libc::cpu_set_t);
+
+impl CpuMask {
+    /// The calling thread's mask now.
+    pub fn of_this_thread() -> io::Result<Self> {
+        // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes at
+        // most its size into it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: set is a valid, writable cpu_set_t of the size given; 0 is this thread.
+        cvt(unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) })?;
+        Ok(Self(set))
+    }
+
+    /// Whether `cpu` is in the mask.
+    pub fn contains(&self, cpu: u32) -> bool {
+        // SAFETY: CPU_ISSET only reads the set; cpu is checked against its size.
+        (cpu as usize) < libc::CPU_SETSIZE as usize
+            && unsafe { libc::CPU_ISSET(cpu as usize, &self.0) }
+    }
+
+    /// Let the calling thread run on these CPUs again.
+    pub fn apply(&self) -> io::Result<()> {
+        // SAFETY: self.0 is a valid cpu_set_t of the size given; 0 is this thread.
+        cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&self.0), &self.0) })
+            .map(drop)
+    }
+}
+
+/// Run the calling thread on `cpu` only.
+pub fn pin_thread(cpu: u32) -> io::Result<()> {
+    if cpu as usize >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: cpu is below CPU_SETSIZE (checked above).
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: set is a valid cpu_set_t of the size given; 0 is this thread.
+    cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) }).map(drop)
+}
+
 /// CPU time of thread `tid` of this process in nanoseconds (`/proc/self/task/TID/schedstat`).
 pub fn thread_cpu_ns(tid: u32) -> u64 {
     read_first_u64(&format!("/proc/self/task/{tid}/schedstat"))

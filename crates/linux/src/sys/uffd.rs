@@ -15,6 +15,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 /// `UFFD_API`.
 const UFFD_API: u64 = 0xAA;
 
+/// Messages one [`Userfaultfd::read_events`] reads at most.
+pub const READ_BATCH: usize = 64;
+
 /// Report write-protect faults (`UFFD_FEATURE_PAGEFAULT_FLAG_WP`).
 pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 /// `mremap` of a registered range queues an event.
@@ -317,10 +320,10 @@ impl Userfaultfd {
         (m.moved as u64, r)
     }
 
-    /// Read the queued messages (up to `out`'s capacity, at least one slot) without
-    /// blocking; returns how many were read.
+    /// Read the queued messages (up to [`READ_BATCH`]) without blocking; returns how many
+    /// were read (fewer than [`READ_BATCH`]: the queue was empty at that moment).
     pub fn read_events(&self, out: &mut Vec<Event>) -> io::Result<usize> {
-        let mut raw = [UffdMsg::default(); 64];
+        let mut raw = [UffdMsg::default(); READ_BATCH];
         // SAFETY: raw is a writable buffer of that many bytes; read(2) fills whole messages.
         let n = cvt_isize(unsafe {
             libc::read(

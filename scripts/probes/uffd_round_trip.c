@@ -1,0 +1,45 @@
+// uffd missing-fault round trip: handler thread resolves with UFFDIO_COPY.
+#define _GNU_SOURCE
+#include <linux/userfaultfd.h>
+#include <sys/syscall.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <fcntl.h>
+static int uffd; static char *src; static int spin_us; static int hcpu=-1;
+static double now(){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec*1e6+t.tv_nsec/1e3;}
+static void *handler(void*a){
+  if(hcpu>=0){cpu_set_t s;CPU_ZERO(&s);CPU_SET(hcpu,&s);sched_setaffinity(0,sizeof s,&s);}
+  struct pollfd p={uffd,POLLIN,0};
+  for(;;){
+    if(spin_us){double t0=now(); int r; while((r=poll(&p,1,0))==0 && now()-t0<spin_us); if(r==0) poll(&p,1,-1);}
+    else poll(&p,1,-1);
+    struct uffd_msg m; if(read(uffd,&m,sizeof m)!=sizeof m) continue;
+    if(m.event!=UFFD_EVENT_PAGEFAULT) continue;
+    struct uffdio_copy c={.dst=m.arg.pagefault.address&~4095UL,.src=(unsigned long)src,.len=4096,.mode=0};
+    ioctl(uffd,UFFDIO_COPY,&c);
+  }
+}
+int main(int argc,char**argv){
+  spin_us=argc>1?atoi(argv[1]):0; int acpu=argc>2?atoi(argv[2]):-1; hcpu=argc>3?atoi(argv[3]):-1;
+  int n=4000;
+  uffd=syscall(SYS_userfaultfd,O_CLOEXEC|O_NONBLOCK);
+  struct uffdio_api api={.api=UFFD_API}; ioctl(uffd,UFFDIO_API,&api);
+  src=mmap(0,4096,PROT_READ|PROT_WRITE,MAP_PRIVATE|MAP_ANONYMOUS,-1,0); memset(src,7,4096);
+  char*mem=mmap(0,(size_t)n*4096,PROT_READ|PROT_WRITE,MAP_PRIVATE|MAP_ANONYMOUS,-1,0);
+  struct uffdio_register r={.range={(unsigned long)mem,(size_t)n*4096},.mode=UFFDIO_REGISTER_MODE_MISSING}; ioctl(uffd,UFFDIO_REGISTER,&r);
+  if(acpu>=0){cpu_set_t s;CPU_ZERO(&s);CPU_SET(acpu,&s);sched_setaffinity(0,sizeof s,&s);}
+  pthread_t t; pthread_create(&t,0,handler,0); usleep(10000);
+  double *l=malloc(n*sizeof(double));
+  for(int i=0;i<n;i++){double t0=now(); mem[(size_t)i*4096+8]=1; l[i]=now()-t0;}
+  int cmp(const void*a,const void*b){double x=*(double*)a,y=*(double*)b;return x<y?-1:x>y;}
+  qsort(l,n,sizeof(double),cmp);
+  printf("spin=%d app=%d h=%d p50 %.1f p90 %.1f p99 %.1f max %.1f\n",spin_us,acpu,hcpu,l[n/2],l[n*9/10],l[n*99/100],l[n-1]);
+}
