@@ -591,3 +591,30 @@ pub fn note_own_stack() -> OwnStack {
     }
     OwnStack(noted)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_is_pinned_and_let_go() {
+        std::thread::spawn(|| {
+            let all = CpuMask::of_this_thread().unwrap();
+            let cpu = last_cpu_of(gettid()).expect("this thread's CPU");
+            assert!(all.contains(cpu));
+            pin_thread(cpu).unwrap();
+            let pinned = CpuMask::of_this_thread().unwrap();
+            assert!(pinned.contains(cpu));
+            assert_eq!(
+                last_cpu_of(gettid()),
+                Some(cpu),
+                "it runs where it is pinned"
+            );
+            all.apply().unwrap();
+            assert!(pin_thread(libc::CPU_SETSIZE as u32).is_err());
+        })
+        .join()
+        .unwrap();
+        assert_eq!(last_cpu_of(u32::MAX), None, "no such thread");
+    }
+}
