@@ -84,3 +84,61 @@ fn merges_duplicates_and_places_zero_pages() {
     assert_eq!(ksm.stats().agent.read_merged, 1);
     assert!(ksm.verify().problems().is_empty());
 }
+
+/// Mappings of this process now.
+fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+#[test]
+fn merges_more_pages_than_the_mapping_limit_allows_mappings() {
+    // Every merged page costs no mapping: more pages merge than vm.max_map_count (at its
+    // default, 65530) would allow mappings, and the process's mappings barely change.
+    let limit: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let n = (limit + 4096).min(1 << 17);
+    let group = 64;
+    let ksm = LiveKsm::new().expect("live engine");
+    let r = ksm.create_region(ksm.new_mm(), n * PS).unwrap();
+    for i in 0..n {
+        let mut p = [0u8; 4096];
+        p[..8].copy_from_slice(&(i / group + 1).to_le_bytes());
+        r.write(i * PS, &p).unwrap();
+    }
+    for (k, v) in [("pages_to_scan", "100000"), ("sleep_millisecs", "0")] {
+        ksm.set_knob(k, v).unwrap();
+    }
+    ksm.madvise_mergeable(&r).unwrap();
+    let before = mappings();
+    ksm.set_knob("run", "1").unwrap();
+    assert!(ksm.wait_full_scans(3, Duration::from_secs(120)));
+    ksm.set_knob("run", "0").unwrap();
+    let c = ksm.counters();
+    let groups = n.div_ceil(group);
+    assert_eq!(c.pages_shared as u64, groups, "{c:?}");
+    assert_eq!(c.pages_sharing as u64, n - groups, "{c:?}");
+    assert!(
+        c.pages_sharing as u64 > limit / 2,
+        "{c:?} at vm.max_map_count {limit}"
+    );
+    let after = mappings();
+    assert!(
+        after <= before + 16,
+        "{before} mappings before merging, {after} after"
+    );
+    let mut buf = [0u8; 4096];
+    for i in (0..n).step_by(997) {
+        r.peek_page(i * PS, &mut buf).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(buf[..8].try_into().unwrap()),
+            i / group + 1
+        );
+    }
+    assert!(ksm.verify().problems().is_empty());
+}
