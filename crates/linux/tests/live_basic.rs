@@ -121,10 +121,10 @@ fn merges_more_pages_than_the_mapping_limit_allows_mappings() {
     ksm.set_knob("run", "0").unwrap();
     let c = ksm.counters();
     let groups = n.div_ceil(group);
-    assert_eq!(c.pages_shared as u64, groups, "{c:?}");
-    assert_eq!(c.pages_sharing as u64, n - groups, "{c:?}");
+    assert_eq!(c.pages_shared, groups, "{c:?}");
+    assert_eq!(c.pages_sharing, n - groups, "{c:?}");
     assert!(
-        c.pages_sharing as u64 > limit / 2,
+        c.pages_sharing > limit / 2,
         "{c:?} at vm.max_map_count {limit}"
     );
     let after = mappings();
