@@ -85,6 +85,10 @@ pub const SAMEPAGE_READ_EVERY: Duration = Duration::from_millis(10);
 /// The shortest wait between two readings of an engine's counters.
 const MIN_WAIT: Duration = Duration::from_micros(500);
 
+/// The longest wait [`READ_DUTY`] makes: a reading slowed down once (the engine's lock
+/// held, the machine busy) must not leave a run unwatched for seconds.
+const MAX_WAIT: Duration = Duration::from_millis(200);
+
 /// A reading of the counters is followed by at least this many times as long a wait, so
 /// that watching takes at most 2% of a core. (`samepage merge --size 1G` of the mixed
 /// workload, 5 runs each: converged 1.54 s median reading every 10 ms, 1.47 s with this
@@ -237,7 +241,10 @@ fn poll(
         // At least one wait between two readings, however short `read_every` is, and
         // readings that take long (samepage's ksm_zero_pages walks the page tables) spaced
         // so that they take at most 1/READ_DUTY of a core from the engine.
-        let next = now + e.read_every().max(cost * READ_DUTY).max(MIN_WAIT);
+        let next = now
+            + e.read_every()
+                .max((cost * READ_DUTY).min(MAX_WAIT))
+                .max(MIN_WAIT);
         loop {
             e.wait_for_change(next.saturating_duration_since(Instant::now()));
             if Instant::now() >= next {

@@ -517,6 +517,19 @@ pub fn set_idle_priority() -> io::Result<()> {
     cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }).map(drop)
 }
 
+/// Put thread `tid` of this process at `SCHED_IDLE` (`idle`) or back at `SCHED_OTHER`
+/// (nice 0); the latter needs `CAP_SYS_NICE` or a `RLIMIT_NICE` that allows nice 0.
+pub fn set_thread_idle(tid: u32, idle: bool) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: param is a valid sched_param; tid names a thread (a wrong one gives ESRCH).
+    cvt(unsafe { libc::sched_setscheduler(tid as libc::pid_t, policy, &param) }).map(drop)
+}
+
 /// Block every signal in the calling thread: samepage's threads inside another program
 /// must never run its signal handlers.
 pub fn block_all_signals() {
