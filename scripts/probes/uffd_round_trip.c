@@ -43,10 +43,15 @@ int main(int argc,char**argv){
   spin_us=argc>1?atoi(argv[1]):0; int acpu=argc>2?atoi(argv[2]):-1; hcpu=argc>3?atoi(argv[3]):-1;
   int n=4000;
   uffd=syscall(SYS_userfaultfd,O_CLOEXEC|O_NONBLOCK);
-  struct uffdio_api api={.api=UFFD_API}; ioctl(uffd,UFFDIO_API,&api);
-  src=mmap(0,4096,PROT_READ|PROT_WRITE,MAP_PRIVATE|MAP_ANONYMOUS,-1,0); memset(src,7,4096);
+  if(uffd<0){perror("userfaultfd (run as root, or set vm.unprivileged_userfaultfd=1)");return 1;}
+  struct uffdio_api api={.api=UFFD_API};
+  if(ioctl(uffd,UFFDIO_API,&api)){perror("UFFDIO_API");return 1;}
+  src=mmap(0,4096,PROT_READ|PROT_WRITE,MAP_PRIVATE|MAP_ANONYMOUS,-1,0);
   char*mem=mmap(0,(size_t)n*4096,PROT_READ|PROT_WRITE,MAP_PRIVATE|MAP_ANONYMOUS,-1,0);
-  struct uffdio_register r={.range={(unsigned long)mem,(size_t)n*4096},.mode=UFFDIO_REGISTER_MODE_MISSING}; ioctl(uffd,UFFDIO_REGISTER,&r);
+  if(src==MAP_FAILED||mem==MAP_FAILED){perror("mmap");return 1;}
+  memset(src,7,4096);
+  struct uffdio_register r={.range={(unsigned long)mem,(size_t)n*4096},.mode=UFFDIO_REGISTER_MODE_MISSING};
+  if(ioctl(uffd,UFFDIO_REGISTER,&r)){perror("UFFDIO_REGISTER");return 1;}
   if(acpu>=0){cpu_set_t s;CPU_ZERO(&s);CPU_SET(acpu,&s);sched_setaffinity(0,sizeof s,&s);}
   pthread_t t; pthread_create(&t,0,handler,0); usleep(10000);
   double *l=malloc(n*sizeof(double));

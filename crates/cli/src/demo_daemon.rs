@@ -5,7 +5,7 @@ use crate::demo::{DemoArgs, DEMO_KNOBS};
 use crate::engines::{self, Engine, Until};
 use crate::error::CliError;
 use crate::merge::MemoryKib;
-use crate::report::{tunables_of, MetadataBytes, Report, SpaceInfo};
+use crate::report::{tunables_of, Mappings, MetadataBytes, Report, SpaceInfo};
 use crate::watch::Watch;
 use samepage_engine::KsmCounters;
 use samepage_linux::footprint::Footprint;
@@ -321,14 +321,16 @@ fn run_in(
     let mut problems = Vec::new();
     let mut cross = 0u64;
     let mut guests_state_bytes = 0;
-    let mut footprint = samepage_linux::footprint::Footprint::default();
+    // Unknown as soon as one process's could not be read.
+    let mut footprint = Some(Footprint::default());
     for g in &mut procs.guests {
         let r = g.ask("verify")?;
         if let Ok(m) = serde_json::from_value::<Metadata>(r["metadata"].clone()) {
             guests_state_bytes += m.page_state_bytes;
         }
-        if let Ok(f) = serde_json::from_value::<Footprint>(r["footprint"].clone()) {
-            footprint.add(&f);
+        match serde_json::from_value::<Footprint>(r["footprint"].clone()) {
+            Ok(f) => footprint.iter_mut().for_each(|x| x.add(&f)),
+            Err(_) => footprint = None,
         }
         if a.live.no_verify {
             continue;
@@ -413,14 +415,18 @@ fn run_in(
         Some(live),
         (!a.live.no_verify).then_some(v),
     );
-    footprint.add(&st.footprint);
+    let costs = control.costs()?;
+    match (&mut footprint, &costs.footprint) {
+        (Some(f), Some(d)) => f.add(d),
+        _ => footprint = None,
+    }
     report.set_costs(
         MetadataBytes::new(
-            st.metadata.engine_bytes,
-            st.metadata.rmap_items,
-            Some(st.metadata.page_state_bytes + guests_state_bytes),
+            costs.metadata.engine_bytes,
+            costs.metadata.rmap_items,
+            Some(costs.metadata.page_state_bytes + guests_state_bytes),
         ),
-        Some(footprint),
+        footprint.map_or(Mappings::Unknown, Mappings::Known),
     );
     drop(procs);
     Ok((report, Some(outcome.samples), daemon_pid))

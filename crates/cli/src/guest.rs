@@ -127,7 +127,7 @@ pub fn run(a: &GuestArgs) -> Result<(), CliError> {
                         "verification": v,
                         "stats": ksm.stats(),
                         "metadata": ksm.metadata(),
-                        "footprint": ksm.footprint().unwrap_or_default(),
+                        "footprint": ksm.footprint().ok(),
                         "connected": ksm.connected(),
                     }));
                 }

@@ -261,7 +261,10 @@ pub fn run_samepage(
     );
     report.set_costs(
         crate::report::MetadataBytes::new(engine_bytes, rmap_items, Some(state_bytes)),
-        Some(l.ksm.footprint()?),
+        match l.ksm.footprint() {
+            Ok(f) => crate::report::Mappings::Known(f),
+            Err(_) => crate::report::Mappings::Unknown,
+        },
     );
     Ok(LiveRun {
         report,

@@ -42,7 +42,7 @@ pub struct Report {
     pub pss_kib_before: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pss_kib_after: Option<u64>,
-    /// Copy-on-write, pin and mapping-budget statistics (live only).
+    /// Copy-on-write and pin statistics (live only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub live: Option<samepage_linux::LiveStats>,
     /// The page tables checked against the counters (live only).
@@ -90,6 +90,17 @@ impl MetadataBytes {
             page_state_bytes,
         }
     }
+}
+
+/// samepage's own mappings, for [`Report::set_costs`].
+#[derive(Debug, Clone, Copy)]
+pub enum Mappings {
+    /// It makes none (the simulator).
+    None,
+    /// As counted in the processes' `smaps`.
+    Known(samepage_linux::footprint::Footprint),
+    /// A process's `smaps` could not be read.
+    Unknown,
 }
 
 /// One address space of the workload.
@@ -156,18 +167,22 @@ impl Report {
         }
     }
 
-    /// Record samepage's bookkeeping and mappings, and the net saving they leave.
-    pub fn set_costs(
-        &mut self,
-        metadata: MetadataBytes,
-        footprint: Option<samepage_linux::footprint::Footprint>,
-    ) {
-        let cost = metadata.engine_bytes
-            + metadata.page_state_bytes.unwrap_or(0)
-            + footprint.map_or(0, |f| f.kernel_bytes());
-        self.net_saved_bytes = Some(self.saved_bytes - cost as i64);
+    /// Record samepage's bookkeeping and mappings, and the net saving they leave (not when
+    /// the mappings could not be counted).
+    pub fn set_costs(&mut self, metadata: MetadataBytes, mappings: Mappings) {
+        let footprint = match mappings {
+            Mappings::None => Some(0),
+            Mappings::Known(f) => {
+                self.footprint = Some(f);
+                Some(f.kernel_bytes())
+            }
+            Mappings::Unknown => None,
+        };
+        self.net_saved_bytes = footprint.map(|f| {
+            self.saved_bytes
+                - (metadata.engine_bytes + metadata.page_state_bytes.unwrap_or(0) + f) as i64
+        });
         self.metadata = Some(metadata);
-        self.footprint = footprint;
     }
 }
 
@@ -266,6 +281,9 @@ impl Report {
                 if f.splits == 1 { "" } else { "s" },
                 f.kernel_bytes() as f64 / 1024.0
             );
+        }
+        if self.metadata.is_some() && self.net_saved_bytes.is_none() {
+            out += "net saved: unknown (samepage's own mappings could not be counted: a process's /proc/PID/smaps could not be read)\n";
         }
         if let Some(n) = self.net_saved_bytes {
             out += &format!(

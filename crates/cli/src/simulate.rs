@@ -152,7 +152,7 @@ pub fn run(a: &SimArgs) -> Result<(), CliError> {
             sys.ksm().rmap_items(),
             None,
         ),
-        None,
+        crate::report::Mappings::None,
     );
     report.print(args.json)
 }

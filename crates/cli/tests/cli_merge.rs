@@ -84,11 +84,18 @@ fn simulate_and_merge_agree_on_the_same_image() {
         assert_eq!(live["verification"]["present_merged"], 0);
         assert_eq!(live["verification"]["stray_marks"], 0);
         // The honest saving: what samepage's bookkeeping and its own mappings cost comes
-        // off it. It has at least its store views, scratch area and threads' stacks.
+        // off it. Its mappings: ksmd's and the agent's views of the store, the scratch
+        // area, and the stacks of the scanner, the reader and the fault handler, each with
+        // its guard page.
         let n = |v: &serde_json::Value| v.as_i64().unwrap();
         let f = &live["footprint"];
-        assert!(n(&f["mappings"]) >= 4, "{f}");
-        assert!(n(&f["mapping_bytes"]) >= n(&f["mappings"]) * 64, "{f}");
+        assert_eq!(n(&f["mappings"]), 2 + 1 + 3 * 2, "{f}");
+        assert_eq!(n(&f["splits"]), 0, "merge maps its regions itself: {f}");
+        assert!(n(&f["mapping_bytes"]) >= n(&f["mappings"]) * 192, "{f}");
+        assert!(
+            n(&f["page_table_bytes"]) > 0,
+            "the store views map pages: {f}"
+        );
         let md = &live["metadata"];
         assert_eq!(
             n(&live["net_saved_bytes"]),

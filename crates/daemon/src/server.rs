@@ -271,8 +271,6 @@ impl Shared {
             ksm,
             ksm_stat,
             ksmd: self.ksmd.stats(),
-            metadata: self.ksmd.metadata(),
-            footprint: samepage_linux::footprint::of_self().unwrap_or_default(),
         }
     }
 }
@@ -946,6 +944,10 @@ fn handle(sh: &Shared, client: Option<(u64, u64)>, r: Request) -> Response {
             Err(e) => err(knob_errno(&e), e.to_string()),
         },
         Request::Stat => Response::Stat(sh.stat()),
+        Request::Costs => Response::Costs(samepage_linux::wire::Costs {
+            metadata: sh.ksmd.metadata(),
+            footprint: samepage_linux::footprint::of_self().ok(),
+        }),
         Request::Ignored { start, end, reason } => {
             let msg = format!("{start:#x}-{end:#x}: {reason}");
             let pid = client_mm(sh, client).map_or(0, |c| c.0);

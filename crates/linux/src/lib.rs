@@ -111,7 +111,7 @@ pub mod ipc {
         accept, allow_ptracer, euid, peer_cred, pidfd_exited, pidfd_open, recv_with_fds,
         send_with_fds, seqpacket_connect, seqpacket_listen, shutdown, terminate, PeerCred, MAX_FDS,
     };
-    pub use crate::sys::{note_own, poll, process_cpu_ns, EventFd};
+    pub use crate::sys::{note_own, poll, process_cpu_ns, this_thread_cpu, EventFd};
 }
 
 pub use agent::{check_userfaultfd, AgentError, AgentStats};

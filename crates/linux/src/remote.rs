@@ -114,6 +114,14 @@ impl Control {
         }
     }
 
+    /// What the daemon keeps for its bookkeeping and what its own mappings cost.
+    pub fn costs(&self) -> Result<wire::Costs, RemoteError> {
+        match self.0.request(Request::Costs)? {
+            Response::Costs(c) => Ok(c),
+            r => Err(RemoteError::Protocol(format!("{r:?}"))),
+        }
+    }
+
     /// Wait until the daemon's `full_scans` grew by `n` (0: one more scan chunk); false on
     /// timeout.
     pub fn wait(&self, n: u64, timeout: std::time::Duration) -> Result<bool, RemoteError> {

@@ -93,6 +93,9 @@ pub enum Request {
     },
     /// `/sys/kernel/mm/ksm` and every client's `ksm_stat`.
     Stat,
+    /// What the daemon keeps for its bookkeeping and what its own mappings cost (taken
+    /// between two scan chunks; not for every reading of the counters).
+    Costs,
     /// The process advised memory the kernel's KSM would ignore (shared or file-backed):
     /// for the daemon's log and its report.
     Ignored {
@@ -132,6 +135,8 @@ pub enum Response {
     /// The daemon's state: every file of `/sys/kernel/mm/ksm` by name, as numbers where
     /// they are numbers, and one `ksm_stat` per client.
     Stat(StatReply),
+    /// The daemon's bookkeeping and own mappings.
+    Costs(Costs),
     /// Refused, with the sentence to show; `errno` is what a system call would return.
     Error {
         /// The errno equivalent (EINVAL, EBUSY, ENOMEM, EPERM, ...).
@@ -151,12 +156,16 @@ pub struct StatReply {
     /// What ksmd did (batches, operations, zero pages placed, canonical pages released).
     #[serde(default)]
     pub ksmd: crate::ksmd::KsmdStats,
-    /// The daemon's bookkeeping (its engine and its mirror of the clients' page states).
-    #[serde(default)]
+}
+
+/// What `samepage daemon` spends besides the memory it saves.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Costs {
+    /// Its bookkeeping: the engine's, and its mirror of the clients' page states.
     pub metadata: crate::live::Metadata,
-    /// The daemon's own mappings (store views, thread stacks) and what they cost the kernel.
-    #[serde(default)]
-    pub footprint: crate::footprint::Footprint,
+    /// Its own mappings (store views, thread stacks) and what they cost the kernel; `None`
+    /// when `/proc/self/smaps` could not be read.
+    pub footprint: Option<crate::footprint::Footprint>,
 }
 
 /// One client's `ksm_stat`, with its pid and domain.

@@ -24,13 +24,51 @@ enum Retry {
     Fault { addr: u64, write: bool },
 }
 
-/// Changes of pages a fault made ordinary again wait until no event came for this long
-/// before the sender is told (ksmd takes them at its next batch anyway; telling it at every
-/// fault cost a wake-up of another thread per fault); other changes go at once.
-const DEFER_SIGNAL: Duration = Duration::from_millis(2);
+/// The changes a fault makes (a merged page became ordinary) are told to the sender (ksmd,
+/// or the link to the daemon) together, not one wake-up of another thread per fault: once no
+/// event came for [`Deferred::QUIET`], once the oldest waited [`Deferred::MAX_AGE`], or once
+/// [`Deferred::MAX`] wait; ksmd also takes them at its next batch. Changes of other events
+/// are told at once.
+#[derive(Debug, Default)]
+struct Deferred {
+    /// Changes in the outbox not told yet.
+    count: usize,
+    /// When the oldest of them was made.
+    since: Option<Instant>,
+}
 
-/// ... or until this many are waiting.
-const DEFER_MAX: usize = 4096;
+impl Deferred {
+    const QUIET: Duration = Duration::from_millis(2);
+    const MAX_AGE: Duration = Duration::from_millis(20);
+    const MAX: usize = 4096;
+
+    fn add(&mut self, n: usize) {
+        if n > 0 {
+            self.count += n;
+            self.since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Whether to tell the sender now, after a round of events.
+    fn due(&self, urgent: bool) -> bool {
+        self.count > 0
+            && (urgent
+                || self.count >= Self::MAX
+                || self.since.is_some_and(|t| t.elapsed() >= Self::MAX_AGE))
+    }
+
+    /// How long the handler may sleep before it tells the sender.
+    fn wait(&self) -> Option<Duration> {
+        (self.count > 0).then_some(Self::QUIET)
+    }
+
+    /// Tell the sender; returns whether there was anything to tell.
+    fn take(&mut self) -> bool {
+        let had = self.count > 0;
+        *self = Self::default();
+        had
+    }
+}
 
 /// The handler thread's loop.
 pub(super) fn run(agent: &Agent) {
@@ -41,17 +79,19 @@ pub(super) fn run(agent: &Agent) {
         .store(crate::sys::gettid(), Ordering::Relaxed);
     let mut events = Vec::with_capacity(64);
     let mut retry: Vec<Retry> = Vec::new();
-    let mut follow = Follow::new();
-    let mut deferred = false;
+    let mut follow = Follow::default();
+    let mut deferred = Deferred::default();
     loop {
-        let timeout = if !retry.is_empty() {
-            Some(Duration::from_millis(1))
-        } else if deferred {
-            Some(DEFER_SIGNAL)
-        } else {
-            follow.release_after()
-        };
-        let ms = timeout.map_or(-1, |t| t.as_millis().max(1) as i32);
+        let timeout = [
+            (!retry.is_empty()).then_some(Duration::from_millis(1)),
+            deferred.wait(),
+            follow.release_after(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        // Rounded up: a wake-up before the time would find nothing to do.
+        let ms = timeout.map_or(-1, |t| t.as_micros().div_ceil(1000).max(1) as i32);
         let ready = match crate::sys::poll(&[agent.uffd.as_fd(), agent.wake.fd()], ms) {
             Ok(r) => r,
             Err(_) => break,
@@ -61,23 +101,26 @@ pub(super) fn run(agent: &Agent) {
         }
         if ready.iter().all(|&r| r == 0) {
             // Nothing came within the timeout.
-            if deferred {
-                deferred = false;
+            if deferred.take() {
                 agent.outbox_ready();
             }
             follow.idle();
+            if retry.is_empty() {
+                continue;
+            }
         }
-        let mut faulted = None;
-        let (waiting, urgent) = {
+        let mut faulted = Faulted::None;
+        let (added, urgent) = {
             let _inside = super::fork::enter();
             let mut st = agent.lock();
+            let before = st.outbox.len();
             let mut urgent = false;
             loop {
                 events.clear();
                 let n = agent.uffd.read_events(&mut events).unwrap_or_default();
                 for &ev in &events {
                     match ev {
-                        Event::Pagefault { tid, .. } => faulted = Some(tid),
+                        Event::Pagefault { tid, .. } => faulted.add(tid),
                         _ => urgent = true,
                     }
                     handle(agent, &mut st, ev, &mut retry);
@@ -92,21 +135,36 @@ pub(super) fn run(agent: &Agent) {
                 let Retry::Fault { addr, write } = r;
                 fault_missing(agent, &mut st, addr, write, &mut retry);
             }
-            (st.outbox.len(), urgent)
+            (st.outbox.len().saturating_sub(before), urgent)
         };
         agent.events_handled();
-        if waiting > 0 && (urgent || waiting >= DEFER_MAX) {
-            deferred = false;
+        deferred.add(added);
+        if deferred.due(urgent) {
+            deferred.take();
             agent.outbox_ready();
-        } else if waiting > 0 {
-            deferred = true;
         }
-        if let Some(tid) = faulted {
-            follow.fault(tid);
-        }
+        follow.faulted(faulted);
     }
-    if deferred {
+    if deferred.take() {
         agent.outbox_ready();
+    }
+}
+
+/// Which threads faulted in one round of events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Faulted {
+    None,
+    One(u32),
+    Several,
+}
+
+impl Faulted {
+    fn add(&mut self, tid: u32) {
+        *self = match *self {
+            Faulted::None => Faulted::One(tid),
+            Faulted::One(t) if t == tid => Faulted::One(t),
+            _ => Faulted::Several,
+        };
     }
 }
 
@@ -115,15 +173,21 @@ pub(super) fn run(agent: &Agent) {
 /// handler: there the round trip is two context switches. On another CPU it is two
 /// wake-ups of an idle CPU, which in a VM whose idle vCPUs halt cost far more
 /// (`scripts/probes/uffd_round_trip.c` here: p50 8.5 µs on one CPU, 36–50 µs across two).
-/// The scheduler wakes the handler on an idle CPU when it can, so the handler pins itself
-/// to the faulting thread's CPU (read from procfs at most every [`Follow::CHECK_EVERY`]),
-/// and lets go once faults stop.
+/// The scheduler wakes the handler on an idle CPU when it can, so while the faults come
+/// from one thread the handler pins itself to that thread's CPU (read from procfs at most
+/// every [`Follow::CHECK_EVERY`]); it lets go when another thread faults, and once faults
+/// stop. (Pinned, it waits for that CPU: a real-time thread that kept the CPU would hold
+/// the handler until the faults stop; the faulting thread itself is blocked meanwhile.)
+#[derive(Debug, Default)]
 struct Follow {
-    /// The CPUs the thread may use when not pinned (`None`: unknown, never pin).
-    allowed: Option<crate::sys::CpuMask>,
-    pinned: Option<u32>,
+    /// The thread whose faults came last, if they all came from one.
+    thread: Option<u32>,
+    /// The CPU the handler is pinned to, and the CPUs it may use otherwise.
+    pinned: Option<(u32, crate::sys::CpuMask)>,
     checked: Option<Instant>,
-    last_fault: Instant,
+    last_fault: Option<Instant>,
+    /// Pinning failed to undo once: the handler stays where the scheduler puts it.
+    off: bool,
 }
 
 impl Follow {
@@ -134,47 +198,59 @@ impl Follow {
     /// Pinned this long after the last fault at most.
     const RELEASE: Duration = Duration::from_millis(50);
 
-    fn new() -> Self {
-        Self {
-            allowed: crate::sys::CpuMask::of_this_thread().ok(),
-            pinned: None,
-            checked: None,
-            last_fault: Instant::now(),
-        }
-    }
-
-    /// A fault of thread `tid` was resolved.
-    fn fault(&mut self, tid: u32) {
+    /// A round of events resolved faults of `who`.
+    fn faulted(&mut self, who: Faulted) {
+        let tid = match who {
+            Faulted::None => return,
+            Faulted::One(tid) => tid,
+            Faulted::Several => 0,
+        };
         let now = Instant::now();
-        self.last_fault = now;
-        if self.checked.is_some_and(|t| now - t < Self::CHECK_EVERY) {
+        self.last_fault = Some(now);
+        if self.thread != Some(tid) {
+            // Another thread (or several): the CPU followed so far is not theirs.
+            self.thread = (tid != 0).then_some(tid);
+            self.unpin();
+            return;
+        }
+        if self.off
+            || self.pinned.is_some()
+            || self.checked.is_some_and(|t| now - t < Self::CHECK_EVERY)
+        {
             return;
         }
         self.checked = Some(now);
-        let Some(allowed) = &self.allowed else { return };
-        let Some(cpu) = crate::sys::last_cpu_of(tid) else {
+        let (Some(cpu), Ok(allowed)) = (
+            crate::sys::last_cpu_of(tid),
+            crate::sys::CpuMask::of_this_thread(),
+        ) else {
             return;
         };
-        if self.pinned != Some(cpu) && allowed.contains(cpu) && crate::sys::pin_thread(cpu).is_ok()
-        {
-            self.pinned = Some(cpu);
+        if allowed.contains(cpu) && crate::sys::pin_thread(cpu).is_ok() {
+            self.pinned = Some((cpu, allowed));
         }
     }
 
     /// How long the handler may sleep before it should let go of its CPU.
     fn release_after(&self) -> Option<Duration> {
+        let last = self.last_fault?;
         self.pinned
-            .map(|_| Self::RELEASE.saturating_sub(self.last_fault.elapsed()))
+            .as_ref()
+            .map(|_| Self::RELEASE.saturating_sub(last.elapsed()))
     }
 
     /// Nothing came for a while: let go of the CPU once faults have stopped.
     fn idle(&mut self) {
-        if self.pinned.is_some() && self.last_fault.elapsed() >= Self::RELEASE {
-            if let Some(a) = &self.allowed {
-                if a.apply().is_ok() {
-                    self.pinned = None;
-                    self.checked = None;
-                }
+        if self.last_fault.is_none_or(|t| t.elapsed() >= Self::RELEASE) {
+            self.unpin();
+        }
+    }
+
+    fn unpin(&mut self) {
+        if let Some((_, allowed)) = self.pinned.take() {
+            if allowed.apply().is_err() {
+                // The CPUs it had may be gone (a cpuset changed): stay put, follow no more.
+                self.off = true;
             }
         }
     }
@@ -362,6 +438,70 @@ mod tests {
     use super::super::state::{Fate, PageStates, Region};
     use super::*;
     use samepage_engine::MmId;
+
+    #[test]
+    fn fault_changes_are_told_together_other_changes_at_once() {
+        let mut d = Deferred::default();
+        assert_eq!(d.wait(), None);
+        assert!(!d.due(true), "nothing to tell");
+        d.add(0);
+        assert_eq!(d.wait(), None);
+        d.add(3);
+        assert_eq!(d.wait(), Some(Deferred::QUIET));
+        assert!(!d.due(false), "a few fresh fault changes wait");
+        assert!(d.due(true), "with an unmap or discard, everything goes");
+        d.add(Deferred::MAX);
+        assert!(d.due(false), "too many wait");
+        assert!(d.take());
+        assert!(!d.take(), "told once");
+        d.add(1);
+        d.since = Some(Instant::now() - Deferred::MAX_AGE);
+        assert!(d.due(false), "too old");
+    }
+
+    #[test]
+    fn the_threads_of_a_round_are_one_or_several() {
+        let mut f = Faulted::None;
+        f.add(7);
+        f.add(7);
+        assert_eq!(f, Faulted::One(7));
+        f.add(8);
+        assert_eq!(f, Faulted::Several);
+        f.add(7);
+        assert_eq!(f, Faulted::Several);
+    }
+
+    #[test]
+    fn the_handler_follows_one_faulting_thread_and_lets_go() {
+        std::thread::spawn(|| {
+            let all = crate::sys::CpuMask::of_this_thread().unwrap();
+            let me = crate::sys::gettid();
+            let mut f = Follow::default();
+            f.faulted(Faulted::One(me));
+            assert!(f.pinned.is_none(), "a thread's first fault pins nothing");
+            f.faulted(Faulted::One(me));
+            let (cpu, _) = f.pinned.as_ref().expect("pinned on the second");
+            assert_eq!(crate::sys::last_cpu_of(me), Some(*cpu));
+            assert!(f.release_after().unwrap() <= Follow::RELEASE);
+            f.faulted(Faulted::Several);
+            assert!(f.pinned.is_none(), "several threads: let go");
+            assert_eq!(
+                format!("{:?}", crate::sys::CpuMask::of_this_thread().unwrap()),
+                format!("{all:?}")
+            );
+            f.faulted(Faulted::One(me));
+            f.faulted(Faulted::One(me));
+            assert!(f.pinned.is_none(), "looked up at most once a second");
+            f.checked = None;
+            f.faulted(Faulted::One(me));
+            assert!(f.pinned.is_some());
+            f.last_fault = Some(Instant::now() - Follow::RELEASE);
+            f.idle();
+            assert!(f.pinned.is_none(), "faults stopped: let go");
+        })
+        .join()
+        .unwrap();
+    }
 
     fn region(start: u64, registered: bool) -> Region {
         Region {

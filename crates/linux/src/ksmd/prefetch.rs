@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -109,11 +109,13 @@ const SCANNER_SPIN: Duration = Duration::from_micros(200);
 const READER_SPIN: Duration = Duration::from_micros(20);
 
 /// The next message, spinning for `spin` before sleeping; `None` once the sender is gone.
-/// `before_sleep` runs before the sleep, and what it returns lives until the message came.
+/// If none came within `stalled` of sleep, `on_stall` runs, and what it returns lives until
+/// the message came.
 fn spin_recv<T, G>(
     rx: &mpsc::Receiver<T>,
     spin: Duration,
-    before_sleep: impl FnOnce() -> G,
+    stalled: Duration,
+    on_stall: impl FnOnce() -> G,
 ) -> Option<T> {
     let start = Instant::now();
     loop {
@@ -121,26 +123,46 @@ fn spin_recv<T, G>(
             Ok(v) => return Some(v),
             Err(mpsc::TryRecvError::Disconnected) => return None,
             Err(mpsc::TryRecvError::Empty) if start.elapsed() < spin => std::hint::spin_loop(),
-            Err(mpsc::TryRecvError::Empty) => {
-                let _g = before_sleep();
-                return rx.recv().ok();
-            }
+            Err(mpsc::TryRecvError::Empty) => break,
+        }
+    }
+    match rx.recv_timeout(stalled) {
+        Ok(v) => Some(v),
+        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            let _g = on_stall();
+            rx.recv().ok()
         }
     }
 }
 
-/// The reader at normal priority while the scanner sleeps until it delivers: a reader at
-/// `SCHED_IDLE` gets no CPU while anything else runs, and a scanner waiting for it then
-/// waits as long (on a machine busy with other work, a 1 GiB scan took 12 s instead of 1).
-/// This is priority inheritance by hand: the scanner lends its priority to the thread it
-/// waits for. Without the right to raise a thread's priority (`CAP_SYS_NICE` or
-/// `RLIMIT_NICE`), the reader keeps its own.
+/// How long the scanner sleeps for a window before it lends the reader its priority: a
+/// window takes tens of microseconds to read when the reader gets a CPU.
+const LEND_AFTER: Duration = Duration::from_millis(1);
+
+/// The reader at normal priority while the scanner waits for it: a reader at `SCHED_IDLE`
+/// gets no CPU while anything else runs, and a scanner waiting for it then waits as long (on
+/// a machine busy compiling, 1 GiB scans took 10-15 s instead of 2 in one run of two). This
+/// is priority inheritance by hand: the scanner lends its priority to the thread it waits
+/// for, and only once the reader is seen stalled, since a reader at normal priority delays
+/// the application's faults on its CPU. Without the right to raise a thread's priority
+/// (`CAP_SYS_NICE`, or a `RLIMIT_NICE` that allows it) the reader keeps its own, and the
+/// scanner stops asking after the first refusal.
 struct Lent(Option<u32>);
 
 impl Lent {
-    fn to(tid: &AtomicU32) -> Self {
+    fn to(tid: &AtomicU32, refused: &AtomicBool) -> Self {
         let tid = tid.load(Ordering::Relaxed);
-        Self((tid != 0 && sys::set_thread_idle(tid, false).is_ok()).then_some(tid))
+        if tid == 0 || refused.load(Ordering::Relaxed) {
+            return Self(None);
+        }
+        match sys::set_thread_idle(tid, false) {
+            Ok(()) => Self(Some(tid)),
+            Err(_) => {
+                refused.store(true, Ordering::Relaxed);
+                Self(None)
+            }
+        }
     }
 }
 
@@ -160,8 +182,11 @@ pub(crate) struct Prefetcher {
     pending: VecDeque<(u64, u64)>,
     spare: Vec<Window>,
     helper: Option<JoinHandle<()>>,
-    /// The helper's thread id (0 until it started).
+    /// The helper's thread id (0 until it started). The thread lives as long as this,
+    /// which joins it when dropped, so the id names no other thread meanwhile.
     tid: Arc<AtomicU32>,
+    /// Raising the helper's priority was refused once ([`Lent`]).
+    lend_refused: AtomicBool,
 }
 
 impl Prefetcher {
@@ -180,7 +205,7 @@ impl Prefetcher {
                 // (with the reader at normal priority, first writes on merged pages during a
                 // scan took 70-85 µs at p90 instead of 11-14).
                 let _ = sys::set_idle_priority();
-                while let Some(mut w) = spin_recv(&requests, READER_SPIN, || ()) {
+                while let Some(mut w) = spin_recv(&requests, READER_SPIN, Duration::MAX, || ()) {
                     let (pid, start, end) = (w.pid, w.start, w.end);
                     w.fill(pid, start, end);
                     if done.send(w).is_err() {
@@ -195,6 +220,7 @@ impl Prefetcher {
             spare: (0..DEPTH).map(|_| Window::new()).collect(),
             helper: Some(helper),
             tid: helper_tid,
+            lend_refused: AtomicBool::new(false),
         })
     }
 
@@ -228,7 +254,9 @@ impl Prefetcher {
     /// to be read); otherwise every window asked for is dropped.
     pub fn take(&mut self, start: u64) -> Option<Window> {
         let (asked, _) = self.pending.pop_front()?;
-        let w = spin_recv(&self.from_helper, SCANNER_SPIN, || Lent::to(&self.tid))?;
+        let w = spin_recv(&self.from_helper, SCANNER_SPIN, LEND_AFTER, || {
+            Lent::to(&self.tid, &self.lend_refused)
+        })?;
         if asked == start {
             return Some(w);
         }
@@ -241,7 +269,9 @@ impl Prefetcher {
     /// used, and the helper reads no page after this returns.
     pub fn cancel(&mut self) {
         while self.pending.pop_front().is_some() {
-            if let Some(w) = spin_recv(&self.from_helper, SCANNER_SPIN, || Lent::to(&self.tid)) {
+            if let Some(w) = spin_recv(&self.from_helper, SCANNER_SPIN, LEND_AFTER, || {
+                Lent::to(&self.tid, &self.lend_refused)
+            }) {
                 self.spare.push(w);
             }
         }
@@ -271,25 +301,26 @@ mod tests {
     fn a_waiting_scanner_lends_the_reader_its_priority() {
         let tid = Arc::new(AtomicU32::new(0));
         let p = Prefetcher::new(tid.clone()).unwrap();
-        let policy = |t: u32| {
-            // SAFETY: sched_getscheduler only reads a thread's policy.
-            unsafe { libc::sched_getscheduler(t as libc::pid_t) }
-        };
+        let deadline = Instant::now() + Duration::from_secs(10);
         let t = loop {
             let t = tid.load(Ordering::Relaxed);
-            if t != 0 && policy(t) == libc::SCHED_IDLE {
+            if t != 0 && sys::thread_policy(t).ok() == Some(libc::SCHED_IDLE) {
                 break t;
+            }
+            if Instant::now() > deadline {
+                eprintln!("skipped: the reader cannot put itself at SCHED_IDLE here");
+                return;
             }
             std::thread::yield_now();
         };
-        let lent = Lent::to(&p.tid);
+        let lent = Lent::to(&p.tid, &p.lend_refused);
         if lent.0.is_none() {
             eprintln!("skipped: no right to raise a thread's priority here");
             return;
         }
-        assert_eq!(policy(t), libc::SCHED_OTHER);
+        assert_eq!(sys::thread_policy(t).unwrap(), libc::SCHED_OTHER);
         drop(lent);
-        assert_eq!(policy(t), libc::SCHED_IDLE);
+        assert_eq!(sys::thread_policy(t).unwrap(), libc::SCHED_IDLE);
     }
 
     #[test]

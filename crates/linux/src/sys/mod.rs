@@ -448,6 +448,14 @@ pub fn last_cpu_of(tid: u32) -> Option<u32> {
 /// The CPUs the calling thread may run on, to go back to after [`pin_thread`].
 pub struct CpuMask(libc::cpu_set_t);
 
+impl std::fmt::Debug for CpuMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries((0..libc::CPU_SETSIZE as u32).filter(|&c| self.contains(c)))
+            .finish()
+    }
+}
+
 impl CpuMask {
     /// The calling thread's mask now.
     pub fn of_this_thread() -> io::Result<Self> {
@@ -487,6 +495,19 @@ pub fn pin_thread(cpu: u32) -> io::Result<()> {
     cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) }).map(drop)
 }
 
+/// CPU time of the calling thread (`CLOCK_THREAD_CPUTIME_ID`).
+pub fn this_thread_cpu() -> std::time::Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: t is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
 /// CPU time of thread `tid` of this process in nanoseconds (`/proc/self/task/TID/schedstat`).
 pub fn thread_cpu_ns(tid: u32) -> u64 {
     read_first_u64(&format!("/proc/self/task/{tid}/schedstat"))
@@ -517,8 +538,10 @@ pub fn set_idle_priority() -> io::Result<()> {
     cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }).map(drop)
 }
 
-/// Put thread `tid` of this process at `SCHED_IDLE` (`idle`) or back at `SCHED_OTHER`
-/// (nice 0); the latter needs `CAP_SYS_NICE` or a `RLIMIT_NICE` that allows nice 0.
+/// Put thread `tid` at `SCHED_IDLE` (`idle`) or back at `SCHED_OTHER` with the nice value
+/// it has; leaving `SCHED_IDLE` needs `CAP_SYS_NICE` or a `RLIMIT_NICE` that allows that nice
+/// value. Thread ids are system-wide: the caller makes sure `tid` is a live thread of its
+/// own (one it joins before its id can be reused).
 pub fn set_thread_idle(tid: u32, idle: bool) -> io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     let policy = if idle {
@@ -526,8 +549,15 @@ pub fn set_thread_idle(tid: u32, idle: bool) -> io::Result<()> {
     } else {
         libc::SCHED_OTHER
     };
-    // SAFETY: param is a valid sched_param; tid names a thread (a wrong one gives ESRCH).
+    // SAFETY: param is a valid sched_param; the call changes only a scheduling policy.
     cvt(unsafe { libc::sched_setscheduler(tid as libc::pid_t, policy, &param) }).map(drop)
+}
+
+/// The scheduling policy of thread `tid` (`SCHED_OTHER`, `SCHED_IDLE`, ...).
+#[cfg(test)]
+pub fn thread_policy(tid: u32) -> io::Result<libc::c_int> {
+    // SAFETY: sched_getscheduler only reads a thread's policy.
+    cvt(unsafe { libc::sched_getscheduler(tid as libc::pid_t) })
 }
 
 /// Block every signal in the calling thread: samepage's threads inside another program
