@@ -102,13 +102,13 @@
 #![forbid(unsafe_code)]
 
 mod advisor;
-mod arena;
 mod convergence;
 pub mod counters;
 mod ksm;
 pub mod memory;
 pub mod page;
 mod rmap;
+mod stable;
 pub mod tunables;
 pub mod zero_pages;
 

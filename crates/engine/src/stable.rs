@@ -1,0 +1,715 @@
+//! Stable nodes (`struct ksm_stable_node`) and the two ways to find one: by content (the
+//! stable tree, here an index on the content's 64-bit hash) and by KSM page (the kernel's
+//! `page_stable_node`, which reads `folio->mapping`).
+//!
+//! A node is 28 bytes; the indexes are open-addressing tables of node ids with one byte of
+//! hash beside each, keyed by fields the node holds already. Chains (rare: a content with
+//! more than `max_page_sharing` mappings) keep their list of dups on the side.
+
+use crate::page::{DomainId, FrameId};
+use crate::rmap::NIL;
+use rustc_hash::FxHashMap;
+
+/// Key of the stable tree's index: the full XXH64 of the contents, the NUMA root (always 0
+/// with `merge_across_nodes=1`) and the security domain: one stable tree per root and domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    pub hash: u64,
+    pub nid: u32,
+    pub domain: DomainId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NodeKind {
+    /// A KSM page in the index.
+    Regular,
+    /// Stands in the index for a content that reached `max_page_sharing`; holds dups
+    /// ([`StableNodes::dups`]).
+    Chain,
+    /// A KSM page hanging in a chain.
+    Dup { chain: u32 },
+}
+
+// `StableNode::meta`: the kind in the low two bits.
+const KIND_REGULAR: u32 = 0;
+const KIND_DUP: u32 = 1;
+const KIND_CHAIN: u32 = 2;
+const KIND_FREE: u32 = 3;
+
+/// `struct ksm_stable_node`, 28 bytes (the 64-bit fields as halves, so that it packs).
+#[derive(Clone, Copy, Debug)]
+struct StableNode {
+    /// The KSM page (a chain: `prune_time` in milliseconds).
+    kpfn: [u32; 2],
+    /// The content's XXH64 (a dup: its chain's).
+    hash: [u32; 2],
+    /// First rmap item mapping the page (`hlist`, chained through the items' links).
+    head: u32,
+    /// `rmap_hlist_len`.
+    len: u32,
+    /// The kind (`KIND_*`) in bits 0–1; above them, the key's (nid, domain) as an index into
+    /// [`StableNodes::classes`] (regular, chain), the chain (dup), or the next free node.
+    meta: u32,
+}
+
+#[inline]
+fn join(v: [u32; 2]) -> u64 {
+    (v[1] as u64) << 32 | v[0] as u64
+}
+
+#[inline]
+fn halves(v: u64) -> [u32; 2] {
+    [v as u32, (v >> 32) as u32]
+}
+
+/// Open addressing with linear probing: `u32` ids whose keys live elsewhere (the caller
+/// hashes and compares them), with a tag byte per slot (0: empty; else the top bit and seven
+/// bits of the hash). A probe reads the tags eight at a time, so that a search for a key
+/// that is not there (most searches of the stable tree) looks at a group or two of tags and
+/// at no id. Deletion shifts the following entries back, so there are no tombstones.
+#[derive(Clone, Debug, Default)]
+struct IdTable {
+    /// One per slot, then a copy of the first [`GROUP`] (a group read near the end wraps).
+    tags: Vec<u8>,
+    ids: Vec<u32>,
+    len: usize,
+}
+
+const MIN_SLOTS: usize = 16;
+/// Tags read at once.
+const GROUP: usize = 8;
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
+
+#[inline]
+fn mix(h: u64) -> u64 {
+    (h ^ h >> 29).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+impl IdTable {
+    #[inline]
+    fn slots(&self) -> usize {
+        self.ids.len()
+    }
+
+    #[inline]
+    fn home(&self, m: u64) -> usize {
+        (m >> (64 - self.slots().trailing_zeros())) as usize
+    }
+
+    #[inline]
+    fn tag(m: u64) -> u8 {
+        0x80 | (m >> 20) as u8 & 0x7f
+    }
+
+    #[inline]
+    fn group(&self, i: usize) -> u64 {
+        let mut g = [0; GROUP];
+        g.copy_from_slice(&self.tags[i..i + GROUP]);
+        u64::from_le_bytes(g)
+    }
+
+    fn set_tag(&mut self, i: usize, t: u8) {
+        self.tags[i] = t;
+        if i < GROUP {
+            let n = self.slots();
+            self.tags[n + i] = t;
+        }
+    }
+
+    /// The slot of the first id under hash `h` for which `eq` holds, or the first empty slot
+    /// of the probe (`Err`).
+    #[inline]
+    fn probe(&self, h: u64, mut eq: impl FnMut(u32) -> bool) -> Result<usize, usize> {
+        let m = mix(h);
+        let (tag, mask) = (Self::tag(m), self.slots() - 1);
+        let mut pos = self.home(m);
+        loop {
+            let g = self.group(pos);
+            // Empty tags are the only ones with the top bit clear.
+            let empty = !g & HI;
+            let x = g ^ (LO * tag as u64);
+            // Bytes of x that are zero (and a few false ones, which `eq` weeds out), below
+            // the first empty tag.
+            let mut hits = x.wrapping_sub(LO) & !x & HI;
+            if empty != 0 {
+                // Strictly below the first empty tag.
+                hits &= (empty.wrapping_sub(1) ^ empty) >> 1;
+            }
+            while hits != 0 {
+                let i = (pos + hits.trailing_zeros() as usize / 8) & mask;
+                if eq(self.ids[i]) {
+                    return Ok(i);
+                }
+                hits &= hits - 1;
+            }
+            if empty != 0 {
+                return Err((pos + empty.trailing_zeros() as usize / 8) & mask);
+            }
+            pos = (pos + GROUP) & mask;
+        }
+    }
+
+    /// The first id under hash `h` for which `eq` holds.
+    #[inline]
+    fn find(&self, h: u64, eq: impl FnMut(u32) -> bool) -> Option<u32> {
+        if self.len == 0 {
+            return None;
+        }
+        self.probe(h, eq).ok().map(|i| self.ids[i])
+    }
+
+    /// Put `id` under hash `h`, in place of the first id for which `eq` holds if there is one
+    /// (that id is returned). `hash_of` gives the hash of any id in the table, to resize it.
+    fn insert(
+        &mut self,
+        h: u64,
+        id: u32,
+        eq: impl FnMut(u32) -> bool,
+        hash_of: impl Fn(u32) -> u64,
+    ) -> Option<u32> {
+        if (self.len + 1) * 8 > self.slots() * 7 {
+            self.resize((self.slots() * 2).max(MIN_SLOTS), &hash_of);
+        }
+        match self.probe(h, eq) {
+            Ok(i) => Some(std::mem::replace(&mut self.ids[i], id)),
+            Err(i) => {
+                self.set_tag(i, Self::tag(mix(h)));
+                self.ids[i] = id;
+                self.len += 1;
+                None
+            }
+        }
+    }
+
+    /// Take `id` (under hash `h`) out; false if it is not there.
+    fn remove(&mut self, h: u64, id: u32, hash_of: impl Fn(u32) -> u64) -> bool {
+        if self.len == 0 {
+            return false;
+        }
+        let Ok(mut i) = self.probe(h, |o| o == id) else {
+            return false;
+        };
+        // Backward shift: move up every following entry that may sit in the hole.
+        let mask = self.slots() - 1;
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            if self.tags[j] == 0 {
+                break;
+            }
+            let k = self.home(mix(hash_of(self.ids[j])));
+            // The entry at j stays if its home lies cyclically in (i, j].
+            let stays = if i <= j {
+                i < k && k <= j
+            } else {
+                i < k || k <= j
+            };
+            if !stays {
+                self.set_tag(i, self.tags[j]);
+                self.ids[i] = self.ids[j];
+                i = j;
+            }
+        }
+        self.set_tag(i, 0);
+        self.len -= 1;
+        if self.slots() > MIN_SLOTS && self.len * 8 < self.slots() {
+            self.resize(self.slots() / 2, &hash_of);
+        }
+        true
+    }
+
+    fn resize(&mut self, slots: usize, hash_of: &impl Fn(u32) -> u64) {
+        let tags = std::mem::replace(&mut self.tags, vec![0; slots + GROUP]);
+        let ids = std::mem::replace(&mut self.ids, vec![0; slots]);
+        let mask = slots - 1;
+        for (&t, id) in tags.iter().zip(ids) {
+            if t == 0 {
+                continue;
+            }
+            let m = mix(hash_of(id));
+            let mut i = self.home(m);
+            while self.tags[i] != 0 {
+                i = (i + 1) & mask;
+            }
+            self.set_tag(i, Self::tag(m));
+            self.ids[i] = id;
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.tags.capacity() + self.ids.capacity() * 4
+    }
+}
+
+/// Every stable node, and the indexes that find them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct StableNodes {
+    nodes: Vec<StableNode>,
+    /// First free node ([`NIL`]: none), the others chained through `meta`.
+    free: Option<u32>,
+    /// Nodes in use.
+    live: usize,
+    /// The (nid, domain) pairs of keys, each once; the first is (0, domain 0), if any.
+    classes: Vec<(u32, DomainId)>,
+    /// `root_stable_tree`: the regular nodes and chains by key.
+    by_key: IdTable,
+    /// `page_stable_node`: the regular nodes and dups by KSM page.
+    by_kpfn: IdTable,
+    /// Each chain's dups, the one to try first in front.
+    dups: FxHashMap<u32, Vec<u32>>,
+}
+
+#[inline]
+fn key_hash(hash: u64, class: u32) -> u64 {
+    hash ^ (class as u64).wrapping_mul(0xff51_afd7_ed55_8ccd)
+}
+
+/// The hash a regular node or chain is under in the index (dups are never there).
+fn index_hash(nodes: &[StableNode], id: u32) -> u64 {
+    let n = &nodes[id as usize];
+    debug_assert!(
+        matches!(n.meta & 3, KIND_REGULAR | KIND_CHAIN),
+        "only regular nodes and chains are in the index"
+    );
+    key_hash(join(n.hash), n.meta >> 2)
+}
+
+impl StableNodes {
+    fn class_of(&mut self, nid: u32, domain: DomainId) -> u32 {
+        match self.classes.iter().position(|&c| c == (nid, domain)) {
+            Some(k) => k as u32,
+            None => {
+                self.classes.push((nid, domain));
+                u32::try_from(self.classes.len() - 1)
+                    .ok()
+                    .filter(|&k| k < 1 << 30)
+                    .expect("fewer than 2^30 (nid, domain) pairs")
+            }
+        }
+    }
+
+    #[inline]
+    fn find_class(&self, nid: u32, domain: DomainId) -> Option<u32> {
+        self.classes
+            .iter()
+            .position(|&c| c == (nid, domain))
+            .map(|k| k as u32)
+    }
+
+    #[inline]
+    fn node(&self, id: u32) -> &StableNode {
+        let n = &self.nodes[id as usize];
+        debug_assert!(n.meta & 3 != KIND_FREE, "stable node {id} in use");
+        n
+    }
+
+    #[inline]
+    fn node_mut(&mut self, id: u32) -> &mut StableNode {
+        let n = &mut self.nodes[id as usize];
+        debug_assert!(n.meta & 3 != KIND_FREE, "stable node {id} in use");
+        n
+    }
+
+    /// The class of a regular node or chain.
+    fn class(&self, id: u32) -> u32 {
+        self.node(id).meta >> 2
+    }
+
+    fn alloc(&mut self, n: StableNode) -> u32 {
+        self.live += 1;
+        match self.free {
+            Some(id) => {
+                let next = self.nodes[id as usize].meta >> 2;
+                self.free = (next != NIL >> 2).then_some(next);
+                self.nodes[id as usize] = n;
+                id
+            }
+            None => {
+                self.nodes.push(n);
+                u32::try_from(self.nodes.len() - 1)
+                    .ok()
+                    .filter(|&id| id < NIL >> 2)
+                    .expect("fewer than 2^30 - 1 stable nodes")
+            }
+        }
+    }
+
+    /// Whether `id` is a node in use.
+    #[inline]
+    pub fn contains(&self, id: u32) -> bool {
+        self.nodes
+            .get(id as usize)
+            .is_some_and(|n| n.meta & 3 != KIND_FREE)
+    }
+
+    #[inline]
+    pub fn kind(&self, id: u32) -> NodeKind {
+        let meta = self.node(id).meta;
+        match meta & 3 {
+            KIND_REGULAR => NodeKind::Regular,
+            KIND_CHAIN => NodeKind::Chain,
+            _ => NodeKind::Dup { chain: meta >> 2 },
+        }
+    }
+
+    #[inline]
+    pub fn is_chain(&self, id: u32) -> bool {
+        self.node(id).meta & 3 == KIND_CHAIN
+    }
+
+    /// The node's key (a dup's is its chain's).
+    pub fn key(&self, id: u32) -> Key {
+        let n = self.node(id);
+        let class = match n.meta & 3 {
+            KIND_DUP => self.node(n.meta >> 2).meta >> 2,
+            _ => n.meta >> 2,
+        };
+        let (nid, domain) = self.classes[class as usize];
+        Key {
+            hash: join(n.hash),
+            nid,
+            domain,
+        }
+    }
+
+    /// The low half of the content's hash: the checksum of the pages merged into it.
+    #[inline]
+    pub fn checksum(&self, id: u32) -> u32 {
+        self.node(id).hash[0]
+    }
+
+    /// The KSM page (not for chains).
+    #[inline]
+    pub fn kpfn(&self, id: u32) -> FrameId {
+        debug_assert!(!self.is_chain(id));
+        FrameId(join(self.node(id).kpfn))
+    }
+
+    #[inline]
+    pub fn head(&self, id: u32) -> u32 {
+        self.node(id).head
+    }
+
+    #[inline]
+    pub fn set_head(&mut self, id: u32, head: u32) {
+        self.node_mut(id).head = head;
+    }
+
+    /// `rmap_hlist_len`.
+    #[inline]
+    pub fn len(&self, id: u32) -> u32 {
+        self.node(id).len
+    }
+
+    #[inline]
+    pub fn set_len(&mut self, id: u32, len: u32) {
+        self.node_mut(id).len = len;
+    }
+
+    /// A regular node for the KSM page `kpfn` under `key`, with no item yet, found by its
+    /// page (the caller puts it in the stable tree's index or a chain).
+    pub fn insert_page_node(&mut self, kpfn: FrameId, key: Key) -> u32 {
+        let class = self.class_of(key.nid, key.domain);
+        let id = self.alloc(StableNode {
+            kpfn: halves(kpfn.0),
+            hash: halves(key.hash),
+            head: NIL,
+            len: 0,
+            meta: class << 2 | KIND_REGULAR,
+        });
+        let nodes = &self.nodes;
+        let replaced = self.by_kpfn.insert(
+            kpfn.0,
+            id,
+            |o| join(nodes[o as usize].kpfn) == kpfn.0,
+            |o| join(nodes[o as usize].kpfn),
+        );
+        debug_assert!(replaced.is_none(), "one node per KSM page");
+        id
+    }
+
+    /// `alloc_stable_node_chain`: a chain under `key` holding `dup`, the regular node in the
+    /// index under `key`, whose place in the index it takes; pruned last at `now_ms`.
+    pub fn insert_chain(&mut self, key: Key, now_ms: u64, dup: u32) -> u32 {
+        let class = self.class_of(key.nid, key.domain);
+        let chain = self.alloc(StableNode {
+            kpfn: halves(now_ms),
+            hash: halves(key.hash),
+            head: NIL,
+            len: 0,
+            meta: class << 2 | KIND_CHAIN,
+        });
+        self.dups.insert(chain, vec![dup]);
+        // While `dup` is still a regular node, which the chain replaces under their key.
+        self.index_insert(chain);
+        self.set_dup(dup, chain);
+        chain
+    }
+
+    /// Make the regular node `id` a dup of `chain`.
+    pub fn set_dup(&mut self, id: u32, chain: u32) {
+        debug_assert_eq!(self.node(id).meta & 3, KIND_REGULAR);
+        self.node_mut(id).meta = chain << 2 | KIND_DUP;
+    }
+
+    /// Make the dup `id` a regular node again, under `key` (its chain's, the chain going).
+    pub fn set_regular(&mut self, id: u32, key: Key) {
+        let class = self.class_of(key.nid, key.domain);
+        self.node_mut(id).meta = class << 2 | KIND_REGULAR;
+    }
+
+    /// A chain's dups.
+    pub fn dups(&self, chain: u32) -> &[u32] {
+        self.dups.get(&chain).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn dups_mut(&mut self, chain: u32) -> &mut Vec<u32> {
+        self.dups
+            .get_mut(&chain)
+            .expect("a chain has a list of dups")
+    }
+
+    /// A chain's `prune_time`, in milliseconds.
+    pub fn prune_time_ms(&self, chain: u32) -> u64 {
+        debug_assert!(self.is_chain(chain));
+        join(self.node(chain).kpfn)
+    }
+
+    pub fn set_prune_time_ms(&mut self, chain: u32, ms: u64) {
+        debug_assert!(self.is_chain(chain));
+        self.node_mut(chain).kpfn = halves(ms);
+    }
+
+    /// Free node `id`: out of the stable tree's index if it is the node there, out of the
+    /// page index (a chain: its list of dups goes).
+    pub fn remove(&mut self, id: u32) {
+        let n = *self.node(id);
+        if n.meta & 3 != KIND_DUP && self.in_index(id) {
+            self.index_remove(id);
+        }
+        if n.meta & 3 == KIND_CHAIN {
+            self.dups.remove(&id);
+        } else {
+            let nodes = &self.nodes;
+            self.by_kpfn
+                .remove(join(n.kpfn), id, |o| join(nodes[o as usize].kpfn));
+        }
+        let next = self.free.unwrap_or(NIL) & (NIL >> 2);
+        self.nodes[id as usize] = StableNode {
+            kpfn: [0; 2],
+            hash: [0; 2],
+            head: NIL,
+            len: 0,
+            meta: next << 2 | KIND_FREE,
+        };
+        self.free = Some(id);
+        self.live -= 1;
+        if self.live == 0 {
+            // All gone (run=2): give the memory back.
+            *self = Self {
+                classes: std::mem::take(&mut self.classes),
+                ..Self::default()
+            };
+        }
+    }
+
+    /// The node for KSM page `kpfn` (`page_stable_node`).
+    #[inline]
+    pub fn by_page(&self, kpfn: FrameId) -> Option<u32> {
+        self.by_kpfn
+            .find(kpfn.0, |o| join(self.nodes[o as usize].kpfn) == kpfn.0)
+    }
+
+    /// The regular node or chain in the stable tree's index under `key`.
+    #[inline]
+    pub fn lookup(&self, key: &Key) -> Option<u32> {
+        let class = self.find_class(key.nid, key.domain)?;
+        self.by_key.find(key_hash(key.hash, class), |o| {
+            let n = &self.nodes[o as usize];
+            join(n.hash) == key.hash && n.meta >> 2 == class
+        })
+    }
+
+    /// Put the regular node or chain `id` in the index under its key, in place of the node
+    /// there.
+    pub fn index_insert(&mut self, id: u32) {
+        debug_assert!(!matches!(self.kind(id), NodeKind::Dup { .. }));
+        let h = index_hash(&self.nodes, id);
+        let (hash, class) = (self.nodes[id as usize].hash, self.class(id));
+        let nodes = &self.nodes;
+        self.by_key.insert(
+            h,
+            id,
+            |o| nodes[o as usize].hash == hash && nodes[o as usize].meta >> 2 == class,
+            |o| index_hash(nodes, o),
+        );
+    }
+
+    /// Take `id` out of the index (where it is the node under its key).
+    fn index_remove(&mut self, id: u32) {
+        let nodes = &self.nodes;
+        self.by_key
+            .remove(index_hash(nodes, id), id, |o| index_hash(nodes, o));
+    }
+
+    /// Whether `id` is the node in the index under its key.
+    pub fn in_index(&self, id: u32) -> bool {
+        let key = self.key(id);
+        self.lookup(&key) == Some(id)
+    }
+
+    /// Every node in use.
+    pub fn ids(&self) -> Vec<u32> {
+        (0..self.nodes.len() as u32)
+            .filter(|&id| self.nodes[id as usize].meta & 3 != KIND_FREE)
+            .collect()
+    }
+
+    /// Heap bytes held: nodes (free ones included), the indexes, the chains' lists.
+    pub fn heap_bytes(&self) -> usize {
+        self.nodes.capacity() * std::mem::size_of::<StableNode>()
+            + self.classes.capacity() * std::mem::size_of::<(u32, DomainId)>()
+            + self.by_key.heap_bytes()
+            + self.by_kpfn.heap_bytes()
+            + self.dups.capacity() * (std::mem::size_of::<(u32, Vec<u32>)>() + 1)
+            + self.dups.values().map(|d| d.capacity() * 4).sum::<usize>()
+    }
+
+    /// Give back the memory of free nodes at the end of the list. Called between passes.
+    pub fn trim(&mut self) {
+        if self.nodes.capacity() <= 2 * self.live.max(8) {
+            return;
+        }
+        while self.nodes.last().is_some_and(|n| n.meta & 3 == KIND_FREE) {
+            self.nodes.pop();
+        }
+        // Rebuild the free list from what is left.
+        let mut free = NIL >> 2;
+        for id in (0..self.nodes.len()).rev() {
+            let n = &mut self.nodes[id];
+            if n.meta & 3 == KIND_FREE {
+                n.meta = free << 2 | KIND_FREE;
+                free = id as u32;
+            }
+        }
+        self.free = (free != NIL >> 2).then_some(free);
+        if self.nodes.capacity() > 2 * self.nodes.len() {
+            self.nodes.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_is_28_bytes() {
+        assert_eq!(std::mem::size_of::<StableNode>(), 28);
+    }
+
+    #[test]
+    fn id_table_finds_replaces_and_removes() {
+        // Keys collide on purpose (hash = id % 7) to exercise the probing and the shifts.
+        let hash_of = |id: u32| (id % 7) as u64;
+        let mut t = IdTable::default();
+        for id in 0..200u32 {
+            assert_eq!(t.insert(hash_of(id), id, |o| o == id, hash_of), None);
+        }
+        assert_eq!(t.len, 200);
+        assert!(t.slots() >= 256);
+        for id in (0..200u32).step_by(3) {
+            assert!(t.remove(hash_of(id), id, hash_of));
+            assert!(!t.remove(hash_of(id), id, hash_of));
+        }
+        for id in 0..200u32 {
+            let found = t.find(hash_of(id), |o| o == id);
+            assert_eq!(found.is_some(), id % 3 != 0, "{id}");
+        }
+        // Replace: key equality by hash.
+        assert_eq!(t.insert(3, 1004, |o| o % 7 == 3, hash_of), Some(10));
+        for id in 0..200u32 {
+            if id % 3 != 0 && id != 10 {
+                t.remove(hash_of(id), id, hash_of);
+            }
+        }
+        assert_eq!(t.len, 1);
+        assert_eq!(t.slots(), MIN_SLOTS);
+        assert_eq!(t.find(3, |o| o == 1004), Some(1004));
+    }
+
+    #[test]
+    fn id_table_agrees_with_a_hash_map() {
+        // Ids 0..4096 with keys id % 1000 (ten ids a key at most: long runs of one tag),
+        // inserted and removed at random.
+        let hash_of = |id: u32| ((id % 1000) as u64).wrapping_mul(0x1234_5678_9abc_def1);
+        let mut t = IdTable::default();
+        let mut model = std::collections::HashSet::new();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for step in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let id = (x % 4096) as u32;
+            if model.contains(&id) {
+                assert!(t.remove(hash_of(id), id, hash_of), "step {step}");
+                model.remove(&id);
+            } else {
+                assert_eq!(t.insert(hash_of(id), id, |o| o == id, hash_of), None);
+                model.insert(id);
+            }
+            if step % 1000 == 0 {
+                for id in 0..4096 {
+                    let found = t.find(hash_of(id), |o| o == id);
+                    assert_eq!(found.is_some(), model.contains(&id), "step {step} id {id}");
+                }
+                assert_eq!(t.len, model.len());
+            }
+        }
+    }
+
+    #[test]
+    fn nodes_by_key_and_page() {
+        let mut s = StableNodes::default();
+        let key = |hash, domain| Key {
+            hash,
+            nid: 0,
+            domain: DomainId(domain),
+        };
+        let a = s.insert_page_node(FrameId(1 << 40 | 5), key(77, 0));
+        s.index_insert(a);
+        let b = s.insert_page_node(FrameId(6), key(77, 1));
+        s.index_insert(b);
+        assert_eq!(s.lookup(&key(77, 0)), Some(a));
+        assert_eq!(s.lookup(&key(77, 1)), Some(b));
+        assert_eq!(s.lookup(&key(78, 0)), None);
+        assert_eq!(s.by_page(FrameId(1 << 40 | 5)), Some(a));
+        assert_eq!(s.key(b), key(77, 1));
+        assert_eq!(s.checksum(b), 77);
+        // A chain takes a's place in the index; a dup keeps its page.
+        let c = s.insert_page_node(FrameId(7), key(77, 0));
+        let chain = s.insert_chain(key(77, 0), 123, a);
+        s.dups_mut(chain).insert(0, c);
+        s.set_dup(c, chain);
+        assert_eq!(s.lookup(&key(77, 0)), Some(chain));
+        assert_eq!(
+            (s.kind(a), s.kind(chain)),
+            (NodeKind::Dup { chain }, NodeKind::Chain)
+        );
+        assert_eq!(s.key(c), key(77, 0));
+        assert_eq!((s.dups(chain), s.prune_time_ms(chain)), (&[c, a][..], 123));
+        assert_eq!(s.by_page(FrameId(7)), Some(c));
+        s.remove(c);
+        assert_eq!(s.by_page(FrameId(7)), None);
+        assert!(!s.contains(c));
+        // The freed node is reused.
+        let d = s.insert_page_node(FrameId(8), key(1, 0));
+        assert_eq!(d, c);
+        assert_eq!(s.ids(), vec![a, b, c, chain]);
+        for id in s.ids() {
+            s.remove(id);
+        }
+        assert_eq!(s.heap_bytes(), s.classes.capacity() * 8);
+    }
+}
