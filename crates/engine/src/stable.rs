@@ -67,6 +67,10 @@ fn halves(v: u64) -> [u32; 2] {
 /// bits of the hash). A probe reads the tags eight at a time, so that a search for a key
 /// that is not there (most searches of the stable tree) looks at a group or two of tags and
 /// at no id. Deletion shifts the following entries back, so there are no tombstones.
+///
+/// The number of slots is any multiple of eight (a hash picks its home slot by
+/// multiplication, not masking), so that the table grows by a quarter at a time and is 70 to
+/// 87.5% full once [`IdTable::trim`] has run, where doubling would leave it half empty.
 #[derive(Clone, Debug, Default)]
 struct IdTable {
     /// One per slot, then a copy of the first [`GROUP`] (a group read near the end wraps).
@@ -75,7 +79,6 @@ struct IdTable {
     len: usize,
 }
 
-const MIN_SLOTS: usize = 16;
 /// Tags read at once.
 const GROUP: usize = 8;
 const LO: u64 = 0x0101_0101_0101_0101;
@@ -86,6 +89,11 @@ fn mix(h: u64) -> u64 {
     (h ^ h >> 29).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
+/// Slots for `len` entries at 80% (at least one group).
+fn slots_for(len: usize) -> usize {
+    (len * 5 / 4 + 1).next_multiple_of(GROUP).max(2 * GROUP)
+}
+
 impl IdTable {
     #[inline]
     fn slots(&self) -> usize {
@@ -94,12 +102,22 @@ impl IdTable {
 
     #[inline]
     fn home(&self, m: u64) -> usize {
-        (m >> (64 - self.slots().trailing_zeros())) as usize
+        (((m >> 32) * self.slots() as u64) >> 32) as usize
     }
 
     #[inline]
     fn tag(m: u64) -> u8 {
         0x80 | (m >> 20) as u8 & 0x7f
+    }
+
+    #[inline]
+    fn next(&self, i: usize, by: usize) -> usize {
+        let j = i + by;
+        if j >= self.slots() {
+            j - self.slots()
+        } else {
+            j
+        }
     }
 
     #[inline]
@@ -122,31 +140,30 @@ impl IdTable {
     #[inline]
     fn probe(&self, h: u64, mut eq: impl FnMut(u32) -> bool) -> Result<usize, usize> {
         let m = mix(h);
-        let (tag, mask) = (Self::tag(m), self.slots() - 1);
+        let tag = Self::tag(m);
         let mut pos = self.home(m);
         loop {
             let g = self.group(pos);
             // Empty tags are the only ones with the top bit clear.
             let empty = !g & HI;
             let x = g ^ (LO * tag as u64);
-            // Bytes of x that are zero (and a few false ones, which `eq` weeds out), below
-            // the first empty tag.
+            // Bytes of x that are zero (and a few false ones, which `eq` weeds out).
             let mut hits = x.wrapping_sub(LO) & !x & HI;
             if empty != 0 {
                 // Strictly below the first empty tag.
                 hits &= (empty.wrapping_sub(1) ^ empty) >> 1;
             }
             while hits != 0 {
-                let i = (pos + hits.trailing_zeros() as usize / 8) & mask;
+                let i = self.next(pos, hits.trailing_zeros() as usize / 8);
                 if eq(self.ids[i]) {
                     return Ok(i);
                 }
                 hits &= hits - 1;
             }
             if empty != 0 {
-                return Err((pos + empty.trailing_zeros() as usize / 8) & mask);
+                return Err(self.next(pos, empty.trailing_zeros() as usize / 8));
             }
-            pos = (pos + GROUP) & mask;
+            pos = self.next(pos, GROUP);
         }
     }
 
@@ -169,7 +186,8 @@ impl IdTable {
         hash_of: impl Fn(u32) -> u64,
     ) -> Option<u32> {
         if (self.len + 1) * 8 > self.slots() * 7 {
-            self.resize((self.slots() * 2).max(MIN_SLOTS), &hash_of);
+            let grown = (self.slots() * 5 / 4).next_multiple_of(GROUP);
+            self.resize(slots_for(self.len + 1).max(grown), &hash_of);
         }
         match self.probe(h, eq) {
             Ok(i) => Some(std::mem::replace(&mut self.ids[i], id)),
@@ -191,10 +209,9 @@ impl IdTable {
             return false;
         };
         // Backward shift: move up every following entry that may sit in the hole.
-        let mask = self.slots() - 1;
         let mut j = i;
         loop {
-            j = (j + 1) & mask;
+            j = self.next(j, 1);
             if self.tags[j] == 0 {
                 break;
             }
@@ -213,16 +230,25 @@ impl IdTable {
         }
         self.set_tag(i, 0);
         self.len -= 1;
-        if self.slots() > MIN_SLOTS && self.len * 8 < self.slots() {
-            self.resize(self.slots() / 2, &hash_of);
+        if self.len * 4 < self.slots() && self.slots() > 2 * GROUP {
+            self.resize(slots_for(self.len), &hash_of);
         }
         true
+    }
+
+    /// Give back room the table no longer needs (it is under 70% full). Called between
+    /// passes.
+    fn trim(&mut self, hash_of: impl Fn(u32) -> u64) {
+        if self.len == 0 {
+            *self = Self::default();
+        } else if self.len * 10 < self.slots() * 7 && slots_for(self.len) < self.slots() {
+            self.resize(slots_for(self.len), &hash_of);
+        }
     }
 
     fn resize(&mut self, slots: usize, hash_of: &impl Fn(u32) -> u64) {
         let tags = std::mem::replace(&mut self.tags, vec![0; slots + GROUP]);
         let ids = std::mem::replace(&mut self.ids, vec![0; slots]);
-        let mask = slots - 1;
         for (&t, id) in tags.iter().zip(ids) {
             if t == 0 {
                 continue;
@@ -230,7 +256,7 @@ impl IdTable {
             let m = mix(hash_of(id));
             let mut i = self.home(m);
             while self.tags[i] != 0 {
-                i = (i + 1) & mask;
+                i = self.next(i, 1);
             }
             self.set_tag(i, Self::tag(m));
             self.ids[i] = id;
@@ -326,6 +352,10 @@ impl StableNodes {
                 id
             }
             None => {
+                if self.nodes.len() == self.nodes.capacity() {
+                    // A quarter more, not twice: nodes are most of what duplicates cost.
+                    self.nodes.reserve_exact((self.nodes.len() / 4).max(16));
+                }
                 self.nodes.push(n);
                 u32::try_from(self.nodes.len() - 1)
                     .ok()
@@ -576,27 +606,30 @@ impl StableNodes {
             + self.dups.values().map(|d| d.capacity() * 4).sum::<usize>()
     }
 
-    /// Give back the memory of free nodes at the end of the list. Called between passes.
+    /// Give back memory no longer needed: free nodes at the end of the list (the ids of the
+    /// others stay), spare room of the list and of the indexes. Called between passes.
     pub fn trim(&mut self) {
-        if self.nodes.capacity() <= 2 * self.live.max(8) {
-            return;
-        }
-        while self.nodes.last().is_some_and(|n| n.meta & 3 == KIND_FREE) {
-            self.nodes.pop();
-        }
-        // Rebuild the free list from what is left.
-        let mut free = NIL >> 2;
-        for id in (0..self.nodes.len()).rev() {
-            let n = &mut self.nodes[id];
-            if n.meta & 3 == KIND_FREE {
-                n.meta = free << 2 | KIND_FREE;
-                free = id as u32;
+        if (self.nodes.len() - self.live) * 4 > self.nodes.len() {
+            while self.nodes.last().is_some_and(|n| n.meta & 3 == KIND_FREE) {
+                self.nodes.pop();
             }
+            // Rebuild the free list from what is left.
+            let mut free = NIL >> 2;
+            for id in (0..self.nodes.len()).rev() {
+                let n = &mut self.nodes[id];
+                if n.meta & 3 == KIND_FREE {
+                    n.meta = free << 2 | KIND_FREE;
+                    free = id as u32;
+                }
+            }
+            self.free = (free != NIL >> 2).then_some(free);
         }
-        self.free = (free != NIL >> 2).then_some(free);
-        if self.nodes.capacity() > 2 * self.nodes.len() {
+        if self.nodes.capacity() > self.nodes.len() + self.nodes.len() / 8 {
             self.nodes.shrink_to_fit();
         }
+        let nodes = &self.nodes;
+        self.by_key.trim(|o| index_hash(nodes, o));
+        self.by_kpfn.trim(|o| join(nodes[o as usize].kpfn));
     }
 }
 
@@ -618,7 +651,7 @@ mod tests {
             assert_eq!(t.insert(hash_of(id), id, |o| o == id, hash_of), None);
         }
         assert_eq!(t.len, 200);
-        assert!(t.slots() >= 256);
+        assert!(t.slots() >= 200 * 8 / 7);
         for id in (0..200u32).step_by(3) {
             assert!(t.remove(hash_of(id), id, hash_of));
             assert!(!t.remove(hash_of(id), id, hash_of));
@@ -635,7 +668,7 @@ mod tests {
             }
         }
         assert_eq!(t.len, 1);
-        assert_eq!(t.slots(), MIN_SLOTS);
+        assert_eq!(t.slots(), 2 * GROUP);
         assert_eq!(t.find(3, |o| o == 1004), Some(1004));
     }
 
