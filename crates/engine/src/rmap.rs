@@ -117,6 +117,7 @@ struct Chunk {
     base: u64,
     /// Which pages have an item.
     present: [u64; WORDS],
+    /// The address space.
     mm: MmId,
     /// Set bits of `present` in the words before each word (the rank's prefix).
     before: [u8; WORDS],
@@ -205,7 +206,9 @@ impl Chunk {
 /// Every rmap item. An item's id is its chunk's index times 256 plus its slot.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Items {
+    /// Every chunk, by index (free ones have no items).
     chunks: Vec<Chunk>,
+    /// Indexes of the free chunks, reused first.
     free_chunks: Vec<u32>,
     /// Each mm's chunks by base address, sorted: the kernel's per-mm `rmap_list`.
     by_mm: FxHashMap<MmId, Vec<(u64, u32)>>,

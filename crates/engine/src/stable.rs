@@ -14,8 +14,11 @@ use rustc_hash::FxHashMap;
 /// with `merge_across_nodes=1`) and the security domain: one stable tree per root and domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Key {
+    /// XXH64 of the contents.
     pub hash: u64,
+    /// The NUMA root.
     pub nid: u32,
+    /// The security domain.
     pub domain: DomainId,
 }
 
@@ -75,7 +78,9 @@ fn halves(v: u64) -> [u32; 2] {
 struct IdTable {
     /// One per slot, then a copy of the first [`GROUP`] (a group read near the end wraps).
     tags: Vec<u8>,
+    /// The id in each slot (meaningless where the tag is 0).
     ids: Vec<u32>,
+    /// Ids in the table.
     len: usize,
 }
 
@@ -271,6 +276,7 @@ impl IdTable {
 /// Every stable node, and the indexes that find them.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct StableNodes {
+    /// Every node by id, free ones included.
     nodes: Vec<StableNode>,
     /// First free node ([`NIL`]: none), the others chained through `meta`.
     free: Option<u32>,
