@@ -1429,9 +1429,9 @@ impl Ksm {
         let mut bypass = false;
         let page_node = if page.ksm {
             if let ItemState::Stable { node } = self.items.state(it) {
-                // Most visits find the KSM page the item was merged into (each KSM page has
-                // one node: this is the node `by_page` would find).
-                if self.nodes.kpfn(node) == page.frame {
+                // Most visits find the KSM page the item was merged into, whose node
+                // `by_page` would find (unless a newer node has the same page).
+                if self.nodes.kpfn(node) == page.frame && !self.nodes.is_shadowed(node) {
                     debug_assert_eq!(self.nodes.by_page(page.frame), Some(node));
                     return;
                 }
@@ -1636,8 +1636,10 @@ impl Ksm {
                 NodeKind::Dup { .. } => dups += 1,
                 NodeKind::Regular => {}
             }
-            if self.nodes.by_page(self.nodes.kpfn(id)) != Some(id) {
-                return Err(format!("node {id} is not found by its KSM page"));
+            if (self.nodes.by_page(self.nodes.kpfn(id)) == Some(id)) == self.nodes.is_shadowed(id) {
+                return Err(format!(
+                    "node {id} is not found by its KSM page, or is shadowed"
+                ));
             }
             let items = self.node_items(id);
             if items.len() != self.nodes.len(id) as usize {

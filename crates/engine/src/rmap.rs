@@ -162,7 +162,7 @@ impl Chunk {
             // a full chunk: a full chunk holds no spare room, and `Items::trim` takes back
             // that of the others between passes.
             let n = self.items.len();
-            self.items.reserve_exact(n.clamp(8, CHUNK_PAGES - n));
+            self.items.reserve_exact(n.max(8).min(CHUNK_PAGES - n));
         }
         self.items.insert(r, FRESH);
         self.present[s >> 6] |= 1 << (s & 63);
@@ -868,6 +868,24 @@ mod tests {
         assert_eq!(got, sorted);
         items.trim();
         assert_eq!(items.chunks[0].items.capacity(), 7);
+    }
+
+    #[test]
+    fn a_trimmed_chunk_grows_again_but_never_past_full() {
+        let mut items = Items::default();
+        let mm = MmId(1);
+        for s in 0..252u64 {
+            items.get_or_insert(mm, s * PAGE_SIZE_U64);
+        }
+        items.trim();
+        assert_eq!(items.chunks[0].items.capacity(), 252);
+        for s in 252..256u64 {
+            let (it, made) = items.get_or_insert(mm, s * PAGE_SIZE_U64);
+            assert!(made);
+            items.set_checksum(it, s as u32);
+        }
+        assert_eq!(items.chunks[0].items.capacity(), 256);
+        assert_eq!(items.checksum(255), 255);
     }
 
     #[test]

@@ -33,11 +33,33 @@ pub(crate) enum NodeKind {
     Dup { chain: u32 },
 }
 
-// `StableNode::meta`: the kind in the low two bits.
+// `StableNode::meta`: the kind in the low two bits, then `SHADOWED`, then the payload.
 const KIND_REGULAR: u32 = 0;
 const KIND_DUP: u32 = 1;
 const KIND_CHAIN: u32 = 2;
 const KIND_FREE: u32 = 3;
+/// A newer node has the same KSM page (a backend reused the frame id while this node
+/// lingered): the page belongs to that one (`page_stable_node`), not to this one.
+const SHADOWED: u32 = 4;
+/// The payload's bits.
+const PAYLOAD_SHIFT: u32 = 3;
+/// No next free node; also the bound of node ids.
+const NO_NODE: u32 = NIL >> PAYLOAD_SHIFT;
+
+#[inline]
+fn kind_of(meta: u32) -> u32 {
+    meta & 3
+}
+
+#[inline]
+fn payload(meta: u32) -> u32 {
+    meta >> PAYLOAD_SHIFT
+}
+
+#[inline]
+fn pack(kind: u32, payload: u32) -> u32 {
+    payload << PAYLOAD_SHIFT | kind
+}
 
 /// `struct ksm_stable_node`, 28 bytes (the 64-bit fields as halves, so that it packs).
 #[derive(Clone, Copy, Debug)]
@@ -50,8 +72,9 @@ struct StableNode {
     head: u32,
     /// `rmap_hlist_len`.
     len: u32,
-    /// The kind (`KIND_*`) in bits 0–1; above them, the key's (nid, domain) as an index into
-    /// [`StableNodes::classes`] (regular, chain), the chain (dup), or the next free node.
+    /// The kind (`KIND_*`) in bits 0–1, [`SHADOWED`] in bit 2; above them, the key's (nid,
+    /// domain) as an index into [`StableNodes::classes`] (regular, chain), the chain (dup), or
+    /// the next free node.
     meta: u32,
 }
 
@@ -286,7 +309,8 @@ pub(crate) struct StableNodes {
     classes: Vec<(u32, DomainId)>,
     /// `root_stable_tree`: the regular nodes and chains by key.
     by_key: IdTable,
-    /// `page_stable_node`: the regular nodes and dups by KSM page.
+    /// `page_stable_node`: the regular nodes and dups by KSM page (the newest, if a backend
+    /// reused a frame id while an older node of it lingered: [`SHADOWED`]).
     by_kpfn: IdTable,
     /// Each chain's dups, the one to try first in front.
     dups: FxHashMap<u32, Vec<u32>>,
@@ -301,10 +325,10 @@ fn key_hash(hash: u64, class: u32) -> u64 {
 fn index_hash(nodes: &[StableNode], id: u32) -> u64 {
     let n = &nodes[id as usize];
     debug_assert!(
-        matches!(n.meta & 3, KIND_REGULAR | KIND_CHAIN),
+        matches!(kind_of(n.meta), KIND_REGULAR | KIND_CHAIN),
         "only regular nodes and chains are in the index"
     );
-    key_hash(join(n.hash), n.meta >> 2)
+    key_hash(join(n.hash), payload(n.meta))
 }
 
 impl StableNodes {
@@ -315,8 +339,8 @@ impl StableNodes {
                 self.classes.push((nid, domain));
                 u32::try_from(self.classes.len() - 1)
                     .ok()
-                    .filter(|&k| k < 1 << 30)
-                    .expect("fewer than 2^30 (nid, domain) pairs")
+                    .filter(|&k| k < NO_NODE)
+                    .expect("fewer than 2^29 (nid, domain) pairs")
             }
         }
     }
@@ -332,28 +356,28 @@ impl StableNodes {
     #[inline]
     fn node(&self, id: u32) -> &StableNode {
         let n = &self.nodes[id as usize];
-        debug_assert!(n.meta & 3 != KIND_FREE, "stable node {id} in use");
+        debug_assert!(kind_of(n.meta) != KIND_FREE, "stable node {id} in use");
         n
     }
 
     #[inline]
     fn node_mut(&mut self, id: u32) -> &mut StableNode {
         let n = &mut self.nodes[id as usize];
-        debug_assert!(n.meta & 3 != KIND_FREE, "stable node {id} in use");
+        debug_assert!(kind_of(n.meta) != KIND_FREE, "stable node {id} in use");
         n
     }
 
     /// The class of a regular node or chain.
     fn class(&self, id: u32) -> u32 {
-        self.node(id).meta >> 2
+        payload(self.node(id).meta)
     }
 
     fn alloc(&mut self, n: StableNode) -> u32 {
         self.live += 1;
         match self.free {
             Some(id) => {
-                let next = self.nodes[id as usize].meta >> 2;
-                self.free = (next != NIL >> 2).then_some(next);
+                let next = payload(self.nodes[id as usize].meta);
+                self.free = (next != NO_NODE).then_some(next);
                 self.nodes[id as usize] = n;
                 id
             }
@@ -365,8 +389,8 @@ impl StableNodes {
                 self.nodes.push(n);
                 u32::try_from(self.nodes.len() - 1)
                     .ok()
-                    .filter(|&id| id < NIL >> 2)
-                    .expect("fewer than 2^30 - 1 stable nodes")
+                    .filter(|&id| id < NO_NODE)
+                    .expect("fewer than 2^29 - 1 stable nodes")
             }
         }
     }
@@ -376,30 +400,32 @@ impl StableNodes {
     pub fn contains(&self, id: u32) -> bool {
         self.nodes
             .get(id as usize)
-            .is_some_and(|n| n.meta & 3 != KIND_FREE)
+            .is_some_and(|n| kind_of(n.meta) != KIND_FREE)
     }
 
     #[inline]
     pub fn kind(&self, id: u32) -> NodeKind {
         let meta = self.node(id).meta;
-        match meta & 3 {
+        match kind_of(meta) {
             KIND_REGULAR => NodeKind::Regular,
             KIND_CHAIN => NodeKind::Chain,
-            _ => NodeKind::Dup { chain: meta >> 2 },
+            _ => NodeKind::Dup {
+                chain: payload(meta),
+            },
         }
     }
 
     #[inline]
     pub fn is_chain(&self, id: u32) -> bool {
-        self.node(id).meta & 3 == KIND_CHAIN
+        kind_of(self.node(id).meta) == KIND_CHAIN
     }
 
     /// The node's key (a dup's is its chain's).
     pub fn key(&self, id: u32) -> Key {
         let n = self.node(id);
-        let class = match n.meta & 3 {
-            KIND_DUP => self.node(n.meta >> 2).meta >> 2,
-            _ => n.meta >> 2,
+        let class = match kind_of(n.meta) {
+            KIND_DUP => payload(self.node(payload(n.meta)).meta),
+            _ => payload(n.meta),
         };
         let (nid, domain) = self.classes[class as usize];
         Key {
@@ -444,7 +470,7 @@ impl StableNodes {
     }
 
     /// A regular node for the KSM page `kpfn` under `key`, with no item yet, found by its
-    /// page (the caller puts it in the stable tree's index or a chain).
+    /// page from now on (the caller puts it in the stable tree's index or a chain).
     pub fn insert_page_node(&mut self, kpfn: FrameId, key: Key) -> u32 {
         let class = self.class_of(key.nid, key.domain);
         let id = self.alloc(StableNode {
@@ -452,7 +478,7 @@ impl StableNodes {
             hash: halves(key.hash),
             head: NIL,
             len: 0,
-            meta: class << 2 | KIND_REGULAR,
+            meta: pack(KIND_REGULAR, class),
         });
         let nodes = &self.nodes;
         let replaced = self.by_kpfn.insert(
@@ -461,7 +487,9 @@ impl StableNodes {
             |o| join(nodes[o as usize].kpfn) == kpfn.0,
             |o| join(nodes[o as usize].kpfn),
         );
-        debug_assert!(replaced.is_none(), "one node per KSM page");
+        if let Some(old) = replaced {
+            self.nodes[old as usize].meta |= SHADOWED;
+        }
         id
     }
 
@@ -474,7 +502,7 @@ impl StableNodes {
             hash: halves(key.hash),
             head: NIL,
             len: 0,
-            meta: class << 2 | KIND_CHAIN,
+            meta: pack(KIND_CHAIN, class),
         });
         self.dups.insert(chain, vec![dup]);
         // While `dup` is still a regular node, which the chain replaces under their key.
@@ -485,14 +513,16 @@ impl StableNodes {
 
     /// Make the regular node `id` a dup of `chain`.
     pub fn set_dup(&mut self, id: u32, chain: u32) {
-        debug_assert_eq!(self.node(id).meta & 3, KIND_REGULAR);
-        self.node_mut(id).meta = chain << 2 | KIND_DUP;
+        let n = self.node_mut(id);
+        debug_assert_eq!(kind_of(n.meta), KIND_REGULAR);
+        n.meta = pack(KIND_DUP, chain) | n.meta & SHADOWED;
     }
 
     /// Make the dup `id` a regular node again, under `key` (its chain's, the chain going).
     pub fn set_regular(&mut self, id: u32, key: Key) {
         let class = self.class_of(key.nid, key.domain);
-        self.node_mut(id).meta = class << 2 | KIND_REGULAR;
+        let n = self.node_mut(id);
+        n.meta = pack(KIND_REGULAR, class) | n.meta & SHADOWED;
     }
 
     /// A chain's dups.
@@ -521,23 +551,23 @@ impl StableNodes {
     /// page index (a chain: its list of dups goes).
     pub fn remove(&mut self, id: u32) {
         let n = *self.node(id);
-        if n.meta & 3 != KIND_DUP && self.in_index(id) {
+        if kind_of(n.meta) != KIND_DUP && self.in_index(id) {
             self.index_remove(id);
         }
-        if n.meta & 3 == KIND_CHAIN {
+        if kind_of(n.meta) == KIND_CHAIN {
             self.dups.remove(&id);
         } else {
             let nodes = &self.nodes;
             self.by_kpfn
                 .remove(join(n.kpfn), id, |o| join(nodes[o as usize].kpfn));
         }
-        let next = self.free.unwrap_or(NIL) & (NIL >> 2);
+        let next = self.free.unwrap_or(NO_NODE);
         self.nodes[id as usize] = StableNode {
             kpfn: [0; 2],
             hash: [0; 2],
             head: NIL,
             len: 0,
-            meta: next << 2 | KIND_FREE,
+            meta: pack(KIND_FREE, next),
         };
         self.free = Some(id);
         self.live -= 1;
@@ -548,6 +578,13 @@ impl StableNodes {
                 ..Self::default()
             };
         }
+    }
+
+    /// Whether a newer node has the same KSM page (see [`SHADOWED`]): [`StableNodes::by_page`]
+    /// does not find this one.
+    #[inline]
+    pub fn is_shadowed(&self, id: u32) -> bool {
+        self.node(id).meta & SHADOWED != 0
     }
 
     /// The node for KSM page `kpfn` (`page_stable_node`).
@@ -563,7 +600,7 @@ impl StableNodes {
         let class = self.find_class(key.nid, key.domain)?;
         self.by_key.find(key_hash(key.hash, class), |o| {
             let n = &self.nodes[o as usize];
-            join(n.hash) == key.hash && n.meta >> 2 == class
+            join(n.hash) == key.hash && payload(n.meta) == class
         })
     }
 
@@ -577,7 +614,7 @@ impl StableNodes {
         self.by_key.insert(
             h,
             id,
-            |o| nodes[o as usize].hash == hash && nodes[o as usize].meta >> 2 == class,
+            |o| nodes[o as usize].hash == hash && payload(nodes[o as usize].meta) == class,
             |o| index_hash(nodes, o),
         );
     }
@@ -598,7 +635,7 @@ impl StableNodes {
     /// Every node in use.
     pub fn ids(&self) -> Vec<u32> {
         (0..self.nodes.len() as u32)
-            .filter(|&id| self.nodes[id as usize].meta & 3 != KIND_FREE)
+            .filter(|&id| kind_of(self.nodes[id as usize].meta) != KIND_FREE)
             .collect()
     }
 
@@ -616,19 +653,23 @@ impl StableNodes {
     /// others stay), spare room of the list and of the indexes. Called between passes.
     pub fn trim(&mut self) {
         if (self.nodes.len() - self.live) * 4 > self.nodes.len() {
-            while self.nodes.last().is_some_and(|n| n.meta & 3 == KIND_FREE) {
+            while self
+                .nodes
+                .last()
+                .is_some_and(|n| kind_of(n.meta) == KIND_FREE)
+            {
                 self.nodes.pop();
             }
             // Rebuild the free list from what is left.
-            let mut free = NIL >> 2;
+            let mut free = NO_NODE;
             for id in (0..self.nodes.len()).rev() {
                 let n = &mut self.nodes[id];
-                if n.meta & 3 == KIND_FREE {
-                    n.meta = free << 2 | KIND_FREE;
+                if kind_of(n.meta) == KIND_FREE {
+                    n.meta = pack(KIND_FREE, free);
                     free = id as u32;
                 }
             }
-            self.free = (free != NIL >> 2).then_some(free);
+            self.free = (free != NO_NODE).then_some(free);
         }
         if self.nodes.capacity() > self.nodes.len() + self.nodes.len() / 8 {
             self.nodes.shrink_to_fit();
@@ -742,10 +783,19 @@ mod tests {
         s.remove(c);
         assert_eq!(s.by_page(FrameId(7)), None);
         assert!(!s.contains(c));
+        // A node for a page that has one already takes its place (in c's slot, free).
+        let e = s.insert_page_node(FrameId(6), key(5, 0));
+        assert_eq!(e, c);
+        assert_eq!(s.by_page(FrameId(6)), Some(e));
+        assert!(s.is_shadowed(b) && !s.is_shadowed(e));
+        s.remove(b);
+        assert_eq!(s.by_page(FrameId(6)), Some(e));
+        s.remove(e);
+        assert_eq!(s.by_page(FrameId(6)), None);
         // The freed node is reused.
         let d = s.insert_page_node(FrameId(8), key(1, 0));
         assert_eq!(d, c);
-        assert_eq!(s.ids(), vec![a, b, c, chain]);
+        assert_eq!(s.ids(), vec![a, d, chain]);
         for id in s.ids() {
             s.remove(id);
         }
