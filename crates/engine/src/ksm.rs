@@ -3,6 +3,7 @@
 
 use crate::advisor::{AdvisorCtx, AdvisorKnobs, Clock};
 use crate::counters::{KsmCounters, KsmStat};
+use crate::heap::hash_map_bytes;
 use crate::memory::{FailedMerge, Memory, MergeError, MergeInto, PageRef, UnmergeError};
 use crate::page::{zero_page_hash, DomainId, FrameId, MmId, PAGE_SIZE_U64};
 use crate::rmap::{ItemState, Items, UnstableIndex, NIL};
@@ -217,13 +218,14 @@ impl Ksm {
 
     /// Bytes of memory the engine holds for its bookkeeping: rmap items, the unstable tree's
     /// index, stable nodes and their indexes, the scan list and per-mm records, and the
-    /// scratch lists of a scan batch (every container at its capacity, hash maps with one
-    /// control byte per bucket).
+    /// scratch lists of a scan batch: every container at its capacity, hash maps by their
+    /// buckets with a control byte each. (What the allocator keeps around each allocation is
+    /// not counted: there is one allocation per 256 pages of items.)
     pub fn metadata_bytes(&self) -> usize {
         self.items.heap_bytes()
             + self.unstable.heap_bytes()
             + self.nodes.heap_bytes()
-            + self.mms.capacity() * (std::mem::size_of::<(MmId, MmState)>() + 1)
+            + hash_map_bytes(&self.mms)
             + self.slots.capacity() * std::mem::size_of::<MmSlot>()
             + self.pending_pairs.capacity() * std::mem::size_of::<PendingPair>()
             + self.failed.capacity() * std::mem::size_of::<FailedMerge>()

@@ -104,6 +104,7 @@
 mod advisor;
 mod convergence;
 pub mod counters;
+mod heap;
 mod ksm;
 pub mod memory;
 pub mod page;

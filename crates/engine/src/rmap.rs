@@ -20,6 +20,7 @@
 //! NUMA root; candidates are confirmed by comparing the pages, as the kernel's tree walk does
 //! with `memcmp`.
 
+use crate::heap::hash_map_bytes;
 use crate::page::{MmId, PAGE_SIZE_U64};
 use rustc_hash::FxHashMap;
 
@@ -581,8 +582,7 @@ impl Items {
     }
 
     /// Heap bytes held: the chunks (free ones included) and their items, the per-mm lists,
-    /// and the stable items' checksums kept aside (a hash map at its capacity, with a control
-    /// byte per bucket).
+    /// and the stable items' checksums kept aside (every container at its capacity).
     pub fn heap_bytes(&self) -> usize {
         let items: usize = self.chunks.iter().map(|c| c.items.capacity()).sum();
         let lists: usize = self.by_mm.values().map(Vec::capacity).sum();
@@ -590,8 +590,8 @@ impl Items {
             + items * std::mem::size_of::<Item>()
             + self.free_chunks.capacity() * 4
             + lists * std::mem::size_of::<(u64, u32)>()
-            + self.by_mm.capacity() * (std::mem::size_of::<(MmId, Vec<(u64, u32)>)>() + 1)
-            + self.stable_sums.capacity() * (std::mem::size_of::<(u32, u32)>() + 1)
+            + hash_map_bytes(&self.by_mm)
+            + hash_map_bytes(&self.stable_sums)
     }
 }
 

@@ -6,6 +6,7 @@
 //! hash beside each, keyed by fields the node holds already. Chains (rare: a content with
 //! more than `max_page_sharing` mappings) keep their list of dups on the side.
 
+use crate::heap::hash_map_bytes;
 use crate::page::{DomainId, FrameId};
 use crate::rmap::NIL;
 use rustc_hash::FxHashMap;
@@ -645,7 +646,7 @@ impl StableNodes {
             + self.classes.capacity() * std::mem::size_of::<(u32, DomainId)>()
             + self.by_key.heap_bytes()
             + self.by_kpfn.heap_bytes()
-            + self.dups.capacity() * (std::mem::size_of::<(u32, Vec<u32>)>() + 1)
+            + hash_map_bytes(&self.dups)
             + self.dups.values().map(|d| d.capacity() * 4).sum::<usize>()
     }
 
