@@ -962,18 +962,16 @@ impl Ksm {
         if from >= to {
             return;
         }
-        for it in self.items.ids_in(mm, from, to) {
-            self.remove_rmap_item_from_tree(mem, it);
-            self.free_rmap_item(it);
+        let ids = self.items.ids_in(mm, from, to);
+        if ids.is_empty() {
+            return;
         }
-    }
-
-    fn free_rmap_item(&mut self, it: u32) {
-        debug_assert_eq!(self.items.state(it), ItemState::Volatile);
-        let mm = self.items.mm(it);
-        self.items.remove(it);
+        for &it in &ids {
+            self.remove_rmap_item_from_tree(mem, it);
+        }
+        self.items.remove_many(&ids);
         if let Some(st) = self.mms.get_mut(&mm) {
-            st.ksm_rmap_items -= 1;
+            st.ksm_rmap_items -= ids.len() as u64;
         }
     }
 

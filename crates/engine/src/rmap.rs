@@ -172,12 +172,29 @@ impl Chunk {
         }
     }
 
-    fn remove(&mut self, s: usize) {
-        let r = self.rank(s);
-        self.items.remove(r);
-        self.present[s >> 6] &= !(1 << (s & 63));
-        for b in &mut self.before[(s >> 6) + 1..] {
-            *b -= 1;
+    /// Take out the items of `slots` (ascending), moving the others once.
+    fn remove(&mut self, slots: impl Iterator<Item = usize>) {
+        // The ranks going, as a bitmap, from `present` as it was.
+        let (mut going, mut gone) = ([0u64; WORDS], [0u64; WORDS]);
+        for s in slots {
+            debug_assert!(self.has(s));
+            let r = self.rank(s);
+            going[r >> 6] |= 1 << (r & 63);
+            gone[s >> 6] |= 1 << (s & 63);
+        }
+        for (p, g) in self.present.iter_mut().zip(gone) {
+            *p &= !g;
+        }
+        let mut r = 0;
+        self.items.retain(|_| {
+            let keep = going[r >> 6] & 1 << (r & 63) == 0;
+            r += 1;
+            keep
+        });
+        let mut n = 0;
+        for w in 0..WORDS {
+            self.before[w] = n as u8;
+            n += self.present[w].count_ones();
         }
     }
 
@@ -329,17 +346,36 @@ impl Items {
     }
 
     /// Free a volatile item.
+    #[cfg(test)]
     pub fn remove(&mut self, it: u32) {
-        debug_assert_eq!(
-            self.state(it),
-            ItemState::Volatile,
-            "only volatile items are freed"
-        );
-        let (c, s) = split(it);
+        self.remove_many(&[it]);
+    }
+
+    /// Free volatile items, in address order (as [`Items::ids_in`] lists them): each chunk's
+    /// storage moves once, however many of its items go (a pass frees whole runs of pages
+    /// that became zero pages).
+    pub fn remove_many(&mut self, ids: &[u32]) {
+        for &it in ids {
+            debug_assert_eq!(
+                self.state(it),
+                ItemState::Volatile,
+                "only volatile items are freed"
+            );
+        }
+        let mut i = 0;
+        while i < ids.len() {
+            let c = split(ids[i]).0;
+            let n = ids[i..].iter().take_while(|&&it| split(it).0 == c).count();
+            self.remove_from_chunk(c, &ids[i..i + n]);
+            i += n;
+        }
+    }
+
+    fn remove_from_chunk(&mut self, c: usize, ids: &[u32]) {
         let ch = &mut self.chunks[c];
-        ch.remove(s);
+        ch.remove(ids.iter().map(|&it| split(it).1));
         self.last = (0, 0);
-        self.len -= 1;
+        self.len -= ids.len();
         if ch.is_empty() {
             let (mm, base) = (ch.mm, ch.base);
             ch.items = Vec::new();
@@ -886,6 +922,40 @@ mod tests {
         }
         assert_eq!(items.chunks[0].items.capacity(), 256);
         assert_eq!(items.checksum(255), 255);
+    }
+
+    #[test]
+    fn removing_many_keeps_the_others_in_place() {
+        let mut items = Items::default();
+        let mm = MmId(1);
+        let p = PAGE_SIZE_U64;
+        // Two full chunks and a third with one item.
+        for s in 0..513u64 {
+            let (it, _) = items.get_or_insert(mm, s * p);
+            items.set_checksum(it, s as u32);
+        }
+        // Every page from 100 to 400 but 200 and 300 goes, and all of the first chunk.
+        let mut going = items.ids_in(mm, 100 * p, 400 * p);
+        going.retain(|&it| items.address(it) != 200 * p && items.address(it) != 300 * p);
+        items.remove_many(&going);
+        let first = items.ids_in(mm, 0, 100 * p);
+        items.remove_many(&first);
+        assert_eq!(items.len(), 513 - 298 - 100);
+        let left: Vec<u64> = items
+            .ids_in(mm, 0, 600 * p)
+            .iter()
+            .map(|&it| {
+                assert_eq!(items.checksum(it) as u64 * p, items.address(it));
+                items.address(it) / p
+            })
+            .collect();
+        let want: Vec<u64> = [200, 300].into_iter().chain(400..513).collect();
+        assert_eq!(left, want);
+        assert_eq!(items.free_chunks.len(), 0);
+        let rest = items.ids_in(mm, 0, 600 * p);
+        items.remove_many(&rest);
+        assert_eq!((items.len(), items.free_chunks.len()), (0, 3));
+        assert!(!items.has_items(mm));
     }
 
     #[test]
