@@ -959,6 +959,55 @@ mod tests {
     }
 
     #[test]
+    fn items_agree_with_a_map_of_addresses() {
+        // Random items over three chunks of two address spaces, freed by random ranges:
+        // every item keeps its checksum, and ids_in lists what a map of addresses says.
+        use std::collections::BTreeMap;
+        let p = PAGE_SIZE_U64;
+        let mut items = Items::default();
+        let mut model: BTreeMap<(u32, u64), u32> = BTreeMap::new();
+        let mut x = 99u64;
+        let mut rnd = |n: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) % n
+        };
+        for step in 0..20_000u32 {
+            let mm = 1 + rnd(2) as u32;
+            if rnd(3) > 0 {
+                let a = rnd(3 * 256) * p;
+                let (it, made) = items.get_or_insert(MmId(mm), a);
+                assert_eq!(made, !model.contains_key(&(mm, a)));
+                items.set_checksum(it, step);
+                model.insert((mm, a), step);
+            } else {
+                let from = rnd(3 * 256) * p;
+                let to = from + rnd(300) * p;
+                let ids = items.ids_in(MmId(mm), from, to);
+                let want: Vec<u64> = model
+                    .range((mm, from)..(mm, to))
+                    .map(|(&(_, a), _)| a)
+                    .collect();
+                let got: Vec<u64> = ids.iter().map(|&it| items.address(it)).collect();
+                assert_eq!(got, want, "step {step}");
+                items.remove_many(&ids);
+                for a in want {
+                    model.remove(&(mm, a));
+                }
+            }
+            if step % 1000 == 0 {
+                items.trim();
+            }
+            assert_eq!(items.len(), model.len());
+        }
+        for (&(mm, a), &sum) in &model {
+            let it = items.find(MmId(mm), a).unwrap();
+            assert_eq!(items.checksum(it), sum);
+        }
+    }
+
+    #[test]
     fn ids_within_one_chunk() {
         let mut items = Items::default();
         let mm = MmId(3);

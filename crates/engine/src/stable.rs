@@ -572,13 +572,6 @@ impl StableNodes {
         };
         self.free = Some(id);
         self.live -= 1;
-        if self.live == 0 {
-            // All gone (run=2): give the memory back.
-            *self = Self {
-                classes: std::mem::take(&mut self.classes),
-                ..Self::default()
-            };
-        }
     }
 
     /// Whether a newer node has the same KSM page (see [`SHADOWED`]): [`StableNodes::by_page`]
@@ -650,30 +643,16 @@ impl StableNodes {
             + self.dups.values().map(|d| d.capacity() * 4).sum::<usize>()
     }
 
-    /// Give back memory no longer needed: free nodes at the end of the list (the ids of the
-    /// others stay), spare room of the list and of the indexes. Called between passes.
+    /// Give back memory no longer needed: spare room of the list of nodes and of the indexes.
+    /// Called between passes. (Free nodes stay where they are, to be reused last freed
+    /// first: node ids are given out as the kernel-faithful arena gave them out, which a
+    /// batch's undo of a failed merge relies on to recognise its node.)
     pub fn trim(&mut self) {
-        if (self.nodes.len() - self.live) * 4 > self.nodes.len() {
-            while self
-                .nodes
-                .last()
-                .is_some_and(|n| kind_of(n.meta) == KIND_FREE)
-            {
-                self.nodes.pop();
-            }
-            // Rebuild the free list from what is left.
-            let mut free = NO_NODE;
-            for id in (0..self.nodes.len()).rev() {
-                let n = &mut self.nodes[id];
-                if kind_of(n.meta) == KIND_FREE {
-                    n.meta = pack(KIND_FREE, free);
-                    free = id as u32;
-                }
-            }
-            self.free = (free != NO_NODE).then_some(free);
-        }
         if self.nodes.capacity() > self.nodes.len() + self.nodes.len() / 8 {
             self.nodes.shrink_to_fit();
+        }
+        if self.dups.capacity() > 2 * self.dups.len() {
+            self.dups.shrink_to_fit();
         }
         let nodes = &self.nodes;
         self.by_key.trim(|o| index_hash(nodes, o));
@@ -751,6 +730,34 @@ mod tests {
     }
 
     #[test]
+    fn a_small_table_wraps_around_and_trims() {
+        // Few slots, hashes that pile up near the end of the table: probes wrap and read
+        // the copy of the first tags.
+        let hash_of = |id: u32| u64::MAX - (id % 3) as u64;
+        let mut t = IdTable::default();
+        let mut model = std::collections::BTreeSet::new();
+        let mut x = 7u64;
+        for step in 0..50_000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let id = (x >> 40) as u32 % 24;
+            if model.remove(&id) {
+                assert!(t.remove(hash_of(id), id, hash_of), "step {step}");
+            } else {
+                assert_eq!(t.insert(hash_of(id), id, |o| o == id, hash_of), None);
+                model.insert(id);
+            }
+            if step % 97 == 0 {
+                t.trim(hash_of);
+            }
+            for id in 0..24 {
+                let found = t.find(hash_of(id), |o| o == id);
+                assert_eq!(found.is_some(), model.contains(&id), "step {step} id {id}");
+            }
+            assert_eq!(t.len, model.len());
+        }
+    }
+
+    #[test]
     fn nodes_by_key_and_page() {
         let mut s = StableNodes::default();
         let key = |hash, domain| Key {
@@ -800,6 +807,11 @@ mod tests {
         for id in s.ids() {
             s.remove(id);
         }
-        assert_eq!(s.heap_bytes(), s.classes.capacity() * 8);
+        assert!(s.ids().is_empty());
+        s.trim();
+        assert_eq!(
+            s.heap_bytes(),
+            s.nodes.capacity() * 28 + s.classes.capacity() * 8
+        );
     }
 }
