@@ -126,7 +126,7 @@ pub struct Latency {
 /// Metadata per page samepage tracks, against the kernel's.
 #[derive(Debug, Clone, Serialize)]
 pub struct Metadata {
-    /// The engine's rmap item (a dense 64-page chunk's bytes per page, rounded up), as
+    /// The engine's rmap item (a full 256-page chunk's bytes per page, rounded up), as
     /// `general_profit` charges it.
     pub samepage_rmap_item_bytes: usize,
     /// The live backend's state of every page of a region.

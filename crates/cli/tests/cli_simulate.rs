@@ -13,7 +13,8 @@ fn metadata_per_rmap_item_is_measured_and_small() {
     let m = &v["metadata"];
     assert_eq!(m["rmap_items"], 4096);
     let per = m["engine_bytes_per_rmap_item"].as_f64().unwrap();
-    assert!(per > 13.0 && per <= 16.0, "{m}");
+    // An item alone is 9 bytes; chunks and the unstable tree's buckets add to it.
+    assert!(per > 9.0 && per <= 16.0, "{m}");
     assert_eq!(
         m["engine_bytes"].as_f64().unwrap(),
         per * 4096.0,

@@ -3,10 +3,10 @@
 //! defined.
 //!
 //! One difference is in the profit figures: they charge each rmap item what it costs here,
-//! [`RMAP_ITEM_BYTES`](crate::RMAP_ITEM_BYTES) (14 bytes: samepage keeps an item in 13 bytes of a chunk of 64
-//! neighbouring pages), where the kernel charges `sizeof(struct ksm_rmap_item)` (64 bytes on
-//! 64-bit). The formula is the kernel's; the figure is larger than the kernel's would be for
-//! the same rmap items by 50 bytes an item.
+//! [`RMAP_ITEM_BYTES`](crate::RMAP_ITEM_BYTES) (10 bytes: samepage keeps an item in 9 bytes of a
+//! chunk of 256 neighbouring pages), where the kernel charges `sizeof(struct ksm_rmap_item)` (64
+//! bytes on 64-bit). The formula is the kernel's; the figure is larger than the kernel's would
+//! be for the same rmap items by 54 bytes an item.
 
 use crate::page::PAGE_SIZE;
 use serde::Serialize;
@@ -186,9 +186,9 @@ impl KsmStat {
     ///
     /// ```
     /// use samepage_engine::{KsmStat, PAGE_SIZE};
-    /// let s = KsmStat { ksm_zero_pages: 4, ksm_process_profit: -14, ..KsmStat::default() };
+    /// let s = KsmStat { ksm_zero_pages: 4, ksm_process_profit: -10, ..KsmStat::default() };
     /// let s = s.with_ksm_zero_pages(1);
-    /// assert_eq!((s.ksm_zero_pages, s.ksm_process_profit), (1, -14 - 3 * PAGE_SIZE as i64));
+    /// assert_eq!((s.ksm_zero_pages, s.ksm_process_profit), (1, -10 - 3 * PAGE_SIZE as i64));
     /// ```
     pub fn with_ksm_zero_pages(mut self, z: i64) -> Self {
         self.ksm_process_profit += (z - self.ksm_zero_pages) * PAGE_SIZE as i64;

@@ -2,47 +2,19 @@
 //! documentation for the algorithm).
 
 use crate::advisor::{AdvisorCtx, AdvisorKnobs, Clock};
-use crate::arena::Arena;
 use crate::counters::{KsmCounters, KsmStat};
+use crate::heap::hash_map_bytes;
 use crate::memory::{FailedMerge, Memory, MergeError, MergeInto, PageRef, UnmergeError};
 use crate::page::{zero_page_hash, DomainId, FrameId, MmId, PAGE_SIZE_U64};
 use crate::rmap::{ItemState, Items, UnstableIndex, NIL};
+use crate::stable::{Key, NodeKind, StableNodes};
 use crate::tunables::{parse_knob, AdvisorMode, KnobError, KnobValue, Run, Tunables};
 use rustc_hash::FxHashMap;
 
 pub use crate::rmap::RMAP_ITEM_BYTES;
 
-/// Key of the stable tree's index: the full XXH64 of the contents, the NUMA root (always 0
-/// with `merge_across_nodes=1`) and the security domain: one stable tree per root and domain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Key {
-    hash: u64,
-    nid: u32,
-    domain: DomainId,
-}
-
-#[derive(Clone, Debug)]
-enum NodeKind {
-    /// A KSM page in the index.
-    Regular,
-    /// Stands in the index for a content that reached `max_page_sharing`; holds dups.
-    Chain { dups: Vec<u32>, prune_time_ms: u64 },
-    /// A KSM page hanging in a chain.
-    Dup { chain: u32 },
-}
-
-/// `struct ksm_stable_node`.
-#[derive(Clone, Debug)]
-struct StableNode {
-    kind: NodeKind,
-    key: Key,
-    /// The KSM page (unused for chains).
-    kpfn: FrameId,
-    /// First rmap item mapping the page (`hlist`, chained through the items' links).
-    head: u32,
-    /// `rmap_hlist_len`.
-    len: u32,
-}
+/// Entries a scratch list of the scan keeps room for between batches.
+const SCRATCH_KEPT: usize = 64;
 
 /// Per-address-space state that the kernel keeps in `mm_struct`.
 #[derive(Clone, Debug, Default)]
@@ -160,11 +132,9 @@ pub struct Ksm {
     /// `ksm_scan.address`.
     address: u64,
     items: Items,
-    nodes: Arena<StableNode>,
+    /// Stable nodes, the stable tree's index, and which node a KSM page belongs to.
+    nodes: StableNodes,
     unstable: UnstableIndex,
-    stable: FxHashMap<Key, u32>,
-    /// `page_stable_node()`: which stable node a KSM page belongs to.
-    frame_node: FxHashMap<FrameId, u32>,
     advisor: AdvisorCtx,
     /// The new KSM pages of this batch (`try_to_merge_two_pages`), until the backend says
     /// which of its accepted merges failed.
@@ -185,6 +155,8 @@ struct PendingPair {
     merged: u32,
     /// Where `merged` was before: the unstable tree of this pass.
     merged_was: ItemState,
+    /// The NUMA root of that tree.
+    merged_nid: u32,
     /// The chain that `stable_tree_insert` made for the node, if it made one.
     new_chain: Option<u32>,
 }
@@ -215,10 +187,8 @@ impl Ksm {
             cur: None,
             address: 0,
             items: Items::default(),
-            nodes: Arena::default(),
+            nodes: StableNodes::default(),
             unstable: UnstableIndex::default(),
-            stable: FxHashMap::default(),
-            frame_node: FxHashMap::default(),
             advisor: AdvisorCtx::default(),
             pending_pairs: Vec::new(),
             failed: Vec::new(),
@@ -247,28 +217,18 @@ impl Ksm {
     }
 
     /// Bytes of memory the engine holds for its bookkeeping: rmap items, the unstable tree's
-    /// index, stable nodes and the stable tree's index, the scan list and per-mm records
-    /// (hash maps counted at their capacity, one control byte per bucket).
+    /// index, stable nodes and their indexes, the scan list and per-mm records, and the
+    /// scratch lists of a scan batch: every container at its capacity, hash maps by their
+    /// buckets with a control byte each. (What the allocator keeps around each allocation is
+    /// not counted: there is one allocation per 256 pages of items.)
     pub fn metadata_bytes(&self) -> usize {
-        fn map<K, V>(m: &FxHashMap<K, V>) -> usize {
-            m.capacity() * (std::mem::size_of::<(K, V)>() + 1)
-        }
-        let chains: usize = self
-            .nodes
-            .iter()
-            .map(|(_, n)| match &n.kind {
-                NodeKind::Chain { dups, .. } => dups.capacity() * 4,
-                _ => 0,
-            })
-            .sum();
         self.items.heap_bytes()
             + self.unstable.heap_bytes()
             + self.nodes.heap_bytes()
-            + chains
-            + map(&self.stable)
-            + map(&self.frame_node)
-            + map(&self.mms)
+            + hash_map_bytes(&self.mms)
             + self.slots.capacity() * std::mem::size_of::<MmSlot>()
+            + self.pending_pairs.capacity() * std::mem::size_of::<PendingPair>()
+            + self.failed.capacity() * std::mem::size_of::<FailedMerge>()
     }
 
     /// Every counter of `/sys/kernel/mm/ksm`, `ksm_zero_pages` read from `mem`. Every merge
@@ -761,9 +721,13 @@ impl Ksm {
                 self.unmake_chain(chain);
             }
         }
+        // Scratch for the next batch, kept small: a batch that made many KSM pages does not
+        // leave its list behind.
         self.pending_pairs = pairs;
         self.pending_pairs.clear();
+        self.pending_pairs.shrink_to(SCRATCH_KEPT);
         self.failed = failed;
+        self.failed.shrink_to(SCRATCH_KEPT);
     }
 
     /// Undo the pair `p` after the backend failed its promotion (`promote_failed`) or the
@@ -775,10 +739,9 @@ impl Ksm {
         promote_failed: bool,
         merge_failed: bool,
     ) {
-        let node_ok = self
-            .nodes
-            .get(p.node)
-            .is_some_and(|n| n.kpfn == p.kpfn && !matches!(n.kind, NodeKind::Chain { .. }));
+        let node_ok = self.nodes.contains(p.node)
+            && !self.nodes.is_chain(p.node)
+            && self.nodes.kpfn(p.node) == p.kpfn;
         if !node_ok {
             return;
         }
@@ -789,10 +752,11 @@ impl Ksm {
         }
         // The unstable tree's page stays in the unstable tree when the merge fails.
         if self.items.state(p.merged) == ItemState::Volatile {
-            if let ItemState::Unstable { nid, seqnr } = p.merged_was {
+            if let ItemState::Unstable { odd } = p.merged_was {
                 self.items.set_state(p.merged, p.merged_was);
-                if seqnr == self.seqnr as u8 {
-                    self.unstable.insert(&mut self.items, p.merged, nid);
+                if odd == self.odd_pass() {
+                    self.unstable
+                        .insert(&mut self.items, p.merged, p.merged_nid);
                 }
                 self.pages_unshared += 1;
             }
@@ -800,7 +764,7 @@ impl Ksm {
         // Without the promotion nothing on the node maps a KSM page: the pages merged into
         // it failed too (and are reported), and the forks that share the promoted page were
         // attached to it without a merge of their own.
-        if promote_failed || self.nodes[p.node].len == 0 {
+        if promote_failed || self.nodes.len(p.node) == 0 {
             self.remove_node_from_stable_tree(p.node);
         }
         match (promote_failed, merge_failed) {
@@ -813,21 +777,29 @@ impl Ksm {
     /// A chain made in this batch with fewer than two dups left: with one it turns back into
     /// that regular node, with none it goes.
     fn unmake_chain(&mut self, chain: u32) {
-        let Some(NodeKind::Chain { dups, .. }) = self.nodes.get(chain).map(|n| &n.kind) else {
+        if !self.nodes.contains(chain) || !self.nodes.is_chain(chain) {
             return;
-        };
-        match dups[..] {
+        }
+        match *self.nodes.dups(chain) {
             [] => self.free_stable_node_chain(chain),
-            [dup] => {
-                let key = self.nodes[chain].key;
-                self.nodes.remove(chain);
-                self.nodes[dup].kind = NodeKind::Regular;
-                self.stable.insert(key, dup);
-                self.stable_node_chains -= 1;
-                self.stable_node_dups -= 1;
-            }
+            [dup] => self.collapse_chain(chain, dup),
             _ => {}
         }
+    }
+
+    /// The chain is down to one dup: that dup becomes a regular node in the chain's place.
+    fn collapse_chain(&mut self, chain: u32, dup: u32) {
+        let key = self.nodes.key(chain);
+        self.nodes.remove(chain);
+        self.nodes.set_regular(dup, key);
+        self.nodes.index_insert(dup);
+        self.stable_node_chains -= 1;
+        self.stable_node_dups -= 1;
+    }
+
+    /// Whether this pass's `seqnr` is odd: the parity of the unstable items in its tree.
+    fn odd_pass(&self) -> bool {
+        self.seqnr & 1 == 1
     }
 
     /// Put `mm` in security `domain`: from now on its pages are compared and merged only with
@@ -885,7 +857,7 @@ impl Ksm {
                 // mid-pass: its items then become items of a past tree (still counted in
                 // pages_unshared until visited, as after a completed pass).
                 if self.unstable.len() != 0 {
-                    let past = (self.seqnr as u8).wrapping_sub(1);
+                    let past = !self.odd_pass();
                     self.unstable.retag_all(&mut self.items, past);
                 }
                 self.unstable.clear();
@@ -963,6 +935,7 @@ impl Ksm {
                 // pass starts; nothing reads it in between).
                 self.unstable.clear();
                 self.items.trim();
+                self.nodes.trim();
                 self.seqnr += 1;
                 return None;
             }
@@ -989,18 +962,16 @@ impl Ksm {
         if from >= to {
             return;
         }
-        for it in self.items.ids_in(mm, from, to) {
-            self.remove_rmap_item_from_tree(mem, it);
-            self.free_rmap_item(it);
+        let ids = self.items.ids_in(mm, from, to);
+        if ids.is_empty() {
+            return;
         }
-    }
-
-    fn free_rmap_item(&mut self, it: u32) {
-        debug_assert_eq!(self.items.state(it), ItemState::Volatile);
-        let mm = self.items.mm(it);
-        self.items.remove(it);
+        for &it in &ids {
+            self.remove_rmap_item_from_tree(mem, it);
+        }
+        self.items.remove_many(&ids);
         if let Some(st) = self.mms.get_mut(&mm) {
-            st.ksm_rmap_items -= 1;
+            st.ksm_rmap_items -= ids.len() as u64;
         }
     }
 
@@ -1028,26 +999,29 @@ impl Ksm {
         if !self.tun.smart_scan || page.ksm {
             return false;
         }
-        let (age, skips) = (self.items.age(it), self.items.remaining_skips(it));
-        let older = age.saturating_add(1);
-        if age < 3 {
-            self.items.set_age_skips(it, older, skips);
-            return false;
+        let mut skip = false;
+        self.items.update_age_skips(it, |age, skips| {
+            let older = age.saturating_add(1);
+            if age < 3 {
+                (older, skips)
+            } else if skips == 0 {
+                let skips = match age {
+                    0..=3 => 1,
+                    4..=5 => 2,
+                    6..=8 => 4,
+                    _ => 8,
+                };
+                (older, skips)
+            } else {
+                skip = true;
+                (older, skips - 1)
+            }
+        });
+        if skip {
+            self.pages_skipped += 1;
+            self.remove_rmap_item_from_tree(mem, it);
         }
-        if skips == 0 {
-            let skips = match age {
-                0..=3 => 1,
-                4..=5 => 2,
-                6..=8 => 4,
-                _ => 8,
-            };
-            self.items.set_age_skips(it, older, skips);
-            return false;
-        }
-        self.items.set_age_skips(it, older, skips - 1);
-        self.pages_skipped += 1;
-        self.remove_rmap_item_from_tree(mem, it);
-        true
+        skip
     }
 
     /// `remove_rmap_item_from_tree`.
@@ -1055,63 +1029,59 @@ impl Ksm {
         match self.items.state(it) {
             ItemState::Volatile => {}
             ItemState::Stable { node } => {
-                if !mem.ksm_page_alive(self.nodes[node].kpfn) {
+                if !mem.ksm_page_alive(self.nodes.kpfn(node)) {
                     // Stale node: this clears every item hanging on it, this one included.
                     self.remove_node_from_stable_tree(node);
                     return;
                 }
                 self.unlink_stable_item(node, it);
-                return;
             }
-            ItemState::Unstable { nid, seqnr } => {
-                let age = (self.seqnr as u8).wrapping_sub(seqnr);
-                debug_assert!(age <= 1, "unstable item from an older pass");
+            ItemState::Unstable { odd } => {
                 // Items of the previous pass were dropped with its tree.
-                if age == 0 {
-                    self.unstable.remove(&mut self.items, it, nid);
+                if odd == self.odd_pass() {
+                    self.unstable.remove(&mut self.items, it);
                 }
                 self.pages_unshared -= 1;
+                self.items.set_state(it, ItemState::Volatile);
             }
         }
-        self.items.set_link(it, NIL);
-        self.items.set_state(it, ItemState::Volatile);
     }
 
     /// Take the stable item `it` off its live `node`, uncounted; it is volatile afterwards.
     fn unlink_stable_item(&mut self, node: u32, it: u32) {
         self.unlink_from_node(node, it);
-        if self.nodes[node].len == 0 {
+        if self.nodes.len(node) == 0 {
             self.pages_shared -= 1;
         } else {
             self.pages_sharing -= 1;
         }
         let mm = self.items.mm(it);
         self.mm_state(mm).ksm_merging_pages -= 1;
-        self.items.set_state(it, ItemState::Volatile);
+        self.items.unset_stable(it, self.nodes.checksum(node));
     }
 
     /// Take `it` off the `hlist` of `node`.
     fn unlink_from_node(&mut self, node: u32, it: u32) {
         let next = self.items.link(it);
-        let n = &mut self.nodes[node];
-        if n.head == it {
-            n.head = next;
+        let head = self.nodes.head(node);
+        if head == it {
+            self.nodes.set_head(node, next);
         } else {
-            let mut p = n.head;
+            let mut p = head;
             while self.items.link(p) != it {
                 p = self.items.link(p);
                 assert!(p != NIL, "item {it} on the list of node {node}");
             }
             self.items.set_link(p, next);
         }
-        self.nodes[node].len -= 1;
+        self.nodes.set_len(node, self.nodes.len(node) - 1);
         self.items.set_link(it, NIL);
     }
 
     /// The rmap items on `node`'s `hlist`.
     fn node_items(&self, node: u32) -> Vec<u32> {
-        let mut v = Vec::with_capacity(self.nodes[node].len as usize);
-        let mut it = self.nodes[node].head;
+        let mut v = Vec::with_capacity(self.nodes.len(node) as usize);
+        let mut it = self.nodes.head(node);
         while it != NIL {
             v.push(it);
             it = self.items.link(it);
@@ -1122,47 +1092,36 @@ impl Ksm {
     /// `remove_node_from_stable_tree`: the KSM page is gone; uncount every item on the node.
     fn remove_node_from_stable_tree(&mut self, node: u32) {
         let items = self.node_items(node);
-        let n = self.nodes.remove(node);
-        if n.len != 0 {
+        let len = self.nodes.len(node);
+        if len != 0 {
             self.pages_shared -= 1;
-            self.pages_sharing -= n.len as u64 - 1;
+            self.pages_sharing -= len as u64 - 1;
         }
+        let sum = self.nodes.checksum(node);
         for it in items {
             let mm = self.items.mm(it);
-            self.items.set_link(it, NIL);
-            self.items.set_state(it, ItemState::Volatile);
+            self.items.unset_stable(it, sum);
             self.mm_state(mm).ksm_merging_pages -= 1;
         }
-        match n.kind {
+        match self.nodes.kind(node) {
             NodeKind::Dup { chain } => {
-                if let NodeKind::Chain { dups, .. } = &mut self.nodes[chain].kind {
-                    dups.retain(|&d| d != node);
-                }
+                self.nodes.dups_mut(chain).retain(|&d| d != node);
                 self.stable_node_dups -= 1;
             }
-            NodeKind::Regular => {
-                if self.stable.get(&n.key) == Some(&node) {
-                    self.stable.remove(&n.key);
-                }
-            }
-            NodeKind::Chain { .. } => unreachable!("chains have no page"),
+            NodeKind::Regular => {}
+            NodeKind::Chain => unreachable!("chains have no page"),
         }
-        if self.frame_node.get(&n.kpfn) == Some(&node) {
-            self.frame_node.remove(&n.kpfn);
-        }
+        self.nodes.remove(node);
     }
 
     fn free_stable_node_chain(&mut self, chain: u32) {
-        let n = self.nodes.remove(chain);
-        if self.stable.get(&n.key) == Some(&chain) {
-            self.stable.remove(&n.key);
-        }
+        self.nodes.remove(chain);
         self.stable_node_chains -= 1;
     }
 
     /// `ksm_get_folio(NOLOCK)`: the node's page if it is still a KSM page, else prune the node.
     fn get_ksm_page<M: Memory + ?Sized>(&mut self, mem: &M, node: u32) -> Option<FrameId> {
-        let kpfn = self.nodes[node].kpfn;
+        let kpfn = self.nodes.kpfn(node);
         if mem.ksm_page_alive(kpfn) {
             Some(kpfn)
         } else {
@@ -1172,7 +1131,7 @@ impl Ksm {
     }
 
     fn rmap_hlist_len(&self, node: u32) -> usize {
-        self.nodes[node].len as usize
+        self.nodes.len(node) as usize
     }
 
     /// `__is_page_sharing_candidate(node, offset)`.
@@ -1195,7 +1154,7 @@ impl Ksm {
         prune: bool,
         now_ms: u64,
     ) -> (Option<FrameId>, Option<u32>, u32) {
-        if !matches!(self.nodes[node].kind, NodeKind::Chain { .. }) {
+        if !self.nodes.is_chain(node) {
             if self.is_page_sharing_candidate(node) {
                 return (self.get_ksm_page(mem, node), Some(node), node);
             }
@@ -1214,18 +1173,11 @@ impl Ksm {
         now_ms: u64,
     ) -> (Option<FrameId>, Option<u32>, u32) {
         let prune_ms = self.tun.stable_node_chains_prune_millisecs as u64;
-        let NodeKind::Chain {
-            dups,
-            prune_time_ms,
-        } = &mut self.nodes[chain].kind
-        else {
-            unreachable!()
-        };
-        let prune = prune && now_ms >= prune_time_ms.saturating_add(prune_ms);
+        let prune = prune && now_ms >= self.nodes.prune_time_ms(chain).saturating_add(prune_ms);
         if prune {
-            *prune_time_ms = now_ms;
+            self.nodes.set_prune_time_ms(chain, now_ms);
         }
-        let list = dups.clone();
+        let list = self.nodes.dups(chain).to_vec();
         let mut found: Option<(u32, usize)> = None;
         let mut nr = 0;
         for dup in list {
@@ -1248,36 +1200,31 @@ impl Ksm {
         };
         if prune && nr == 1 {
             // Only one dup left and it has room: the chain is not needed any more.
-            let key = self.nodes[chain].key;
-            self.nodes.remove(chain);
-            self.nodes[f].kind = NodeKind::Regular;
-            self.stable.insert(key, f);
-            self.stable_node_chains -= 1;
-            self.stable_node_dups -= 1;
-            return (Some(self.nodes[f].kpfn), Some(f), f);
+            self.collapse_chain(chain, f);
+            return (Some(self.nodes.kpfn(f)), Some(f), f);
         }
-        let room = self.is_candidate_off(f, 1);
-        if let NodeKind::Chain { dups, .. } = &mut self.nodes[chain].kind {
-            if dups[0] != f && room {
+        if self.is_candidate_off(f, 1) {
+            let dups = self.nodes.dups_mut(chain);
+            if dups[0] != f {
                 dups.retain(|&d| d != f);
                 dups.insert(0, f);
             }
         }
-        (Some(self.nodes[f].kpfn), Some(f), chain)
+        (Some(self.nodes.kpfn(f)), Some(f), chain)
     }
 
     /// `stable_node_dup_any`: any dup of a chain (to continue a walk), or the node itself.
     /// Frees an empty chain and returns `None`.
     fn stable_node_dup_any(&mut self, node: u32) -> Option<u32> {
-        match &self.nodes[node].kind {
-            NodeKind::Chain { dups, .. } => match dups.first() {
-                Some(&d) => Some(d),
-                None => {
-                    self.free_stable_node_chain(node);
-                    None
-                }
-            },
-            _ => Some(node),
+        if !self.nodes.is_chain(node) {
+            return Some(node);
+        }
+        match self.nodes.dups(node).first() {
+            Some(&d) => Some(d),
+            None => {
+                self.free_stable_node_chain(node);
+                None
+            }
         }
     }
 
@@ -1298,7 +1245,7 @@ impl Ksm {
         };
         let now_ms = clock.now_ns() / 1_000_000;
         loop {
-            let &root = self.stable.get(&key)?;
+            let root = self.nodes.lookup(&key)?;
             let (mut tree_page, dup, root) = self.stable_node_chain(mem, root, true, now_ms);
             if dup.is_none() {
                 let any = self.stable_node_dup_any(root)?;
@@ -1339,7 +1286,7 @@ impl Ksm {
         };
         let mut chain_with: Option<u32> = None;
         let mut in_index = true;
-        while let Some(&root) = self.stable.get(&key) {
+        while let Some(root) = self.nodes.lookup(&key) {
             let (mut tree_page, dup, root) = self.stable_node_chain(mem, root, false, now_ms);
             if dup.is_none() {
                 let Some(any) = self.stable_node_dup_any(root) else {
@@ -1356,46 +1303,24 @@ impl Ksm {
             }
             break;
         }
-        let node = self.nodes.insert(StableNode {
-            kind: NodeKind::Regular,
-            key,
-            kpfn,
-            head: NIL,
-            len: 0,
-        });
-        self.frame_node.insert(kpfn, node);
+        let node = self.nodes.insert_page_node(kpfn, key);
         let mut new_chain = None;
         match chain_with {
-            None if in_index => {
-                self.stable.insert(key, node);
-            }
+            None if in_index => self.nodes.index_insert(node),
             None => {}
             Some(root) => {
-                let chain = if matches!(self.nodes[root].kind, NodeKind::Chain { .. }) {
+                let chain = if self.nodes.is_chain(root) {
                     root
                 } else {
                     // alloc_stable_node_chain: the chain takes the old node's place.
-                    let chain = self.nodes.insert(StableNode {
-                        kind: NodeKind::Chain {
-                            dups: vec![root],
-                            prune_time_ms: now_ms,
-                        },
-                        key,
-                        kpfn: FrameId(u64::MAX),
-                        head: NIL,
-                        len: 0,
-                    });
-                    self.nodes[root].kind = NodeKind::Dup { chain };
-                    self.stable.insert(key, chain);
+                    let chain = self.nodes.insert_chain(key, now_ms, root);
                     self.stable_node_chains += 1;
                     self.stable_node_dups += 1;
                     new_chain = Some(chain);
                     chain
                 };
-                if let NodeKind::Chain { dups, .. } = &mut self.nodes[chain].kind {
-                    dups.insert(0, node);
-                }
-                self.nodes[node].kind = NodeKind::Dup { chain };
+                self.nodes.dups_mut(chain).insert(0, node);
+                self.nodes.set_dup(node, chain);
                 self.stable_node_dups += 1;
             }
         }
@@ -1407,21 +1332,21 @@ impl Ksm {
     /// logic (the kernel's `WARN_ON_ONCE`).
     fn stable_tree_append(&mut self, it: u32, node: u32, max_page_sharing_bypass: bool) {
         let max = self.tun.max_page_sharing as u32;
-        let n = &mut self.nodes[node];
+        let len = self.nodes.len(node);
         debug_assert!(
-            max_page_sharing_bypass || n.len < max,
+            max_page_sharing_bypass || len < max,
             "stable node {node} would get {} mappings, max_page_sharing is {max}",
-            n.len + 1
+            len + 1
         );
-        if n.len == 0 {
+        if len == 0 {
             self.pages_shared += 1;
         } else {
             self.pages_sharing += 1;
         }
-        self.items.set_link(it, n.head);
-        n.head = it;
-        n.len += 1;
-        self.items.set_state(it, ItemState::Stable { node });
+        self.items.set_stable(it, node, self.nodes.checksum(node));
+        self.items.set_link(it, self.nodes.head(node));
+        self.nodes.set_head(node, it);
+        self.nodes.set_len(node, len + 1);
         let mm = self.items.mm(it);
         self.mm_state(mm).ksm_merging_pages += 1;
     }
@@ -1442,12 +1367,14 @@ impl Ksm {
         let mut t = self.unstable.head(checksum, nid);
         while t != NIL {
             let next = self.items.link(t);
-            let in_root =
-                matches!(self.items.state(t), ItemState::Unstable { nid: n, .. } if n == nid);
-            if in_root
-                && self.items.checksum(t) == checksum
-                && self.domain(self.items.mm(t)) == domain
-            {
+            // The tree of root `nid` holds only unstable items of this pass.
+            debug_assert_eq!(
+                self.items.state(t),
+                ItemState::Unstable {
+                    odd: self.odd_pass()
+                }
+            );
+            if self.items.checksum(t) == checksum && self.domain(self.items.mm(t)) == domain {
                 let (tmm, taddr) = (self.items.mm(t), self.items.address(t));
                 // As the kernel's tree walk: a node whose page is gone ends the search.
                 let tree_page = mem.get_page(tmm, taddr)?;
@@ -1467,8 +1394,7 @@ impl Ksm {
         self.items.set_state(
             it,
             ItemState::Unstable {
-                nid,
-                seqnr: self.seqnr as u8,
+                odd: self.odd_pass(),
             },
         );
         self.unstable.insert(&mut self.items, it, nid);
@@ -1502,7 +1428,15 @@ impl Ksm {
         };
         let mut bypass = false;
         let page_node = if page.ksm {
-            self.frame_node.get(&page.frame).copied()
+            if let ItemState::Stable { node } = self.items.state(it) {
+                // Most visits find the KSM page the item was merged into, whose node
+                // `by_page` would find (unless a newer node has the same page).
+                if self.nodes.kpfn(node) == page.frame && !self.nodes.is_shadowed(node) {
+                    debug_assert_eq!(self.nodes.by_page(page.frame), Some(node));
+                    return;
+                }
+            }
+            self.nodes.by_page(page.frame)
         } else {
             None
         };
@@ -1511,7 +1445,7 @@ impl Ksm {
             if self.items.state(it) == (ItemState::Stable { node }) {
                 return;
             }
-            if self.nodes[node].key.domain != domain {
+            if self.nodes.key(node).domain != domain {
                 // A KSM page of another domain (mapped since before set_domain, or promoted
                 // while a fork of this mm shared it): never joined to this mm's pages, and
                 // out of both trees.
@@ -1560,7 +1494,7 @@ impl Ksm {
                     .merge(mm, addr, page.frame, MergeInto::KsmPage(kpfn))
                     .is_ok();
             if merged {
-                if let Some(&node) = self.frame_node.get(&kpfn) {
+                if let Some(node) = self.nodes.by_page(kpfn) {
                     self.stable_tree_append(it, node, bypass);
                 }
             }
@@ -1584,6 +1518,7 @@ impl Ksm {
             return;
         }
         let merged_was = self.items.state(tree_it);
+        let merged_nid = self.nid_root(page.nid);
         self.remove_rmap_item_from_tree(mem, tree_it);
         let now_ms = clock.now_ns() / 1_000_000;
         let (node, new_chain) = self.stable_tree_insert(mem, kpfn, hash, page.nid, domain, now_ms);
@@ -1596,6 +1531,7 @@ impl Ksm {
             promoted: it,
             merged: tree_it,
             merged_was,
+            merged_nid,
             new_chain,
         });
     }
@@ -1639,24 +1575,21 @@ impl Ksm {
     /// if some KSM page is still mapped.
     fn remove_all_stable_nodes<M: Memory + ?Sized>(&mut self, mem: &M) -> bool {
         let mut busy = false;
-        let ids: Vec<u32> = self.nodes.iter().map(|(i, _)| i).collect();
-        for id in &ids {
-            let Some(NodeKind::Regular | NodeKind::Dup { .. }) =
-                self.nodes.get(*id).map(|n| n.kind.clone())
-            else {
+        let ids = self.nodes.ids();
+        for &id in &ids {
+            if !self.nodes.contains(id) || self.nodes.is_chain(id) {
                 continue;
-            };
-            if mem.ksm_page_alive(self.nodes[*id].kpfn) {
+            }
+            if mem.ksm_page_alive(self.nodes.kpfn(id)) {
                 busy = true;
             } else {
-                self.remove_node_from_stable_tree(*id);
+                self.remove_node_from_stable_tree(id);
             }
         }
         for id in ids {
-            if let Some(NodeKind::Chain { dups, .. }) = self.nodes.get(id).map(|n| &n.kind) {
-                if dups.is_empty() {
-                    self.free_stable_node_chain(id);
-                }
+            if self.nodes.contains(id) && self.nodes.is_chain(id) && self.nodes.dups(id).is_empty()
+            {
+                self.free_stable_node_chain(id);
             }
         }
         busy
@@ -1674,9 +1607,9 @@ impl Ksm {
             let mm = self.items.mm(it);
             *rmap.entry(mm).or_default() += 1;
             match self.items.state(it) {
-                ItemState::Unstable { seqnr, .. } => {
+                ItemState::Unstable { odd } => {
                     unshared += 1;
-                    unstable_here += usize::from(seqnr == self.seqnr as u8);
+                    unstable_here += usize::from(odd == self.odd_pass());
                 }
                 ItemState::Stable { .. } => *merging.entry(mm).or_default() += 1,
                 ItemState::Volatile => {}
@@ -1689,17 +1622,30 @@ impl Ksm {
             ));
         }
         let (mut chains, mut dups) = (0u64, 0u64);
-        for (id, n) in self.nodes.iter() {
-            match &n.kind {
-                NodeKind::Chain { .. } => chains += 1,
+        for id in self.nodes.ids() {
+            match self.nodes.kind(id) {
+                NodeKind::Chain => {
+                    chains += 1;
+                    for &d in self.nodes.dups(id) {
+                        if self.nodes.kind(d) != (NodeKind::Dup { chain: id }) {
+                            return Err(format!("node {d} in chain {id} is not its dup"));
+                        }
+                    }
+                    continue;
+                }
                 NodeKind::Dup { .. } => dups += 1,
                 NodeKind::Regular => {}
             }
+            if (self.nodes.by_page(self.nodes.kpfn(id)) == Some(id)) == self.nodes.is_shadowed(id) {
+                return Err(format!(
+                    "node {id} is not found by its KSM page, or is shadowed"
+                ));
+            }
             let items = self.node_items(id);
-            if items.len() != n.len as usize {
+            if items.len() != self.nodes.len(id) as usize {
                 return Err(format!(
                     "node {id}: rmap_hlist_len {} but {} items",
-                    n.len,
+                    self.nodes.len(id),
                     items.len()
                 ));
             }
@@ -1749,7 +1695,7 @@ impl Ksm {
                 ItemState::Stable { node } => Some(StableMapping {
                     mm: self.items.mm(it),
                     addr: self.items.address(it),
-                    kpfn: self.nodes[node].kpfn,
+                    kpfn: self.nodes.kpfn(node),
                 }),
                 _ => None,
             })

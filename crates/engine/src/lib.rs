@@ -38,7 +38,7 @@
 //! See [`KsmCounters`] (`/sys/kernel/mm/ksm`) and [`KsmStat`] (`/proc/<pid>/ksm_stat`), each
 //! counter documented where it is defined. Memory saved is `pages_sharing + ksm_zero_pages`
 //! pages. `general_profit` and `ksm_process_profit` follow the kernel's formula but charge an
-//! rmap item what it costs here, [`RMAP_ITEM_BYTES`] (14 bytes), not the kernel's 64.
+//! rmap item what it costs here, [`RMAP_ITEM_BYTES`] (10 bytes), not the kernel's 64.
 //! KSM-placed zero pages are counted in one place, [`zero_pages`], by the backend,
 //! synchronously with every change of a mapping; a backend that counts them another way can
 //! put its count into a snapshot with [`KsmCounters::with_ksm_zero_pages`].
@@ -102,13 +102,14 @@
 #![forbid(unsafe_code)]
 
 mod advisor;
-mod arena;
 mod convergence;
 pub mod counters;
+mod heap;
 mod ksm;
 pub mod memory;
 pub mod page;
 mod rmap;
+mod stable;
 pub mod tunables;
 pub mod zero_pages;
 
