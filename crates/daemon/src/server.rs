@@ -228,10 +228,20 @@ impl Shared {
         }
     }
 
-    fn domain(&self, uid: u32, name: &str) -> u32 {
+    /// The id of a security domain, new or known; `None` once there are as many as the
+    /// engine can tell apart.
+    fn domain(&self, uid: u32, name: &str) -> Option<u32> {
         let mut d = self.domains.lock().unwrap_or_else(|e| e.into_inner());
         let n = d.len() as u32;
-        *d.entry((uid, name.to_string())).or_insert(n)
+        match d.entry((uid, name.to_string())) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+            std::collections::hash_map::Entry::Vacant(_)
+                if n >= samepage_linux::ksmd::MAX_DOMAINS =>
+            {
+                None
+            }
+            std::collections::hash_map::Entry::Vacant(e) => Some(*e.insert(n)),
+        }
     }
 
     fn stat(&self) -> StatReply {
@@ -556,6 +566,9 @@ fn libc_eperm() -> i32 {
 fn libc_einval() -> i32 {
     22
 }
+fn libc_enospc() -> i32 {
+    28
+}
 
 /// Receive one message; `None` when the connection ended (or timed out).
 fn recv(
@@ -589,7 +602,20 @@ fn serve_agent(
         Some(d) => format!("uid{}:{d}", cred.uid),
         None => format!("uid{}", cred.uid),
     };
-    let dom = sh.domain(cred.uid, domain.as_deref().unwrap_or(""));
+    let Some(dom) = sh.domain(cred.uid, domain.as_deref().unwrap_or("")) else {
+        conn.reply(
+            0,
+            Response::Error {
+                errno: libc_enospc(),
+                message: format!(
+                    "samepage daemon serves {} security domains already, the most it can;                      run this program without --domain, or in a domain that exists",
+                    samepage_linux::ksmd::MAX_DOMAINS
+                ),
+            },
+        );
+        conn.close();
+        return;
+    };
     let Ok(pidfd) = ipc::pidfd_open(pid) else {
         conn.close();
         return;

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use thiserror::Error;
 
 /// Version of this protocol; the daemon refuses other versions with a sentence.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest message (a record); longer runs of changes are split.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Records per `X` or `C` message.

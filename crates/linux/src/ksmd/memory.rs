@@ -19,13 +19,17 @@ use std::io;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
-/// Frame ids of canonical pages carry this bit, the domain above bit 32 and the offset
-/// below; ordinary pages are (target index + 1) above bit 47 and their address below.
+/// Frame ids of canonical pages carry this bit, the domain above bit 40, the offset's
+/// generation ([`Store::gen`]) in bits 32 to 39 and the offset below; ordinary pages are
+/// (target index + 1) above bit 47 and their address below.
 const STORE_TAG: u64 = 1 << 63;
 const ADDR_BITS: u32 = 47;
+/// Security domains have ids below this (a daemon refuses clients of more domains).
+pub const MAX_DOMAINS: u32 = 1 << 23;
 
-fn canonical_frame(domain: u32, k: u32) -> FrameId {
-    FrameId(STORE_TAG | (domain as u64) << 32 | k as u64)
+fn canonical_frame(domain: u32, k: u32, gen: u8) -> FrameId {
+    debug_assert!(domain < MAX_DOMAINS);
+    FrameId(STORE_TAG | (domain as u64) << 40 | (gen as u64) << 32 | k as u64)
 }
 
 fn page_frame(target: usize, addr: u64) -> FrameId {
@@ -35,15 +39,16 @@ fn page_frame(target: usize, addr: u64) -> FrameId {
 /// What a frame id names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Frame {
-    Canonical { domain: u32, k: u32 },
+    Canonical { domain: u32, k: u32, gen: u8 },
     Page { target: usize, addr: u64 },
 }
 
 fn decode(f: FrameId) -> Frame {
     if f.0 & STORE_TAG != 0 {
         Frame::Canonical {
-            domain: ((f.0 & !STORE_TAG) >> 32) as u32,
+            domain: ((f.0 & !STORE_TAG) >> 40) as u32,
             k: f.0 as u32,
+            gen: (f.0 >> 32) as u8,
         }
     } else {
         Frame::Page {
@@ -590,9 +595,10 @@ impl KsmdMemory {
     /// Copy the contents of frame `f` into `buf` (false: it cannot be read).
     fn read_frame(&self, f: FrameId, buf: &mut [u8; PAGE_SIZE]) -> bool {
         match decode(f) {
-            Frame::Canonical { domain, k } => {
-                self.stores.get(&domain).is_some_and(|s| s.read(k, buf))
-            }
+            Frame::Canonical { domain, k, gen } => self
+                .stores
+                .get(&domain)
+                .is_some_and(|s| s.gen(k) == gen && s.read(k, buf)),
             Frame::Page { target, addr } => {
                 let Some(t) = self.target(target) else {
                     return false;
@@ -653,10 +659,11 @@ impl Memory for KsmdMemory {
             for (j, &k) in r.pages[r.idx(a)..=last].iter().enumerate() {
                 let q = a + j as u64 * PAGE;
                 if k != NONE {
+                    let gen = self.stores.get(&t.domain).map_or(0, |s| s.gen(k));
                     return Some((
                         q,
                         PageRef {
-                            frame: canonical_frame(t.domain, k),
+                            frame: canonical_frame(t.domain, k, gen),
                             ksm: true,
                             nid: 0,
                         },
@@ -686,8 +693,9 @@ impl Memory for KsmdMemory {
             return None;
         }
         if let Some(k) = t.merged(addr) {
+            let gen = self.stores.get(&t.domain).map_or(0, |s| s.gen(k));
             return Some(PageRef {
-                frame: canonical_frame(t.domain, k),
+                frame: canonical_frame(t.domain, k, gen),
                 ksm: true,
                 nid: 0,
             });
@@ -740,7 +748,10 @@ impl Memory for KsmdMemory {
 
     fn ksm_page_alive(&self, frame: FrameId) -> bool {
         match decode(frame) {
-            Frame::Canonical { domain, k } => self.stores.get(&domain).is_some_and(|s| s.alive(k)),
+            Frame::Canonical { domain, k, gen } => self
+                .stores
+                .get(&domain)
+                .is_some_and(|s| s.gen(k) == gen && s.alive(k)),
             Frame::Page { .. } => false,
         }
     }
@@ -768,14 +779,14 @@ impl Memory for KsmdMemory {
                 Ok(FrameId(0))
             }
             MergeInto::KsmPage(f) => {
-                let Frame::Canonical { domain: d, k } = decode(f) else {
+                let Frame::Canonical { domain: d, k, gen } = decode(f) else {
                     return Err(MergeError::Gone);
                 };
                 if d != domain {
                     return Err(MergeError::Gone);
                 }
                 let store = self.stores.get_mut(&domain).ok_or(MergeError::Gone)?;
-                if !store.alive(k) {
+                if store.gen(k) != gen || !store.alive(k) {
                     return Err(MergeError::Gone);
                 }
                 store.queue(k);
@@ -796,9 +807,10 @@ impl Memory for KsmdMemory {
                 };
                 self.buf = buf;
                 let k = k.ok_or(MergeError::Gone)?;
+                let gen = self.stores.get(&domain).map_or(0, |s| s.gen(k));
                 self.merged_in_chunk = true;
                 self.queue(ti, Op::Merge { addr, k });
-                Ok(canonical_frame(domain, k))
+                Ok(canonical_frame(domain, k, gen))
             }
         }
     }
@@ -863,5 +875,27 @@ impl Memory for KsmdMemory {
                 .map(|t| t.mms.iter().map(|&m| t.zero_pages(m)).sum::<i64>())
                 .sum(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_ids_round_trip_and_tell_generations_apart() {
+        for (domain, k, gen) in [(0, 0, 0), (MAX_DOMAINS - 1, u32::MAX, u8::MAX), (7, 12, 3)] {
+            let f = canonical_frame(domain, k, gen);
+            assert_eq!(decode(f), Frame::Canonical { domain, k, gen });
+            assert_ne!(f, canonical_frame(domain, k, gen.wrapping_add(1)));
+        }
+        let p = page_frame(3, 0x7fff_ffff_f000);
+        assert_eq!(
+            decode(p),
+            Frame::Page {
+                target: 3,
+                addr: 0x7fff_ffff_f000
+            }
+        );
     }
 }

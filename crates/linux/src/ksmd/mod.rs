@@ -12,7 +12,7 @@ mod prefetch;
 mod store;
 mod target;
 
-pub use memory::{KsmdMemory, KsmdStats};
+pub use memory::{KsmdMemory, KsmdStats, MAX_DOMAINS};
 pub use target::AgentLink;
 pub(crate) use target::{LocalLink, Target, USER_SPACE_END};
 

@@ -28,6 +28,10 @@ pub(crate) struct Store {
     next: u32,
     /// Offsets released, to use again.
     free: Vec<u32>,
+    /// How many times each offset was released (wrapping): part of the frame id the engine
+    /// knows a canonical page by, so that an id it still holds for a released page never
+    /// names the page its offset holds next.
+    gens: Vec<u8>,
     /// References of pages that stand for each canonical page, from every target.
     refs: FxHashMap<u32, u32>,
     /// Merges queued (not carried out yet) into each canonical page.
@@ -54,6 +58,7 @@ impl Store {
             size: 0,
             next: 0,
             free: Vec::new(),
+            gens: Vec::new(),
             refs: FxHashMap::default(),
             pending: FxHashMap::default(),
             released: 0,
@@ -73,6 +78,7 @@ impl Store {
             Some(k) => k,
             None if self.next < self.max => {
                 self.next += 1;
+                self.gens.push(0);
                 self.next - 1
             }
             None => {
@@ -115,17 +121,26 @@ impl Store {
     /// A queued merge into `k` is over (carried out or not): `merged` says whether a page
     /// now stands for it.
     pub fn dequeue(&mut self, k: u32, merged: bool) {
+        if !self.pending.contains_key(&k) {
+            // Nothing was queued into k: there is nothing to settle.
+            return;
+        }
         if merged {
             *self.refs.entry(k).or_default() += 1;
         }
-        dec(&mut self.pending, k);
-        self.maybe_release(k);
+        if dec(&mut self.pending, k) {
+            self.maybe_release(k);
+        }
     }
 
     /// A page stopped standing for `k`.
     pub fn unref(&mut self, k: u32) {
-        dec(&mut self.refs, k);
-        self.maybe_release(k);
+        // Only the last reference going releases k: a reference that was never there (an
+        // agent's lie, or a change told twice) must not release it again, which would put
+        // its offset on the free list twice.
+        if dec(&mut self.refs, k) {
+            self.maybe_release(k);
+        }
     }
 
     fn maybe_release(&mut self, k: u32) {
@@ -134,8 +149,14 @@ impl Store {
         }
         if sys::punch_hole(self.fd.as_fd(), k as u64 * PAGE, PAGE).is_ok() {
             self.released += 1;
+            self.gens[k as usize] = self.gens[k as usize].wrapping_add(1);
             self.free.push(k);
         }
+    }
+
+    /// The generation of offset `k`: how many times it was released (wrapping).
+    pub fn gen(&self, k: u32) -> u8 {
+        self.gens.get(k as usize).copied().unwrap_or(0)
     }
 
     /// Copy canonical page `k` into `buf`.
@@ -163,13 +184,16 @@ impl Store {
     }
 }
 
-fn dec(m: &mut FxHashMap<u32, u32>, k: u32) {
+/// Take one from `k`'s count; true when that was the last.
+fn dec(m: &mut FxHashMap<u32, u32>, k: u32) -> bool {
     if let Some(n) = m.get_mut(&k) {
         *n -= 1;
         if *n == 0 {
             m.remove(&k);
+            return true;
         }
     }
+    false
 }
 
 #[cfg(test)]
@@ -213,9 +237,14 @@ mod tests {
         assert!(s.read(k, &mut buf) && buf[0] == 42, "one reference left");
         s.unref(k);
         s.unref(k); // a lie (no reference left) changes nothing
+        s.dequeue(k, true); // nor does a merge that was never queued
         assert!(!s.alive(k));
+        assert_eq!(s.released, 1);
         let k2 = s.alloc(&[1u8; PAGE as usize]).unwrap();
         assert_eq!(k2, k, "the offset is reused");
+        assert_eq!(s.gen(k2), 1, "in its next generation");
+        let k3 = s.alloc(&[2u8; PAGE as usize]).unwrap();
+        assert_ne!(k3, k2, "once: a released offset is on the free list once");
         assert!(s.read(k2, &mut buf) && buf == [1u8; PAGE as usize]);
     }
 }
