@@ -67,7 +67,7 @@ pub trait Engine: Sync {
     /// Read the counters at most this often while a run is watched (the changes in between
     /// are taken as one). The kernel's sysfs files tell nobody when they change, so they are
     /// polled this often: a reader that never sleeps takes a core from ksmd (the kernel's
-    /// column of `bench` took 5x its time when one did).
+    /// column of `compare` took six times its time when one did).
     fn read_every(&self) -> Duration {
         Duration::from_millis(2)
     }
@@ -90,9 +90,10 @@ const MIN_WAIT: Duration = Duration::from_micros(500);
 const MAX_WAIT: Duration = Duration::from_millis(100);
 
 /// A reading of the counters is followed by a wait at least this many times the CPU it
-/// took (up to [`MAX_WAIT`]), so that watching takes about 2% of a core. (`samepage merge --size 1G` of the mixed
-/// workload, 5 runs each: converged 1.54 s median reading every 10 ms, 1.47 s with this
-/// rule, 1.41 s reading every 100 ms, which would leave a run of 0.2 s with two samples.)
+/// took (up to [`MAX_WAIT`]), so that watching takes about 2% of a core. (`samepage merge
+/// --size 1G` of the mixed workload, 5 runs each: converged 1.54 s median reading every
+/// 10 ms, 1.47 s with this rule on a reading's wall time, 1.41 s reading every 100 ms,
+/// which would leave a run of 0.2 s with two samples.)
 const READ_DUTY: u32 = 50;
 
 /// samepage's live engine.

@@ -608,7 +608,8 @@ fn serve_agent(
             Response::Error {
                 errno: libc_enospc(),
                 message: format!(
-                    "samepage daemon serves {} security domains already, the most it can;                      run this program without --domain, or in a domain that exists",
+                    "samepage daemon serves {} security domains already, the most it can; \
+                     run this program without --domain, or in a domain that exists",
                     samepage_linux::ksmd::MAX_DOMAINS
                 ),
             },
