@@ -1568,6 +1568,12 @@ impl Ksm {
         self.address = 0;
         self.remove_all_stable_nodes(mem);
         self.seqnr = 0;
+        // What run=2 freed goes back now, not at the end of a pass that may never come.
+        if self.unstable.len() == 0 {
+            self.unstable.reset();
+        }
+        self.items.trim();
+        self.nodes.trim();
         Ok(())
     }
 

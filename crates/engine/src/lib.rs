@@ -29,9 +29,10 @@
 //! KSM pages ("dups") collected under a "chain" for that content. Smart scan skips pages that
 //! keep failing to merge; the scan-time advisor tunes `pages_to_scan`.
 //!
-//! samepage indexes both trees by the full 64-bit XXH64 of the contents and verifies every
-//! match with a full comparison, where the kernel walks memcmp-ordered rbtrees: what a user
-//! can observe (counters, when pages merge, errors) is the kernel's.
+//! samepage indexes the stable tree by the full 64-bit XXH64 of the contents and the
+//! unstable tree by the kernel's 32-bit checksum, and verifies every match with a full
+//! comparison, where the kernel walks memcmp-ordered rbtrees: what a user can observe
+//! (counters, when pages merge, errors) is the kernel's.
 //!
 //! ## The counters
 //!

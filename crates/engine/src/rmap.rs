@@ -311,10 +311,11 @@ impl Items {
                     }
                     None => {
                         self.chunks.push(chunk);
+                        // The last chunk's last slot would be NIL.
                         u32::try_from(self.chunks.len() - 1)
                             .ok()
-                            .filter(|&c| c < 1 << (32 - CHUNK_SHIFT))
-                            .expect("fewer than 2^24 rmap chunks")
+                            .filter(|&c| c < (1 << (32 - CHUNK_SHIFT)) - 1)
+                            .expect("fewer than 2^24 - 1 rmap chunks")
                     }
                 };
                 let v = self.by_mm.entry(mm).or_default();
@@ -362,26 +363,31 @@ impl Items {
                 "only volatile items are freed"
             );
         }
+        let mut emptied: Vec<(MmId, u64)> = Vec::new();
         let mut i = 0;
         while i < ids.len() {
             let c = split(ids[i]).0;
             let n = ids[i..].iter().take_while(|&&it| split(it).0 == c).count();
-            self.remove_from_chunk(c, &ids[i..i + n]);
+            if let Some(e) = self.remove_from_chunk(c, &ids[i..i + n]) {
+                emptied.push(e);
+            }
             i += n;
         }
-    }
-
-    fn remove_from_chunk(&mut self, c: usize, ids: &[u32]) {
-        let ch = &mut self.chunks[c];
-        ch.remove(ids.iter().map(|&it| split(it).1));
-        self.last = (0, 0);
-        self.len -= ids.len();
-        if ch.is_empty() {
-            let (mm, base) = (ch.mm, ch.base);
-            ch.items = Vec::new();
+        // Emptied chunks leave their mm's list in one sweep per mm: one at a time, an exit
+        // of an mm with many chunks would shift the list once per chunk.
+        emptied.sort_unstable();
+        let mut i = 0;
+        while i < emptied.len() {
+            let mm = emptied[i].0;
+            let n = emptied[i..].iter().take_while(|e| e.0 == mm).count();
+            let gone = &emptied[i..i + n];
             if let Some(v) = self.by_mm.get_mut(&mm) {
-                if let Ok(k) = v.binary_search_by_key(&base, |e| e.0) {
-                    v.remove(k);
+                if let [(_, base)] = gone {
+                    if let Ok(k) = v.binary_search_by_key(base, |e| e.0) {
+                        v.remove(k);
+                    }
+                } else {
+                    v.retain(|e| gone.binary_search(&(mm, e.0)).is_err());
                 }
                 if v.is_empty() {
                     self.by_mm.remove(&mm);
@@ -389,11 +395,27 @@ impl Items {
                     v.shrink_to(v.len() + v.len() / 4);
                 }
             }
-            if self.hint.is_some_and(|(_, _, h)| h as usize == c) {
-                self.hint = None;
-            }
-            self.free_chunks.push(c as u32);
+            i += n;
         }
+    }
+
+    /// Free `ids` of chunk `c`; the chunk's mm and base if that emptied it (its entry in
+    /// the mm's list is the caller's to remove).
+    fn remove_from_chunk(&mut self, c: usize, ids: &[u32]) -> Option<(MmId, u64)> {
+        let ch = &mut self.chunks[c];
+        ch.remove(ids.iter().map(|&it| split(it).1));
+        self.last = (0, 0);
+        self.len -= ids.len();
+        if !ch.is_empty() {
+            return None;
+        }
+        let (mm, base) = (ch.mm, ch.base);
+        ch.items = Vec::new();
+        if self.hint.is_some_and(|(_, _, h)| h as usize == c) {
+            self.hint = None;
+        }
+        self.free_chunks.push(c as u32);
+        Some((mm, base))
     }
 
     /// Give back memory the items no longer need: free chunks at the end of the chunk list
@@ -689,6 +711,12 @@ impl UnstableIndex {
         self.len = 0;
     }
 
+    /// An empty tree of the least size, with no root (every item is gone: run=2).
+    pub fn reset(&mut self) {
+        debug_assert_eq!(self.len, 0, "only an empty tree is reset");
+        *self = Self::default();
+    }
+
     /// The first item that may hold `checksum` in the tree of `nid`; follow [`Items::link`].
     #[inline]
     pub fn head(&self, checksum: u32, nid: u32) -> u32 {
@@ -789,6 +817,45 @@ mod tests {
         assert_eq!(std::mem::size_of::<Item>(), 9);
         assert_eq!(std::mem::size_of::<Chunk>(), 72);
         assert_eq!(RMAP_ITEM_BYTES, 10);
+    }
+
+    #[test]
+    fn freeing_many_chunks_at_once_keeps_the_others() {
+        let mut items = Items::default();
+        let (a, b) = (MmId(1), MmId(2));
+        let span = CHUNK_PAGES as u64 * PAGE_SIZE_U64;
+        // One item in each of 1000 chunks of a, and of b.
+        for i in 0..1000u64 {
+            items.get_or_insert(a, i * span);
+            items.get_or_insert(b, i * span);
+        }
+        // Free a's items of every other chunk, and all of b's, in one call each.
+        let mut gone: Vec<u32> = (0..1000u64)
+            .step_by(2)
+            .filter_map(|i| items.find(a, i * span))
+            .collect();
+        gone.sort_unstable_by_key(|&it| split(it));
+        items.remove_many(&gone);
+        let all_b = items.ids_in(b, 0, 1000 * span);
+        items.remove_many(&all_b);
+        assert_eq!(items.len(), 500);
+        for i in 0..1000u64 {
+            assert_eq!(
+                items.find(a, i * span).is_some(),
+                i % 2 == 1,
+                "chunk {i} of a"
+            );
+            assert!(items.find(b, i * span).is_none());
+        }
+        assert_eq!(items.ids_in(a, 0, 1000 * span).len(), 500);
+        assert!(
+            !items.by_mm.contains_key(&b),
+            "an mm without chunks leaves the map"
+        );
+        // Freed chunks are used again, and found again.
+        let (it, new) = items.get_or_insert(b, 7 * span);
+        assert!(new);
+        assert_eq!(items.find(b, 7 * span), Some(it));
     }
 
     #[test]

@@ -39,8 +39,10 @@ const KIND_REGULAR: u32 = 0;
 const KIND_DUP: u32 = 1;
 const KIND_CHAIN: u32 = 2;
 const KIND_FREE: u32 = 3;
-/// A newer node has the same KSM page (a backend reused the frame id while this node
-/// lingered): the page belongs to that one (`page_stable_node`), not to this one.
+/// A newer node has the same KSM page: the page belongs to that one (`page_stable_node`),
+/// not to this one. Only a backend that broke the `FrameId` contract (an id reused while the
+/// engine may still hold it) makes one; the live backend did until its canonical frame ids
+/// carried a generation. Kept so that such a backend costs a lost merge, not a wrong one.
 const SHADOWED: u32 = 4;
 /// The payload's bits.
 const PAYLOAD_SHIFT: u32 = 3;
@@ -302,12 +304,16 @@ impl IdTable {
 pub(crate) struct StableNodes {
     /// Every node by id, free ones included.
     nodes: Vec<StableNode>,
-    /// First free node ([`NIL`]: none), the others chained through `meta`.
+    /// First free node (`None`: none), the others chained through `meta` (ending at
+    /// `NO_NODE`).
     free: Option<u32>,
     /// Nodes in use.
     live: usize,
     /// The (nid, domain) pairs of keys, each once; the first is (0, domain 0), if any.
     classes: Vec<(u32, DomainId)>,
+    /// Each pair's index in `classes`: a daemon may serve many domains, and every lookup
+    /// of the stable tree finds its pair first.
+    class_ids: FxHashMap<(u32, DomainId), u32>,
     /// `root_stable_tree`: the regular nodes and chains by key.
     by_key: IdTable,
     /// `page_stable_node`: the regular nodes and dups by KSM page (the newest, if a backend
@@ -334,24 +340,25 @@ fn index_hash(nodes: &[StableNode], id: u32) -> u64 {
 
 impl StableNodes {
     fn class_of(&mut self, nid: u32, domain: DomainId) -> u32 {
-        match self.classes.iter().position(|&c| c == (nid, domain)) {
-            Some(k) => k as u32,
-            None => {
-                self.classes.push((nid, domain));
-                u32::try_from(self.classes.len() - 1)
-                    .ok()
-                    .filter(|&k| k < NO_NODE)
-                    .expect("fewer than 2^29 (nid, domain) pairs")
-            }
+        if let Some(k) = self.find_class(nid, domain) {
+            return k;
         }
+        self.classes.push((nid, domain));
+        let k = u32::try_from(self.classes.len() - 1)
+            .ok()
+            .filter(|&k| k < NO_NODE)
+            .expect("fewer than 2^29 (nid, domain) pairs");
+        self.class_ids.insert((nid, domain), k);
+        k
     }
 
     #[inline]
     fn find_class(&self, nid: u32, domain: DomainId) -> Option<u32> {
-        self.classes
-            .iter()
-            .position(|&c| c == (nid, domain))
-            .map(|k| k as u32)
+        // The one pair of a machine with one node and one domain needs no hashing.
+        match self.classes.first() {
+            Some(&c) if c == (nid, domain) => Some(0),
+            _ => self.class_ids.get(&(nid, domain)).copied(),
+        }
     }
 
     #[inline]
@@ -637,6 +644,7 @@ impl StableNodes {
     pub fn heap_bytes(&self) -> usize {
         self.nodes.capacity() * std::mem::size_of::<StableNode>()
             + self.classes.capacity() * std::mem::size_of::<(u32, DomainId)>()
+            + hash_map_bytes(&self.class_ids)
             + self.by_key.heap_bytes()
             + self.by_kpfn.heap_bytes()
             + hash_map_bytes(&self.dups)
@@ -648,6 +656,12 @@ impl StableNodes {
     /// first: node ids are given out as the kernel-faithful arena gave them out, which a
     /// batch's undo of a failed merge relies on to recognise its node.)
     pub fn trim(&mut self) {
+        if self.live == 0 {
+            // Nothing refers to a node id any more (run=2, every KSM page gone): the list
+            // of free nodes goes too.
+            self.nodes = Vec::new();
+            self.free = None;
+        }
         if self.nodes.capacity() > self.nodes.len() + self.nodes.len() / 8 {
             self.nodes.shrink_to_fit();
         }
@@ -811,7 +825,7 @@ mod tests {
         s.trim();
         assert_eq!(
             s.heap_bytes(),
-            s.nodes.capacity() * 28 + s.classes.capacity() * 8
+            s.nodes.capacity() * 28 + s.classes.capacity() * 8 + hash_map_bytes(&s.class_ids)
         );
     }
 }

@@ -384,6 +384,10 @@ fn run_case(ops: &[Op], init: &[u8], fail: Option<FailEvery>) -> Result<(), Test
     sys.write_knob("use_zero_pages", "1").unwrap();
     sys.write_knob("run", "1").unwrap();
     let mm = sys.spawn();
+    // An area nobody advises first, so that the pages under test straddle the boundary of
+    // two of the engine's 256-page chunks of rmap items.
+    sys.mmap(mm, (256 - PAGES as u64 / 2 - 1) * PS, Prot::RW)
+        .unwrap();
     let base = sys.mmap(mm, PAGES as u64 * PS, Prot::RW).unwrap();
     let mut pages = Vec::new();
     for (i, v) in init.iter().enumerate() {
