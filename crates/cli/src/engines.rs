@@ -77,7 +77,7 @@ pub trait Engine: Sync {
 /// once per scan chunk (every few milliseconds at full speed), and a reading walks the page
 /// tables of every region (`ksm_zero_pages` comes from PAGEMAP_SCAN): reading at every event
 /// took a core from the scanner's read-ahead, which runs at idle priority, and doubled the
-/// time to converge on 1 GiB of zero pages. On 1 GiB a reading takes 1–5 ms, so
+/// time to converge on 1 GiB of zero pages. On 1 GiB a reading takes about 3 ms, so
 /// [`READ_DUTY`] spaces them further. When the counters last changed comes from the engine
 /// itself ([`Engine::last_change`]), so nothing is less precise for it.
 pub const SAMEPAGE_READ_EVERY: Duration = Duration::from_millis(10);
