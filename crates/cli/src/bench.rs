@@ -12,6 +12,7 @@ use samepage_linux::host::{AnonMemory, HostSession};
 use samepage_workload::{parse_size, Workload};
 use serde::Serialize;
 use std::collections::HashMap;
+use std::time::Duration;
 
 /// `samepage bench` arguments.
 #[derive(Args, Debug, Clone)]
@@ -25,10 +26,11 @@ pub struct BenchArgs {
     /// Sizes of the scaling series of the mixed workload (comma-separated; empty for none).
     #[arg(long, default_value = "256M,512M,1G,2G,4G", value_parser = parse_sizes)]
     pub scaling: Sizes,
-    /// Size of the workload whose first writes are timed.
+    /// Size of the workload whose first touches are timed.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub latency_size: u64,
-    /// First writes timed per kind of page (zero, merged) and engine.
+    /// First touches timed per kind (writes to zero pages; writes and reads of merged pages
+    /// and of memory never touched) and engine.
     #[arg(long, default_value_t = 2000)]
     pub latency_pages: usize,
     /// Set a KSM tunable for both engines (repeatable), on top of the full-speed defaults.
@@ -244,7 +246,9 @@ fn row(host: &mut HostSession, name: &str, run: &RunArgs, a: &BenchArgs) -> Resu
 }
 
 /// Pages of the first address space by kind: zero-filled, and duplicated (merged).
-fn pages_by_kind(w: &Workload, n: usize) -> (Vec<u64>, Vec<u64>) {
+/// Up to `zero` KSM-zero pages and `dup` pages with a duplicate of the first address space,
+/// by index.
+fn pages_by_kind(w: &Workload, zero: usize, dup: usize) -> (Vec<u64>, Vec<u64>) {
     let space = &w.spaces[0];
     let mut buf = [0u8; PAGE_SIZE];
     let mut count: HashMap<u64, u32> = HashMap::new();
@@ -252,19 +256,19 @@ fn pages_by_kind(w: &Workload, n: usize) -> (Vec<u64>, Vec<u64>) {
     for i in 0..space.pages() {
         space.fill_page(i, &mut buf);
         let h = page_hash(&buf);
-        let zero = samepage_engine::is_zero_page(&buf);
+        let z = samepage_engine::is_zero_page(&buf);
         *count.entry(h).or_default() += 1;
-        hashes.push((h, zero));
+        hashes.push((h, z));
     }
-    let (mut zero, mut dup) = (Vec::new(), Vec::new());
+    let (mut zeros, mut dups) = (Vec::new(), Vec::new());
     for (i, (h, z)) in hashes.into_iter().enumerate() {
-        if z && zero.len() < n {
-            zero.push(i as u64);
-        } else if !z && count[&h] > 1 && dup.len() < n {
-            dup.push(i as u64);
+        if z && zeros.len() < zero {
+            zeros.push(i as u64);
+        } else if !z && count[&h] > 1 && dups.len() < dup {
+            dups.push(i as u64);
         }
     }
-    (zero, dup)
+    (zeros, dups)
 }
 
 fn latency(kind: &'static str, engine: &'static str, mut us: Vec<f64>) -> Latency {
@@ -285,31 +289,130 @@ fn latency(kind: &'static str, engine: &'static str, mut us: Vec<f64>) -> Latenc
     }
 }
 
-/// First writes to placed zero pages and to merged pages, under each engine.
+/// The word a first touch reads or writes: the second of its page.
+const WORD: u64 = 8;
+
+/// What the latency probe times, in the order of its rows: each is a first touch of pages
+/// that nothing touched since the engine converged (or ever, for untouched pages).
+const TOUCHES: [&str; 5] = [
+    "write, zero page",
+    "write, merged page",
+    "read, merged page",
+    "write, untouched page",
+    "read, untouched page",
+];
+
+/// Timed first touches of one engine's memory, in the order of [`TOUCHES`].
+type Timings = Vec<Vec<f64>>;
+
+/// A timed store at a byte offset.
+type Store<'a, E> = &'a dyn Fn(u64) -> Result<Duration, E>;
+/// A timed load at a byte offset, with the word it read.
+type Load<'a, E> = &'a dyn Fn(u64) -> Result<(u64, Duration), E>;
+
+/// How a first touch touches its page.
+enum Access<'a, E> {
+    Write(Store<'a, E>),
+    /// A read, which must give what the page holds (by page index).
+    Read(Load<'a, E>, &'a dyn Fn(u64) -> u64),
+}
+
+/// Time the first touch of each of `pages`.
+fn touch<E: std::fmt::Display>(
+    pages: &[u64],
+    access: Access<'_, E>,
+    what: &str,
+) -> Result<Vec<f64>, String> {
+    let mut us = Vec::with_capacity(pages.len());
+    for &i in pages {
+        let off = i * PAGE_SIZE_U64 + WORD;
+        let d = match &access {
+            Access::Write(store) => store(off).map_err(|e| format!("{what}: {e}"))?,
+            Access::Read(load, want) => {
+                let (v, d) = load(off).map_err(|e| format!("{what}: {e}"))?;
+                if v != want(i) {
+                    return Err(format!(
+                        "{what}: page {i} read {v:#x} where it holds {:#x}",
+                        want(i)
+                    ));
+                }
+                d
+            }
+        };
+        us.push(d.as_secs_f64() * 1e6);
+    }
+    Ok(us)
+}
+
+/// First touches under each engine: writes to placed zero pages, writes and reads of merged
+/// pages, and writes and reads of pages of fresh memory handed to the engine untouched (what
+/// an application pays for memory it has not used yet). Reads are checked against what the
+/// page holds.
 fn latencies(host: &mut HostSession, a: &BenchArgs) -> Result<Vec<Latency>, CliError> {
     let run = run_args(a.latency_size, 30, 40, &a.set);
     let w = run.workload()?;
-    let (zero, dup) = pages_by_kind(&w, a.latency_pages);
-    let time_sp = |l: &Loaded, pages: &[u64]| -> Vec<f64> {
-        let r = &l.regions[0];
-        pages
-            .iter()
-            .filter_map(|&i| r.timed_store(i * PAGE_SIZE_U64 + 8, 0xfeed).ok())
-            .map(|d| d.as_secs_f64() * 1e6)
-            .collect()
+    let n = a.latency_pages;
+    let (zero, dup) = pages_by_kind(&w, n, 2 * n);
+    let (dup_w, dup_r) = dup.split_at(dup.len() / 2);
+    // Fresh pages are written in one mapping and read in another: a write's fault may give
+    // the zero page to the holes after it.
+    let untouched: Vec<u64> = (0..n as u64).collect();
+    let space = &w.spaces[0];
+    let held = |i: u64| {
+        let mut buf = [0u8; PAGE_SIZE];
+        space.fill_page(i, &mut buf);
+        let o = WORD as usize;
+        u64::from_ne_bytes(buf[o..o + 8].try_into().expect("8 bytes"))
     };
-    let time_k = |m: &[AnonMemory], pages: &[u64]| -> Vec<f64> {
-        pages
-            .iter()
-            .filter_map(|&i| m[0].timed_store(i * PAGE_SIZE_U64 + 8, 0xfeed).ok())
-            .map(|d| d.as_secs_f64() * 1e6)
-            .collect()
+    let none = |_: u64| 0;
+    let fresh_len = n as u64 * PAGE_SIZE_U64;
+    let mut sp: Result<Timings, String> = Err("the samepage phase did not run".into());
+    let mut k: Result<Timings, String> = Err("the kernel phase did not run".into());
+    let mut probe_sp = |l: &Loaded| {
+        sp = (|| {
+            let r = &l.regions[0];
+            let fresh = || {
+                l.ksm
+                    .create_region(r.mm(), fresh_len)
+                    .and_then(|f| l.ksm.madvise_mergeable(&f).map(|()| f))
+                    .map_err(|e| format!("fresh memory: {e}"))
+            };
+            let (fresh_w, fresh_r) = (fresh()?, fresh()?);
+            let s = |off: u64| r.timed_store(off, 0xfeed);
+            let f = |off: u64| fresh_w.timed_store(off, 0xfeed);
+            let ls = |off: u64| r.timed_load(off);
+            let lf = |off: u64| fresh_r.timed_load(off);
+            Ok(vec![
+                touch(&zero, Access::Write(&s), TOUCHES[0])?,
+                touch(dup_w, Access::Write(&s), TOUCHES[1])?,
+                touch(dup_r, Access::Read(&ls, &held), TOUCHES[2])?,
+                touch(&untouched, Access::Write(&f), TOUCHES[3])?,
+                touch(&untouched, Access::Read(&lf, &none), TOUCHES[4])?,
+            ])
+        })();
     };
-    let mut sp = (Vec::new(), Vec::new());
-    let mut k = (Vec::new(), Vec::new());
-    let mut probe_sp = |l: &Loaded| sp = (time_sp(l, &zero), time_sp(l, &dup));
-    let mut probe_k = |m: &[AnonMemory]| k = (time_k(m, &zero), time_k(m, &dup));
-    eprintln!("bench: first-write latency");
+    let mut probe_k = |m: &[AnonMemory]| {
+        k = (|| {
+            let fresh = || {
+                AnonMemory::new(fresh_len)
+                    .and_then(|f| f.set_mergeable(true).map(|()| f))
+                    .map_err(|e| format!("fresh memory: {e}"))
+            };
+            let (fresh_w, fresh_r) = (fresh()?, fresh()?);
+            let s = |off: u64| m[0].timed_store(off, 0xfeed);
+            let f = |off: u64| fresh_w.timed_store(off, 0xfeed);
+            let ls = |off: u64| m[0].timed_load(off);
+            let lf = |off: u64| fresh_r.timed_load(off);
+            Ok(vec![
+                touch(&zero, Access::Write(&s), TOUCHES[0])?,
+                touch(dup_w, Access::Write(&s), TOUCHES[1])?,
+                touch(dup_r, Access::Read(&ls, &held), TOUCHES[2])?,
+                touch(&untouched, Access::Write(&f), TOUCHES[3])?,
+                touch(&untouched, Access::Read(&lf, &none), TOUCHES[4])?,
+            ])
+        })();
+    };
+    eprintln!("bench: first-touch latency");
     let args = compare_args(
         run,
         LiveOpts {
@@ -327,12 +430,18 @@ fn latencies(host: &mut HostSession, a: &BenchArgs) -> Result<Vec<Latency>, CliE
             kernel: Some(&mut probe_k),
         },
     )?;
-    Ok(vec![
-        latency("zero page", "samepage", sp.0),
-        latency("zero page", "kernel", k.0),
-        latency("merged page", "samepage", sp.1),
-        latency("merged page", "kernel", k.1),
-    ])
+    let failed = |engine: &str, e: String| {
+        CliError::Verification(format!("the {engine} engine's first touches: {e}"))
+    };
+    let (sp, k) = (
+        sp.map_err(|e| failed("samepage", e))?,
+        k.map_err(|e| failed("kernel", e))?,
+    );
+    Ok(TOUCHES
+        .iter()
+        .zip(sp.into_iter().zip(k))
+        .flat_map(|(&kind, (s, k))| [latency(kind, "samepage", s), latency(kind, "kernel", k)])
+        .collect())
 }
 
 fn machine() -> String {
@@ -480,7 +589,7 @@ impl BenchReport {
             );
         }
         if !self.latency.is_empty() {
-            out += "\nfirst write (µs)            engine       pages      p50      p90      p99      max\n";
+            out += "\nfirst touch (µs)            engine       pages      p50      p90      p99      max\n";
         }
         for l in &self.latency {
             out += &format!(

@@ -654,8 +654,24 @@ fn bench_reports_ratios_and_restores_the_host() {
     // All-zero: every page saved by both engines.
     assert_eq!(rows[0]["saved_bytes"], 4 << 20);
     assert_eq!(rows[0]["kernel_saved_bytes"], 4 << 20);
+    // Reads are checked against what the pages hold: the run fails otherwise.
     let lat = v["latency"].as_array().unwrap();
-    assert_eq!(lat.len(), 4);
+    let kinds: Vec<(&str, &str)> = lat
+        .iter()
+        .map(|l| (l["kind"].as_str().unwrap(), l["engine"].as_str().unwrap()))
+        .collect();
+    for kind in [
+        "write, zero page",
+        "write, merged page",
+        "read, merged page",
+        "write, untouched page",
+        "read, untouched page",
+    ] {
+        for engine in ["samepage", "kernel"] {
+            assert!(kinds.contains(&(kind, engine)), "{kind} {engine}: {kinds:?}");
+        }
+    }
+    assert_eq!(lat.len(), 10);
     for l in lat {
         assert!(l["pages"].as_u64().unwrap() > 50, "{l}");
         assert!(l["p50_us"].as_f64().unwrap() <= l["p99_us"].as_f64().unwrap());

@@ -1403,6 +1403,25 @@ impl AnonMemory {
             .store(v, std::sync::atomic::Ordering::Relaxed);
         Ok(t.elapsed())
     }
+
+    /// Load one word from byte offset `off` with a user-mode read, as the application
+    /// would, and return it with how long the load took (a first read of a page never
+    /// touched includes its fault).
+    pub fn timed_load(&self, off: u64) -> io::Result<(u64, Duration)> {
+        if off.checked_add(8).is_none_or(|e| e > self.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range outside the memory",
+            ));
+        }
+        let a = self.addr() + (off & !7);
+        let t = std::time::Instant::now();
+        // SAFETY: the word lies inside this mapping, which lives as long as `self`; it is
+        // aligned, and a load changes nothing.
+        let v = unsafe { std::sync::atomic::AtomicU64::from_ptr(a as *mut u64) }
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Ok((v, t.elapsed()))
+    }
 }
 
 #[cfg(test)]

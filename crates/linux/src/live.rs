@@ -229,6 +229,27 @@ impl Region {
         // into region memory.
         Ok(unsafe { timed_store(a, v) })
     }
+
+    /// Load one word at byte `offset` (rounded down to 8) with a user-mode load and return
+    /// it with how long the load took: a first read of a merged page or of a hole includes
+    /// its fault.
+    pub fn timed_load(&self, offset: u64) -> Result<(u64, Duration), LiveError> {
+        let a = self.check(offset & !7, 8)?;
+        // SAFETY: as in `timed_store`; a load changes nothing.
+        Ok(unsafe { timed_load(a) })
+    }
+}
+
+/// Time one user-mode load.
+///
+/// # Safety
+/// `addr` must be 8-byte aligned inside a mapped, readable page for the whole call.
+unsafe fn timed_load(addr: u64) -> (u64, Duration) {
+    let t = Instant::now();
+    // SAFETY: the caller guarantees the address is mapped, readable and aligned.
+    let v = unsafe { std::sync::atomic::AtomicU64::from_ptr(addr as *mut u64) }
+        .load(std::sync::atomic::Ordering::Relaxed);
+    (v, t.elapsed())
 }
 
 /// Time one user-mode store.

@@ -139,3 +139,68 @@ fn merges_more_pages_than_the_mapping_limit_allows_mappings() {
     }
     assert!(ksm.verify().problems().is_empty());
 }
+
+#[test]
+fn a_walk_through_fresh_memory_faults_once_a_window_and_leaves_merged_pages_alone() {
+    let ksm = LiveKsm::new().expect("live engine");
+    let mm = ksm.new_mm();
+    let n = 4096u64;
+    let r = ksm.create_region(mm, n * PS).unwrap();
+    // Two runs of 16 duplicates amid memory never touched; merged, they are holes too.
+    let dups: Vec<u64> = (1000..1016).chain(3000..3016).collect();
+    for &i in &dups {
+        r.write(i * PS, &page(0xcf, i)).unwrap();
+    }
+    ksm.set_knob("use_zero_pages", "1").unwrap();
+    ksm.set_knob("pages_to_scan", "10000").unwrap();
+    ksm.set_knob("sleep_millisecs", "0").unwrap();
+    ksm.madvise_mergeable(&r).unwrap();
+    ksm.set_knob("run", "1").unwrap();
+    assert!(ksm.wait_full_scans(3, Duration::from_secs(30)));
+    ksm.set_knob("run", "0").unwrap();
+    let c = ksm.counters();
+    assert_eq!((c.pages_shared, c.pages_sharing), (1, 31), "{c:?}");
+    let before = ksm.stats().agent;
+    // One thread reads every page in order, as a program walking a new allocation does.
+    let word = u64::from_ne_bytes([0xcf; 8]);
+    for i in 0..n {
+        let (v, _) = r.timed_load(i * PS + 8).unwrap();
+        let want = if dups.contains(&i) { word } else { 0 };
+        assert_eq!(v, want, "page {i}");
+    }
+    let after = ksm.stats().agent;
+    let fresh = n - dups.len() as u64;
+    let faults = after.missing_faults - before.missing_faults;
+    let ahead = after.zero_filled_ahead - before.zero_filled_ahead;
+    assert_eq!(
+        faults + ahead,
+        fresh,
+        "each fresh page faulted or was filled ahead"
+    );
+    // Windows double from one page up to 512: 1 + 2 + ... + 512 = 1023 pages in 10 faults;
+    // each run of merged pages starts a new stream.
+    assert!(
+        faults <= 3 * 10 + 12,
+        "{faults} faults for {fresh} fresh pages"
+    );
+    assert_eq!(after.read_merged - before.read_merged, dups.len() as u64);
+    // The zero page given ahead is no page KSM placed, and costs no memory.
+    assert_eq!(ksm.counters().ksm_zero_pages, 0);
+    assert_eq!(ksm.ksm_stat(mm).ksm_zero_pages, 0);
+    // Writes land on it as on any page.
+    for i in (0..n).step_by(7) {
+        r.timed_store(i * PS + 16, i + 1).unwrap();
+    }
+    let mut buf = [0u8; 4096];
+    for i in (0..n).step_by(7) {
+        r.read(i * PS, &mut buf).unwrap();
+        assert_eq!(u64::from_ne_bytes(buf[16..24].try_into().unwrap()), i + 1);
+        let fill = if dups.contains(&i) { 0xcf } else { 0 };
+        assert!(buf[..16].iter().all(|&b| b == fill), "page {i}");
+    }
+    assert!(
+        ksm.verify().problems().is_empty(),
+        "{:?}",
+        ksm.verify().problems()
+    );
+}

@@ -164,6 +164,10 @@ pub struct AgentStats {
     /// Faults on holes that were no merged page: first touches of memory, or accesses after
     /// a discard (each gets the zero page, as without samepage).
     pub missing_faults: u64,
+    /// Holes given the zero page after such a fault, ahead of their first touch (a thread
+    /// walking fresh memory then faults once per window, not once per page).
+    #[serde(default)]
+    pub zero_filled_ahead: u64,
     /// Pages not merged because they are pinned for I/O (`UFFDIO_MOVE` answered EBUSY).
     pub pinned_skipped: u64,
     /// Merges and zero-page placements that failed because the page changed meanwhile.
