@@ -636,6 +636,7 @@ guest_ram_kib() {
   R[$1.ram_pss_$2_kib]=$pss
   R[$1.ram_zero_pages_$2]=$zero
   R[$1.thp_split_page_$2]=$(awk '$1 == "thp_split_page" { print $2 }' /proc/vmstat)
+  R[$1.thp_collapse_alloc_$2]=$(awk '$1 == "thp_collapse_alloc" { print $2 }' /proc/vmstat)
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -842,12 +843,13 @@ print_table() {
   for e in "${engines[@]}"; do printf '%14s' "$e"; done
   printf '\n'
   row() { # label key [kind]
-    local label=$1 key=$2 kind=${3:-} v
+    local label=$1 key=$2 kind=${3:-} v k
     printf '%-44s' "$label"
     for e in "${engines[@]}"; do
-      v=${R[$e.$key]:-}
-      case $e.$key in kernel.pss_engine_*) v=- kind="" ;; esac
-      case $kind in
+      v=${R[$e.$key]:-} k=$kind
+      # The kernel has no process of its own: its column is empty, and the next is not.
+      case $e.$key in kernel.pss_engine_*) v=- k="" ;; esac
+      case $k in
         mib) v=$(mib "$v") ;;
       esac
       printf '%14s' "$v"
@@ -857,6 +859,7 @@ print_table() {
   for e in "${engines[@]}"; do
     R[$e.saved_mib]=$(awk -v p=$((R[$e.pages_sharing] + R[$e.ksm_zero_pages])) 'BEGIN { printf "%.1f", p * 4 / 1024 }')
     R[$e.thp_splits]=$((R[$e.thp_split_page_after] - R[$e.thp_split_page_before]))
+    R[$e.thp_collapses]=$((R[$e.thp_collapse_alloc_after] - R[$e.thp_collapse_alloc_before]))
     R[$e.pss_before_kib]=$((R[$e.pss_qemu_before_kib] + R[$e.pss_engine_before_kib]))
     R[$e.pss_after_kib]=$((R[$e.pss_qemu_after_kib] + R[$e.pss_engine_after_kib]))
   done
@@ -875,6 +878,7 @@ print_table() {
   row "guest RAM pages on the zero page, before" ram_zero_pages_before
   row "guest RAM pages on the zero page, after" ram_zero_pages_after
   row "THPs split meanwhile (host, /proc/vmstat)" thp_splits
+  row "THPs collapsed by khugepaged meanwhile (host)" thp_collapses
   row "PSS of the QEMUs before (MiB)" pss_qemu_before_kib mib
   row "PSS of the QEMUs after (MiB)" pss_qemu_after_kib mib
   row "PSS of samepage's processes after (MiB)" pss_engine_after_kib mib
@@ -905,7 +909,7 @@ write_json() {
       for k in pages_shared pages_sharing ksm_zero_pages pages_unshared pages_volatile full_scans \
         general_profit saved_mib pss_qemu_before_kib pss_qemu_after_kib pss_engine_before_kib \
         pss_engine_after_kib pss_before_kib pss_after_kib ram_rss_before_kib ram_rss_after_kib \
-        ram_pss_before_kib ram_pss_after_kib thp_splits t99_s settle_s settle_full_scans detected_s \
+        ram_pss_before_kib ram_pss_after_kib thp_splits thp_collapses t99_s settle_s settle_full_scans detected_s \
         cpu_to_settle_s cpu_detected_s cpu_total_s merged_wall_s unmerge_s; do
         [ "$first" = 1 ] || printf ', '
         first=0

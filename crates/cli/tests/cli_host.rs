@@ -668,7 +668,10 @@ fn bench_reports_ratios_and_restores_the_host() {
         "read, untouched page",
     ] {
         for engine in ["samepage", "kernel"] {
-            assert!(kinds.contains(&(kind, engine)), "{kind} {engine}: {kinds:?}");
+            assert!(
+                kinds.contains(&(kind, engine)),
+                "{kind} {engine}: {kinds:?}"
+            );
         }
     }
     assert_eq!(lat.len(), 10);

@@ -1000,7 +1000,13 @@ impl Ksm {
             return false;
         }
         let mut skip = false;
+        let read_copy = page.read_copy;
         self.items.update_age_skips(it, |age, skips| {
+            // A page copied by a read was a KSM page all along, as far as the kernel is
+            // concerned, where it never ages: it starts over. Otherwise its twin, copied by
+            // the same reads, could be skipped in other passes than it and never be met in
+            // the unstable tree again.
+            let (age, skips) = if read_copy { (0, 0) } else { (age, skips) };
             let older = age.saturating_add(1);
             if age < 3 {
                 (older, skips)

@@ -20,6 +20,11 @@ pub struct PageRef {
     pub ksm: bool,
     /// NUMA node of the frame.
     pub nid: u32,
+    /// The page stood for a KSM page until the application *read* it, since the scan last
+    /// looked: a backend whose merged pages cannot be mapped for reads (samepage's live
+    /// one) gives a read a private copy, where the kernel would still map the KSM page. Such
+    /// a page did not fail to merge, so smart scan does not age it as one that did.
+    pub read_copy: bool,
 }
 
 /// One virtual memory area, as far as KSM cares.

@@ -78,6 +78,15 @@ pub enum Change {
         /// The canonical page it stood for: its offset in the domain's store, in pages.
         k: u32,
     },
+    /// The page at `addr` no longer stands for canonical page `k` because the application
+    /// read it: it got a private copy of the same contents (where the kernel would still map
+    /// the KSM page).
+    ReadCopied {
+        /// Address of the page in the agent's process.
+        addr: u64,
+        /// The canonical page it stood for: its offset in the domain's store, in pages.
+        k: u32,
+    },
     /// The application unmapped `[start, end)`.
     Unmapped {
         /// First address of the range.

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use thiserror::Error;
 
 /// Version of this protocol; the daemon refuses other versions with a sentence.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest message (a record); longer runs of changes are split.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Records per `X` or `C` message.
@@ -296,6 +296,7 @@ pub fn encode_changes(changes: &[Change]) -> Vec<u8> {
             }
             Change::BatchDone { seq, zeros } => record(&mut v, 9, seq, zeros as u64),
             Change::Registered { start, end } => record(&mut v, 10, start, end),
+            Change::ReadCopied { addr, k } => record(&mut v, 11, addr, k as u64),
         }
     }
     v
@@ -418,6 +419,10 @@ pub fn decode(m: &[u8]) -> Result<Message, WireError> {
                         }
                     }
                     10 => Change::Registered { start: a, end: b },
+                    11 => Change::ReadCopied {
+                        addr: a,
+                        k: k32(b)?,
+                    },
                     9 => Change::BatchDone {
                         seq: a,
                         zeros: b as u32,
@@ -475,6 +480,7 @@ mod tests {
                 .prop_map(|(start, end, errno)| Change::UnshareFailed { start, end, errno }),
             (any::<u64>(), any::<u32>()).prop_map(|(seq, zeros)| Change::BatchDone { seq, zeros }),
             (any::<u64>(), any::<u64>()).prop_map(|(start, end)| Change::Registered { start, end }),
+            (any::<u64>(), any::<u32>()).prop_map(|(addr, k)| Change::ReadCopied { addr, k }),
         ]
     }
 

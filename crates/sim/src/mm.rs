@@ -990,6 +990,8 @@ impl Memory for SimMemory {
                             frame: *f,
                             ksm: fr.ksm || promoted.is_some_and(|p| p.contains(f)),
                             nid: fr.nid,
+                            // Reads map KSM pages here, as in the kernel.
+                            read_copy: false,
                         },
                     ));
                 }
@@ -1007,6 +1009,7 @@ impl Memory for SimMemory {
                     frame: f,
                     ksm: fr.ksm || promoted.is_some_and(|p| p.contains(&f)),
                     nid: fr.nid,
+                    read_copy: false,
                 })
             }
             _ => None,

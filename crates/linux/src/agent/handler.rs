@@ -291,7 +291,7 @@ fn handle(
 
 /// Sequential first touches of memory never touched. A thread that walks fresh memory (a
 /// `memset` of a new allocation, a guest booting) would wait for a round trip to the handler
-/// on every page, where the kernel alone takes a page fault: 60-65 µs against 1-2 µs in
+/// on every page, where the kernel alone takes a page fault: 50-65 µs against 1-2 µs in
 /// `samepage bench`. So a fault on an ordinary hole also gives the zero page to the holes
 /// after it, as many as the stream has earned: one page for a fault out of the blue, twice
 /// the last window for a fault on the page right after it, up to [`FaultAround::MAX`] (as
@@ -354,10 +354,11 @@ fn fault_missing(
         Some((_, _, PageState::InFlight)) => return,
         Some((ri, i, PageState::Merged(k))) => match agent.copy_canonical(k, a) {
             Ok(()) => {
-                st.set(ri, i, PageState::Anon);
                 if write {
+                    st.set(ri, i, PageState::Anon);
                     st.stats.cow_merged += 1;
                 } else {
+                    st.set_read_copied(ri, i);
                     st.stats.read_merged += 1;
                 }
                 return;

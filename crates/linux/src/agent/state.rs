@@ -251,6 +251,16 @@ impl State {
         old
     }
 
+    /// A read copied merged page `i` of region `ri` in: an ordinary page again, which the
+    /// engine hears of as a read's copy (it stood for the same contents a moment ago).
+    pub fn set_read_copied(&mut self, ri: usize, i: usize) {
+        let r = &mut self.regions[ri];
+        let addr = r.start + i as u64 * PAGE;
+        if let PageState::Merged(k) = r.pages.replace(i, PageState::Anon) {
+            self.outbox.push(Change::ReadCopied { addr, k });
+        }
+    }
+
     /// Split the region straddling `addr` so that `addr` starts one.
     pub fn split_at(&mut self, addr: u64) {
         if let Some(ri) = self.region_at(addr) {

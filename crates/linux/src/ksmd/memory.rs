@@ -341,7 +341,7 @@ impl KsmdMemory {
                     }
                     failed.push((addr, why));
                 }
-                Change::Unmerged { addr, k } => {
+                Change::Unmerged { addr, k } | Change::ReadCopied { addr, k } => {
                     if let Some(ri) = t.region_at(addr) {
                         let r = &mut t.regions[ri];
                         let j = r.idx(addr);
@@ -349,6 +349,9 @@ impl KsmdMemory {
                             r.pages[j] = NONE;
                             dec(&mut t.refs, k);
                             store.unref(k);
+                            if matches!(c, Change::ReadCopied { .. }) {
+                                t.read_copied.insert(addr);
+                            }
                         }
                     }
                 }
@@ -666,16 +669,19 @@ impl Memory for KsmdMemory {
                             frame: canonical_frame(t.domain, k, gen),
                             ksm: true,
                             nid: 0,
+                            read_copy: false,
                         },
                     ));
                 }
                 if q == p {
+                    let read_copy = self.target_mut(ti)?.read_copied.remove(&q);
                     return Some((
                         q,
                         PageRef {
                             frame: page_frame(ti, q),
                             ksm: false,
                             nid: 0,
+                            read_copy,
                         },
                     ));
                 }
@@ -698,6 +704,7 @@ impl Memory for KsmdMemory {
                 frame: canonical_frame(t.domain, k, gen),
                 ksm: true,
                 nid: 0,
+                read_copy: false,
             });
         }
         let mut v = Vec::new();
@@ -715,6 +722,8 @@ impl Memory for KsmdMemory {
             frame: page_frame(ti, addr),
             ksm: false,
             nid: 0,
+            // Only the scan's own visit (`next_page`) takes the mark.
+            read_copy: t.read_copied.contains(&addr),
         })
     }
 

@@ -9,6 +9,7 @@ use crate::sys::pagemap::{Pagemap, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRI
 use crate::sys::PAGE;
 use rustc_hash::FxHashMap;
 use samepage_engine::MmId;
+use std::collections::BTreeSet;
 use std::io;
 use std::sync::Arc;
 
@@ -97,6 +98,9 @@ pub(crate) struct Target {
     pub stalled: bool,
     /// When it was last asked to register memory mapped since (`Op::Refresh`).
     pub refreshed: Option<std::time::Instant>,
+    /// Pages that stood for a canonical page until a read copied it in, not visited by the
+    /// scan since ([`samepage_engine::memory::PageRef::read_copy`]).
+    pub read_copied: BTreeSet<u64>,
 }
 
 impl Target {
@@ -114,6 +118,7 @@ impl Target {
             mms: Vec::new(),
             gone: false,
             detached: false,
+            read_copied: BTreeSet::new(),
             stalled: false,
             refreshed: None,
         })
@@ -183,6 +188,10 @@ impl Target {
         for &k in &dropped {
             dec(&mut self.refs, k);
         }
+        let gone: Vec<u64> = self.read_copied.range(start..end).copied().collect();
+        for a in gone {
+            self.read_copied.remove(&a);
+        }
         dropped
     }
 
@@ -201,7 +210,13 @@ impl Target {
                 i += 1;
             }
         }
+        let moved: Vec<u64> = self.read_copied.range(from..end).copied().collect();
+        for a in &moved {
+            self.read_copied.remove(a);
+        }
         let dropped = self.remove_range(to, to + len);
+        self.read_copied
+            .extend(moved.into_iter().map(|a| a - from + to));
         for mut r in taken {
             r.start = r.start - from + to;
             let i = self.regions.partition_point(|x| x.start < r.start);
