@@ -192,6 +192,17 @@ impl Daemon {
     }
 }
 
+impl Drop for Daemon {
+    /// A failing test shows what the daemon logged that no check read.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for l in self.log.try_iter() {
+                eprintln!("daemon log: {l}");
+            }
+        }
+    }
+}
+
 /// One `mergeable` program run under `samepage run`.
 struct Program {
     child: Started,

@@ -153,6 +153,10 @@ struct PendingPair {
     promoted: u32,
     /// The item of the unstable tree's page merged into it.
     merged: u32,
+    /// Where the two pages are (mm and address): an item freed before the batch settles
+    /// (its mm exited meanwhile, say) may be made again under the same id for another page.
+    promoted_at: (MmId, u64),
+    merged_at: (MmId, u64),
     /// Where `merged` was before: the unstable tree of this pass.
     merged_was: ItemState,
     /// The NUMA root of that tree.
@@ -696,11 +700,19 @@ impl Ksm {
             self.merges_failed += failed.len() as u64;
             let mut items: FxHashMap<(MmId, u64), bool> =
                 failed.iter().map(|f| ((f.mm, f.addr), false)).collect();
-            let key = |ksm: &Self, it: u32| (ksm.items.mm(it), ksm.items.address(it));
             // Pairs first: a later page merged into a pair's KSM page is undone on its own.
             for p in &pairs {
-                let a = items.get_mut(&key(self, p.promoted)).map(|d| *d = true);
-                let b = items.get_mut(&key(self, p.merged)).map(|d| *d = true);
+                // A pair one page of which lost its item since (its mm exited before the
+                // batch settled: the scan freed what it had) is no pair to undo any more:
+                // what is left of it is undone page by page below.
+                let live = |ksm: &mut Self, (mm, addr): (MmId, u64), it: u32| {
+                    ksm.items.find(mm, addr) == Some(it)
+                };
+                if !live(self, p.promoted_at, p.promoted) || !live(self, p.merged_at, p.merged) {
+                    continue;
+                }
+                let a = items.get_mut(&p.promoted_at).map(|d| *d = true);
+                let b = items.get_mut(&p.merged_at).map(|d| *d = true);
                 if a.is_some() || b.is_some() {
                     self.undo_pair(mem, p, a.is_some(), b.is_some());
                 }
@@ -1531,11 +1543,15 @@ impl Ksm {
         self.stable_tree_append(tree_it, node, false);
         self.stable_tree_append(it, node, false);
         // Either merge may still fail in the backend (take_failed_merges).
+        let at = |ksm: &Self, it: u32| (ksm.items.mm(it), ksm.items.address(it));
+        let (promoted_at, merged_at) = (at(self, it), at(self, tree_it));
         self.pending_pairs.push(PendingPair {
             node,
             kpfn,
             promoted: it,
             merged: tree_it,
+            promoted_at,
+            merged_at,
             merged_was,
             merged_nid,
             new_chain,

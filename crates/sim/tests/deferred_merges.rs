@@ -283,3 +283,124 @@ fn deferring_without_failures_changes_nothing() {
     assert!(now.counters().stable_node_chains > 0);
     later.ksm().check_invariants().unwrap();
 }
+
+/// The backend's view of an address space that exits while a scan batch runs: the live
+/// backend learns of an exit (a client's connection closing) between two pages of a batch,
+/// where the simulator's processes exit only between batches.
+struct ExitsMidBatch {
+    mem: samepage_sim::SimMemory,
+    mm: MmId,
+    /// `mm` reads as exiting once the scan was handed this many of its pages.
+    after: usize,
+    seen: usize,
+}
+
+impl samepage_engine::Memory for ExitsMidBatch {
+    fn mm_exiting(&self, mm: MmId) -> bool {
+        (mm == self.mm && self.seen >= self.after) || self.mem.mm_exiting(mm)
+    }
+    fn find_vma(&self, mm: MmId, addr: u64) -> Option<samepage_engine::VmaInfo> {
+        self.mem.find_vma(mm, addr)
+    }
+    fn next_page(
+        &mut self,
+        mm: MmId,
+        from: u64,
+        end: u64,
+    ) -> Option<(u64, samepage_engine::PageRef)> {
+        let r = self.mem.next_page(mm, from, end);
+        if mm == self.mm && r.is_some() {
+            self.seen += 1;
+        }
+        r
+    }
+    fn get_page(&mut self, mm: MmId, addr: u64) -> Option<samepage_engine::PageRef> {
+        self.mem.get_page(mm, addr)
+    }
+    fn page_hash(&mut self, frame: FrameId) -> Option<u64> {
+        self.mem.page_hash(frame)
+    }
+    fn pages_identical(&mut self, a: FrameId, b: FrameId) -> bool {
+        self.mem.pages_identical(a, b)
+    }
+    fn ksm_page_alive(&self, frame: FrameId) -> bool {
+        self.mem.ksm_page_alive(frame)
+    }
+    fn merge(
+        &mut self,
+        mm: MmId,
+        addr: u64,
+        page: FrameId,
+        into: samepage_engine::MergeInto,
+    ) -> Result<FrameId, samepage_engine::MergeError> {
+        self.mem.merge(mm, addr, page, into)
+    }
+    fn break_ksm(
+        &mut self,
+        mm: MmId,
+        start: u64,
+        end: u64,
+    ) -> Result<(), samepage_engine::UnmergeError> {
+        self.mem.break_ksm(mm, start, end)
+    }
+    fn set_mergeable(&mut self, mm: MmId, start: u64, end: u64, on: bool) {
+        self.mem.set_mergeable(mm, start, end, on)
+    }
+    fn ksm_zero_pages(&self, mm: Option<MmId>) -> i64 {
+        self.mem.ksm_zero_pages(mm)
+    }
+    fn take_failed_merges(&mut self, out: &mut Vec<samepage_engine::FailedMerge>) {
+        self.mem.take_failed_merges(out)
+    }
+}
+
+#[test]
+fn a_failed_pair_whose_process_exited_before_the_batch_settled_is_forgotten() {
+    // Pass 2: process A's page goes into the unstable tree; process B's page finds it and
+    // the pair is made, and both merges fail. B exits before the batch settles, so the scan
+    // frees B's items first. (With samepage daemon: a client that exec'd; the scan then
+    // read a freed item and its thread died.)
+    use samepage_engine::{Ksm, Memory};
+    use samepage_sim::{Prot, SimMemory, VirtualClock};
+    for fail in [true, false] {
+        let mut mem = SimMemory::new();
+        let mut ksm = Ksm::new();
+        let (a, b) = (mem.create_mm(), mem.create_mm());
+        let mut at = Vec::new();
+        for mm in [a, b] {
+            let s = mem.mmap(mm, PS, Prot::RW, false, 0).unwrap();
+            mem.write(mm, s, &[9; PAGE_SIZE]).unwrap();
+            ksm.madvise_mergeable(&mut mem, mm, s, s + PS);
+            at.push(s);
+        }
+        ksm.write_knob(&mut mem, "smart_scan", "0").unwrap();
+        ksm.write_knob(&mut mem, "run", "1").unwrap();
+        mem.defer_merges(fail.then_some(FailEvery { n: 1, seed: 0 }));
+        let mut mem = ExitsMidBatch {
+            mem,
+            mm: b,
+            after: 2,
+            seen: 0,
+        };
+        let clock = VirtualClock::default();
+        while ksm.full_scans() < 4 {
+            ksm.ksmd_batch(&mut mem, &clock);
+        }
+        ksm.check_invariants().unwrap();
+        let c = ksm.counters(&mem);
+        // A's page: back in the unstable tree, alone, when the merges failed; a KSM page
+        // nothing else maps when they went through, as the kernel leaves it.
+        let want = if fail { (0, 0, 1) } else { (1, 0, 0) };
+        assert_eq!(
+            (c.pages_shared, c.pages_sharing, c.pages_unshared),
+            want,
+            "fail {fail}: {c:?}"
+        );
+        // A is alone now, with its page ordinary again when the merge failed.
+        assert_eq!(ksm.ksm_stat(&mem, b).ksm_rmap_items, 0);
+        if fail {
+            let page = mem.mem.get_page(a, at[0]).unwrap().frame;
+            assert!(!mem.mem.frame_is_ksm(page));
+        }
+    }
+}
