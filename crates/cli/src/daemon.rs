@@ -83,6 +83,19 @@ pub fn run_daemon(a: &DaemonArgs) -> Result<(), CliError> {
         knobs,
         log: !a.quiet,
     };
+    // A thread of the daemon that panics leaves the engine in a state the other threads
+    // cannot trust: one that went on would hang the next client that asks it anything. So
+    // the daemon stops at once, as a SIGKILL would stop it: its clients' agents hold the
+    // canonical pages, so every merged page stays valid, and the programs go on unmerged.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!(
+            "samepage daemon: a thread failed (above); stopping, its clients keep running \
+             with their merged pages valid"
+        );
+        std::process::abort();
+    }));
     let prom = a.prometheus.clone();
     samepage_daemon::serve(cfg, &stop, |d| {
         if let Some(p) = &prom {
