@@ -14,7 +14,7 @@ use rustc_hash::FxHashMap;
 pub use crate::rmap::RMAP_ITEM_BYTES;
 
 /// Entries a scratch list of the scan keeps room for between batches.
-const SCRATCH_KEPT: usize = 64;
+const SCRATCH_KEPT: usize = 32;
 
 /// Per-address-space state that the kernel keeps in `mm_struct`.
 #[derive(Clone, Debug, Default)]
