@@ -36,6 +36,14 @@ fn page_frame(target: usize, addr: u64) -> FrameId {
     FrameId(((target as u64 + 1) << ADDR_BITS) | addr)
 }
 
+/// Is `[start, end)` a page-aligned range of user space with at least one page?
+fn user_range(start: u64, end: u64) -> bool {
+    start < end
+        && start.is_multiple_of(PAGE)
+        && end.is_multiple_of(PAGE)
+        && end <= super::target::USER_SPACE_END
+}
+
 /// What a frame id names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Frame {
@@ -355,21 +363,24 @@ impl KsmdMemory {
                         }
                     }
                 }
-                Change::Unmapped { start, end } => {
+                // An agent's ranges are checked as a system call would check them: a
+                // client cannot make the daemon act on a range that is no range.
+                Change::Unmapped { start, end } if user_range(start, end) => {
                     for k in t.remove_range(start, end) {
                         store.unref(k);
                     }
                 }
-                Change::Moved { from, to, len } => {
+                Change::Moved { from, to, len }
+                    if from.checked_add(len).is_some_and(|e| user_range(from, e))
+                        && to.checked_add(len).is_some_and(|e| user_range(to, e)) =>
+                {
                     for k in t.move_range(from, to, len) {
                         store.unref(k);
                     }
                 }
+                Change::Unmapped { .. } | Change::Moved { .. } => {}
                 Change::Registered { start, end } => {
-                    let ok = start < end
-                        && start.is_multiple_of(PAGE)
-                        && end.is_multiple_of(PAGE)
-                        && end <= super::target::USER_SPACE_END
+                    let ok = user_range(start, end)
                         && !t.regions.iter().any(|r| r.start < end && r.end() > start);
                     if let (true, Some(&mm)) = (ok, t.mms.first()) {
                         t.add_region(mm, start, end, false);
@@ -890,6 +901,18 @@ impl Memory for KsmdMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_ranges_are_checked_as_a_system_call_would() {
+        assert!(user_range(0x1000, 0x3000));
+        assert!(!user_range(0x3000, 0x1000), "reversed");
+        assert!(!user_range(0x1000, 0x1000), "empty");
+        assert!(!user_range(0x1001, 0x3000), "unaligned");
+        assert!(
+            !user_range(0x1000, u64::MAX & !(PAGE - 1)),
+            "beyond user space"
+        );
+    }
 
     #[test]
     fn frame_ids_round_trip_and_tell_generations_apart() {

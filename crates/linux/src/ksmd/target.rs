@@ -188,10 +188,7 @@ impl Target {
         for &k in &dropped {
             dec(&mut self.refs, k);
         }
-        let gone: Vec<u64> = self.read_copied.range(start..end).copied().collect();
-        for a in gone {
-            self.read_copied.remove(&a);
-        }
+        take_range(&mut self.read_copied, start, end);
         dropped
     }
 
@@ -210,10 +207,7 @@ impl Target {
                 i += 1;
             }
         }
-        let moved: Vec<u64> = self.read_copied.range(from..end).copied().collect();
-        for a in &moved {
-            self.read_copied.remove(a);
-        }
+        let moved = take_range(&mut self.read_copied, from, end);
         let dropped = self.remove_range(to, to + len);
         self.read_copied
             .extend(moved.into_iter().map(|a| a - from + to));
@@ -244,6 +238,19 @@ impl Target {
     }
 }
 
+/// Take the addresses in `[start, end)` out of `set` (none if the range is empty or
+/// reversed: `BTreeSet::range` would panic on a reversed one).
+fn take_range(set: &mut BTreeSet<u64>, start: u64, end: u64) -> Vec<u64> {
+    if start >= end {
+        return Vec::new();
+    }
+    let taken: Vec<u64> = set.range(start..end).copied().collect();
+    for a in &taken {
+        set.remove(a);
+    }
+    taken
+}
+
 /// The end of user space on x86-64 with 4-level page tables.
 pub(crate) const USER_SPACE_END: u64 = 0x7fff_ffff_f000;
 
@@ -253,5 +260,21 @@ pub(crate) fn dec(m: &mut FxHashMap<u32, u32>, k: u32) {
         if *n == 0 {
             m.remove(&k);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_of_marks_are_taken_out_and_reversed_ones_are_empty() {
+        let mut set: BTreeSet<u64> = [0x1000, 0x2000, 0x3000, 0x9000].into_iter().collect();
+        assert_eq!(take_range(&mut set, 0x2000, 0x9000), [0x2000, 0x3000]);
+        assert_eq!(set.len(), 2);
+        // What an agent could send: nothing happens, nothing panics.
+        assert!(take_range(&mut set, 0x9000, 0x1000).is_empty());
+        assert!(take_range(&mut set, 0x9000, 0x9000).is_empty());
+        assert_eq!(set.len(), 2);
     }
 }
