@@ -261,3 +261,34 @@ fn pages_read_again_and_again_merge_again_every_time() {
     assert_eq!((c.pages_shared, c.pages_sharing), (n / 2, n / 2), "{c:?}");
     assert!(ksm.verify().problems().is_empty());
 }
+
+#[test]
+fn fault_around_stops_at_the_end_of_the_applications_mapping() {
+    let ksm = LiveKsm::new().expect("live engine");
+    let mm = ksm.new_mm();
+    let n = 256u64;
+    let r = ksm.create_region(mm, n * PS).unwrap();
+    ksm.madvise_mergeable(&r).unwrap();
+    // The application makes pages 100 on read-only: the region spans two mappings, and a
+    // window that crosses from one into the other cannot be filled in one call.
+    // SAFETY: pages of a region this test owns, which it only reads from now on.
+    let rc = unsafe {
+        libc::mprotect(
+            (r.start() + 100 * PS) as *mut libc::c_void,
+            ((n - 100) * PS) as usize,
+            libc::PROT_READ,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let before = ksm.stats().agent;
+    for i in 0..n {
+        assert_eq!(r.timed_load(i * PS + 8).unwrap().0, 0, "page {i}");
+    }
+    let after = ksm.stats().agent;
+    let faults = after.missing_faults - before.missing_faults;
+    let ahead = after.zero_filled_ahead - before.zero_filled_ahead;
+    assert_eq!(faults + ahead, n);
+    // Windows of 1, 2, ... 32 pages to page 63, then what fits before page 100, then the
+    // rest; a window that failed whole would cost a fault a page from 64 to 100.
+    assert!(faults <= 12, "{faults} faults for {n} pages");
+}

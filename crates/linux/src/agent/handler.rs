@@ -414,12 +414,21 @@ fn fill_around(agent: &Agent, st: &mut State, ri: usize, i: usize, around: &mut 
         .take_while(|&j| i + j < r.pages.len() && r.pages.get(i + j) == PageState::Anon)
         .count() as u64;
     let mut end = a + PAGE;
-    if pages > 0 {
+    let mut len = pages * PAGE;
+    while len > 0 {
         // SAFETY: ordinary pages of a region the agent registered: a hole among them reads
         // zeros, as the zero page does; the call stops at the first page that is not a hole.
-        let (n, _) = unsafe { agent.uffd.zeropage(end, pages * PAGE, true) };
+        let (n, r) = unsafe { agent.uffd.zeropage(end, len, true) };
         end += n;
         st.stats.zero_filled_ahead += n / PAGE;
+        // ENOENT: the window crosses the end of the application's mapping (a region can
+        // span several, split by mprotect): try the half that may lie inside it.
+        match r {
+            Err(e) if n == 0 && e.raw_os_error() == Some(libc::ENOENT) => {
+                len = (len / 2) & !(PAGE - 1);
+            }
+            _ => break,
+        }
     }
     around.filled(slot, end, window);
 }

@@ -192,6 +192,11 @@ impl Target {
         dropped
     }
 
+    /// Forget that pages of `[start, end)` were copied by reads.
+    pub fn forget_read_copies(&mut self, start: u64, end: u64) {
+        take_range(&mut self.read_copied, start, end);
+    }
+
     /// Move `[from, from + len)` to `to` (the application's mremap), states included.
     /// Returns the canonical pages of merged pages the move dropped (at the destination).
     pub fn move_range(&mut self, from: u64, to: u64, len: u64) -> Vec<u32> {
