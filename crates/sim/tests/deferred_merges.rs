@@ -404,3 +404,46 @@ fn a_failed_pair_whose_process_exited_before_the_batch_settled_is_forgotten() {
         }
     }
 }
+
+#[test]
+fn a_pair_inside_a_process_that_exited_before_the_batch_settled_is_forgotten() {
+    // Both pages of the pair are B's, and B exits right after the pair is made: the scan
+    // frees both items before the batch settles. A's page, alone, is untouched by it.
+    use samepage_engine::{Ksm, Memory};
+    use samepage_sim::{Prot, SimMemory, VirtualClock};
+    for fail in [true, false] {
+        let mut mem = SimMemory::new();
+        let mut ksm = Ksm::new();
+        let (a, b) = (mem.create_mm(), mem.create_mm());
+        for (mm, pages, fill) in [(a, 1, 3u8), (b, 2, 9)] {
+            let s = mem.mmap(mm, pages * PS, Prot::RW, false, 0).unwrap();
+            for i in 0..pages {
+                mem.write(mm, s + i * PS, &[fill; PAGE_SIZE]).unwrap();
+            }
+            ksm.madvise_mergeable(&mut mem, mm, s, s + pages * PS);
+        }
+        ksm.write_knob(&mut mem, "smart_scan", "0").unwrap();
+        ksm.write_knob(&mut mem, "run", "1").unwrap();
+        mem.defer_merges(fail.then_some(FailEvery { n: 1, seed: 0 }));
+        // Pass 1 visits B's two pages, pass 2 makes the pair on the second.
+        let mut mem = ExitsMidBatch {
+            mem,
+            mm: b,
+            after: 4,
+            seen: 0,
+        };
+        let clock = VirtualClock::default();
+        while ksm.full_scans() < 4 {
+            ksm.ksmd_batch(&mut mem, &clock);
+        }
+        ksm.check_invariants().unwrap();
+        let c = ksm.counters(&mem);
+        assert_eq!(
+            (c.pages_shared, c.pages_sharing, c.pages_unshared),
+            (0, 0, 1),
+            "fail {fail}: {c:?}"
+        );
+        assert_eq!(ksm.ksm_stat(&mem, b).ksm_rmap_items, 0);
+        assert_eq!(ksm.ksm_stat(&mem, a).ksm_rmap_items, 1);
+    }
+}
