@@ -409,7 +409,7 @@ fn a_failed_pair_whose_process_exited_before_the_batch_settled_is_forgotten() {
 fn a_pair_inside_a_process_that_exited_before_the_batch_settled_is_forgotten() {
     // Both pages of the pair are B's, and B exits right after the pair is made: the scan
     // frees both items before the batch settles. A's page, alone, is untouched by it.
-    use samepage_engine::{Ksm, Memory};
+    use samepage_engine::Ksm;
     use samepage_sim::{Prot, SimMemory, VirtualClock};
     for fail in [true, false] {
         let mut mem = SimMemory::new();
