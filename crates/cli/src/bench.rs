@@ -344,6 +344,33 @@ fn touch<E: std::fmt::Display>(
     Ok(us)
 }
 
+/// The pages the latency probe touches, by index, and the word each read must give.
+struct Probed<'a> {
+    zero: &'a [u64],
+    dup_w: &'a [u64],
+    dup_r: &'a [u64],
+    untouched: &'a [u64],
+    held: &'a dyn Fn(u64) -> u64,
+}
+
+/// One engine's first touches, in the order of [`TOUCHES`]: `store` and `load` on its copy
+/// of the workload, `fresh_store` and `fresh_load` on two fresh mappings.
+fn touch_all<E: std::fmt::Display>(
+    p: &Probed<'_>,
+    store: Store<'_, E>,
+    load: Load<'_, E>,
+    fresh_store: Store<'_, E>,
+    fresh_load: Load<'_, E>,
+) -> Result<Timings, String> {
+    Ok(vec![
+        touch(p.zero, Access::Write(store), TOUCHES[0])?,
+        touch(p.dup_w, Access::Write(store), TOUCHES[1])?,
+        touch(p.dup_r, Access::Read(load, p.held), TOUCHES[2])?,
+        touch(p.untouched, Access::Write(fresh_store), TOUCHES[3])?,
+        touch(p.untouched, Access::Read(fresh_load, &|_| 0), TOUCHES[4])?,
+    ])
+}
+
 /// First touches under each engine: writes to placed zero pages, writes and reads of merged
 /// pages, and writes and reads of pages of fresh memory handed to the engine untouched (what
 /// an application pays for memory it has not used yet). Reads are checked against what the
@@ -364,7 +391,13 @@ fn latencies(host: &mut HostSession, a: &BenchArgs) -> Result<Vec<Latency>, CliE
         let o = WORD as usize;
         u64::from_ne_bytes(buf[o..o + 8].try_into().expect("8 bytes"))
     };
-    let none = |_: u64| 0;
+    let probed = Probed {
+        zero: &zero,
+        dup_w,
+        dup_r,
+        untouched: &untouched,
+        held: &held,
+    };
     let fresh_len = n as u64 * PAGE_SIZE_U64;
     let mut sp: Result<Timings, String> = Err("the samepage phase did not run".into());
     let mut k: Result<Timings, String> = Err("the kernel phase did not run".into());
@@ -382,13 +415,7 @@ fn latencies(host: &mut HostSession, a: &BenchArgs) -> Result<Vec<Latency>, CliE
             let f = |off: u64| fresh_w.timed_store(off, 0xfeed);
             let ls = |off: u64| r.timed_load(off);
             let lf = |off: u64| fresh_r.timed_load(off);
-            Ok(vec![
-                touch(&zero, Access::Write(&s), TOUCHES[0])?,
-                touch(dup_w, Access::Write(&s), TOUCHES[1])?,
-                touch(dup_r, Access::Read(&ls, &held), TOUCHES[2])?,
-                touch(&untouched, Access::Write(&f), TOUCHES[3])?,
-                touch(&untouched, Access::Read(&lf, &none), TOUCHES[4])?,
-            ])
+            touch_all(&probed, &s, &ls, &f, &lf)
         })();
     };
     let mut probe_k = |m: &[AnonMemory]| {
@@ -403,13 +430,7 @@ fn latencies(host: &mut HostSession, a: &BenchArgs) -> Result<Vec<Latency>, CliE
             let f = |off: u64| fresh_w.timed_store(off, 0xfeed);
             let ls = |off: u64| m[0].timed_load(off);
             let lf = |off: u64| fresh_r.timed_load(off);
-            Ok(vec![
-                touch(&zero, Access::Write(&s), TOUCHES[0])?,
-                touch(dup_w, Access::Write(&s), TOUCHES[1])?,
-                touch(dup_r, Access::Read(&ls, &held), TOUCHES[2])?,
-                touch(&untouched, Access::Write(&f), TOUCHES[3])?,
-                touch(&untouched, Access::Read(&lf, &none), TOUCHES[4])?,
-            ])
+            touch_all(&probed, &s, &ls, &f, &lf)
         })();
     };
     eprintln!("bench: first-touch latency");

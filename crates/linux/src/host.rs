@@ -1389,13 +1389,7 @@ impl AnonMemory {
     /// application would, and return how long the store took (the first write to a merged
     /// or zero page includes the copy-on-write fault).
     pub fn timed_store(&self, off: u64, v: u64) -> io::Result<Duration> {
-        if off.checked_add(8).is_none_or(|e| e > self.len()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "range outside the memory",
-            ));
-        }
-        let a = self.addr() + (off & !7);
+        let a = self.word(off)?;
         let t = std::time::Instant::now();
         // SAFETY: the word lies inside this mapping, which lives as long as `self` and to
         // which no Rust reference points; it is aligned.
@@ -1408,19 +1402,24 @@ impl AnonMemory {
     /// would, and return it with how long the load took (a first read of a page never
     /// touched includes its fault).
     pub fn timed_load(&self, off: u64) -> io::Result<(u64, Duration)> {
-        if off.checked_add(8).is_none_or(|e| e > self.len()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "range outside the memory",
-            ));
-        }
-        let a = self.addr() + (off & !7);
+        let a = self.word(off)?;
         let t = std::time::Instant::now();
         // SAFETY: the word lies inside this mapping, which lives as long as `self`; it is
         // aligned, and a load changes nothing.
         let v = unsafe { std::sync::atomic::AtomicU64::from_ptr(a as *mut u64) }
             .load(std::sync::atomic::Ordering::Relaxed);
         Ok((v, t.elapsed()))
+    }
+
+    /// The address of the aligned word at byte offset `off` (rounded down to 8).
+    fn word(&self, off: u64) -> io::Result<u64> {
+        if off.checked_add(8).is_none_or(|e| e > self.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range outside the memory",
+            ));
+        }
+        Ok(self.addr() + (off & !7))
     }
 }
 
@@ -1646,6 +1645,11 @@ mod tests {
         assert!(m.write(PAGE, &[1u8; 4096]).is_ok());
         assert!(m.write(PAGE + 1, &[1u8; 4096]).is_err());
         assert!(m.timed_store(2 * PAGE, 1).is_err());
+        assert!(m.timed_load(2 * PAGE - 4).is_err());
+        assert_eq!(
+            m.timed_load(PAGE + 8).unwrap().0,
+            u64::from_ne_bytes([1; 8])
+        );
         let mut b = [0u8; 4096];
         m.read_page(PAGE, &mut b).unwrap();
         assert_eq!(b, [1u8; 4096]);

@@ -354,39 +354,52 @@ impl samepage_engine::Memory for ExitsMidBatch {
     }
 }
 
+/// Processes A and B with `pages` pages filled with the given bytes each, scanned for four
+/// passes with every merge deferred (failing, if `fail`), B exiting once the scan was handed
+/// `exit_after` of its pages: the engine, the memory, and A's and B's first addresses.
+fn exit_mid_batch(
+    pages: [(u64, u8); 2],
+    exit_after: usize,
+    fail: bool,
+) -> (samepage_engine::Ksm, ExitsMidBatch, [(MmId, u64); 2]) {
+    use samepage_sim::{Prot, SimMemory, VirtualClock};
+    let mut mem = SimMemory::new();
+    let mut ksm = samepage_engine::Ksm::new();
+    let spaces = pages.map(|(n, fill)| {
+        let mm = mem.create_mm();
+        let s = mem.mmap(mm, n * PS, Prot::RW, false, 0).unwrap();
+        for i in 0..n {
+            mem.write(mm, s + i * PS, &[fill; PAGE_SIZE]).unwrap();
+        }
+        ksm.madvise_mergeable(&mut mem, mm, s, s + n * PS);
+        (mm, s)
+    });
+    ksm.write_knob(&mut mem, "smart_scan", "0").unwrap();
+    ksm.write_knob(&mut mem, "run", "1").unwrap();
+    mem.defer_merges(fail.then_some(FailEvery { n: 1, seed: 0 }));
+    let mut mem = ExitsMidBatch {
+        mem,
+        mm: spaces[1].0,
+        after: exit_after,
+        seen: 0,
+    };
+    let clock = VirtualClock::default();
+    while ksm.full_scans() < 4 {
+        ksm.ksmd_batch(&mut mem, &clock);
+    }
+    ksm.check_invariants().unwrap();
+    (ksm, mem, spaces)
+}
+
 #[test]
 fn a_failed_pair_whose_process_exited_before_the_batch_settled_is_forgotten() {
     // Pass 2: process A's page goes into the unstable tree; process B's page finds it and
     // the pair is made, and both merges fail. B exits before the batch settles, so the scan
     // frees B's items first. (With samepage daemon: a client that exec'd; the scan then
     // read a freed item and its thread died.)
-    use samepage_engine::{Ksm, Memory};
-    use samepage_sim::{Prot, SimMemory, VirtualClock};
+    use samepage_engine::Memory;
     for fail in [true, false] {
-        let mut mem = SimMemory::new();
-        let mut ksm = Ksm::new();
-        let (a, b) = (mem.create_mm(), mem.create_mm());
-        let mut at = Vec::new();
-        for mm in [a, b] {
-            let s = mem.mmap(mm, PS, Prot::RW, false, 0).unwrap();
-            mem.write(mm, s, &[9; PAGE_SIZE]).unwrap();
-            ksm.madvise_mergeable(&mut mem, mm, s, s + PS);
-            at.push(s);
-        }
-        ksm.write_knob(&mut mem, "smart_scan", "0").unwrap();
-        ksm.write_knob(&mut mem, "run", "1").unwrap();
-        mem.defer_merges(fail.then_some(FailEvery { n: 1, seed: 0 }));
-        let mut mem = ExitsMidBatch {
-            mem,
-            mm: b,
-            after: 2,
-            seen: 0,
-        };
-        let clock = VirtualClock::default();
-        while ksm.full_scans() < 4 {
-            ksm.ksmd_batch(&mut mem, &clock);
-        }
-        ksm.check_invariants().unwrap();
+        let (ksm, mut mem, [(a, at), (b, _)]) = exit_mid_batch([(1, 9), (1, 9)], 2, fail);
         let c = ksm.counters(&mem);
         // A's page: back in the unstable tree, alone, when the merges failed; a KSM page
         // nothing else maps when they went through, as the kernel leaves it.
@@ -399,7 +412,7 @@ fn a_failed_pair_whose_process_exited_before_the_batch_settled_is_forgotten() {
         // A is alone now, with its page ordinary again when the merge failed.
         assert_eq!(ksm.ksm_stat(&mem, b).ksm_rmap_items, 0);
         if fail {
-            let page = mem.mem.get_page(a, at[0]).unwrap().frame;
+            let page = mem.mem.get_page(a, at).unwrap().frame;
             assert!(!mem.mem.frame_is_ksm(page));
         }
     }
@@ -409,34 +422,9 @@ fn a_failed_pair_whose_process_exited_before_the_batch_settled_is_forgotten() {
 fn a_pair_inside_a_process_that_exited_before_the_batch_settled_is_forgotten() {
     // Both pages of the pair are B's, and B exits right after the pair is made: the scan
     // frees both items before the batch settles. A's page, alone, is untouched by it.
-    use samepage_engine::Ksm;
-    use samepage_sim::{Prot, SimMemory, VirtualClock};
     for fail in [true, false] {
-        let mut mem = SimMemory::new();
-        let mut ksm = Ksm::new();
-        let (a, b) = (mem.create_mm(), mem.create_mm());
-        for (mm, pages, fill) in [(a, 1, 3u8), (b, 2, 9)] {
-            let s = mem.mmap(mm, pages * PS, Prot::RW, false, 0).unwrap();
-            for i in 0..pages {
-                mem.write(mm, s + i * PS, &[fill; PAGE_SIZE]).unwrap();
-            }
-            ksm.madvise_mergeable(&mut mem, mm, s, s + pages * PS);
-        }
-        ksm.write_knob(&mut mem, "smart_scan", "0").unwrap();
-        ksm.write_knob(&mut mem, "run", "1").unwrap();
-        mem.defer_merges(fail.then_some(FailEvery { n: 1, seed: 0 }));
         // Pass 1 visits B's two pages, pass 2 makes the pair on the second.
-        let mut mem = ExitsMidBatch {
-            mem,
-            mm: b,
-            after: 4,
-            seen: 0,
-        };
-        let clock = VirtualClock::default();
-        while ksm.full_scans() < 4 {
-            ksm.ksmd_batch(&mut mem, &clock);
-        }
-        ksm.check_invariants().unwrap();
+        let (ksm, mem, [(a, _), (b, _)]) = exit_mid_batch([(1, 3), (2, 9)], 4, fail);
         let c = ksm.counters(&mem);
         assert_eq!(
             (c.pages_shared, c.pages_sharing, c.pages_unshared),
