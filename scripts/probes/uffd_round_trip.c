@@ -58,7 +58,7 @@ static void *handler(void*a){
 }
 static void *spinner(void*a){
   pin((int)(long)a);
-  if(awake==1) policy(SCHED_IDLE); else setpriority(PRIO_PROCESS,0,19);
+  if(awake==1) policy(SCHED_IDLE); else if(setpriority(PRIO_PROCESS,0,19)) policy_errors++;
   while(!done) __builtin_ia32_pause();
   return 0;
 }
