@@ -268,6 +268,13 @@ fn pages_by_kind(w: &Workload, zero: usize, dup: usize) -> (Vec<u64>, Vec<u64>) 
             dups.push(i as u64);
         }
     }
+    // Merged pages are touched in a random order (the same every run): each touch is a
+    // first touch on its own. In address order they would be a stream, which the agent
+    // copies ahead of (`--example first_writes` measures that).
+    for i in (1..dups.len()).rev() {
+        let j = (samepage_workload::splitmix64(i as u64) % (i as u64 + 1)) as usize;
+        dups.swap(i, j);
+    }
     (zeros, dups)
 }
 

@@ -350,6 +350,7 @@ fn run_in(
             live.agent.read_merged += s.agent.read_merged;
             live.agent.missing_faults += s.agent.missing_faults;
             live.agent.zero_filled_ahead += s.agent.zero_filled_ahead;
+            live.agent.copied_ahead += s.agent.copied_ahead;
             live.agent.pinned_skipped += s.agent.pinned_skipped;
             live.agent.changed_skipped += s.agent.changed_skipped;
         }

@@ -257,8 +257,8 @@ impl Report {
         }
         if let Some(l) = &self.live {
             out += &format!(
-                "faults on merged pages: {} writes, {} reads (each got a private copy); zero pages placed: {}; pinned pages skipped: {}\n",
-                l.agent.cow_merged, l.agent.read_merged, l.ksmd.zero_placed, l.agent.pinned_skipped
+                "faults on merged pages: {} writes, {} reads (each got a private copy), {} more copied ahead of such faults; zero pages placed: {}; pinned pages skipped: {}\n",
+                l.agent.cow_merged, l.agent.read_merged, l.agent.copied_ahead, l.ksmd.zero_placed, l.agent.pinned_skipped
             );
         }
         if let Some(m) = &self.metadata {

@@ -227,8 +227,9 @@ impl Space {
     }
 }
 
-/// SplitMix64: a cheap, well-mixed stream for page contents.
-fn splitmix64(mut x: u64) -> u64 {
+/// SplitMix64: a cheap, well-mixed stream for page contents (and for anything else a
+/// workload's user wants to draw deterministically).
+pub fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

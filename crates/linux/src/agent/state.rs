@@ -168,6 +168,10 @@ pub struct AgentStats {
     /// walking fresh memory then faults once per window, not once per page).
     #[serde(default)]
     pub zero_filled_ahead: u64,
+    /// Merged pages given their private copy after such a fault, ahead of their first touch
+    /// (a thread writing or reading merged pages in a row then faults once per window).
+    #[serde(default)]
+    pub copied_ahead: u64,
     /// Pages not merged because they are pinned for I/O (`UFFDIO_MOVE` answered EBUSY).
     pub pinned_skipped: u64,
     /// Merges and zero-page placements that failed because the page changed meanwhile.
